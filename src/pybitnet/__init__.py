@@ -1,0 +1,6 @@
+"""pybitnet: BitNet b1.58 ternary language models in Python."""
+
+from .api import load_model
+
+__version__ = "0.1.0"
+__all__ = ["__version__", "load_model"]

@@ -1,0 +1,165 @@
+"""HF checkpoints (config.json + safetensors) <-> Transformer.
+
+Ternary linears are read in whichever form the file holds them: packed uint8 (quant_method "bitnet", either
+weight_scale convention), unpacked ternary floats with a weight_scale (what transformers itself saves), or latent
+float weights (ternarized here with the absmean rule).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from ..errors import WeightsError
+from ..kernels import Kernel
+from ..models import ModelConfig, Transformer
+from ..models.transformer import rope_inv_freq
+from ..nn import PackedBitLinear, RMSNorm
+from ..quant import PackedWeight, TernaryWeight, pack, quantize_weight
+from ..quant.layouts.hf import pack_rows
+from .config_json import read_json
+from .safetensors_io import TensorReader
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "chat_template.jinja",
+)
+
+# legacy 1bitLLM names -> ours
+LEGACY_RENAMES = {".self_attn.inner_attn_ln.": ".self_attn.attn_sub_norm.", ".mlp.ffn_layernorm.": ".mlp.ffn_sub_norm."}
+
+
+def _checkpoint_name(name: str, config: ModelConfig) -> str:
+    if config.family == "legacy":
+        for ours_src, theirs in ((v, k) for k, v in LEGACY_RENAMES.items()):
+            name = name.replace(ours_src, theirs)
+    return name if name.startswith("lm_head.") else f"model.{name}"
+
+
+def read_ternary(reader: TensorReader, name: str, shape: tuple[int, int], config: ModelConfig) -> PackedWeight:
+    """The ternary weight `name` ([out, in]) from the checkpoint, as a PackedWeight (zero-copy when packed)."""
+    out, cols = shape
+    w = reader.get(f"{name}.weight")
+    scale_name = f"{name}.weight_scale"
+    if w.dtype == torch.uint8:
+        if tuple(w.shape) != (-(-out // 4), cols):
+            raise WeightsError(
+                f"{name}.weight: packed shape {tuple(w.shape)} does not match [{-(-out // 4)}, {cols}] "
+                f"for a {out}x{cols} layer"
+            )
+        scale = _weight_scale(reader, scale_name)
+        return PackedWeight(config.weight_layout, w, scale.float(), shape)
+    if tuple(w.shape) != shape:
+        raise WeightsError(f"{name}.weight: shape {tuple(w.shape)} does not match the config's {list(shape)}")
+    if not w.is_floating_point():
+        raise WeightsError(f"{name}.weight: dtype {w.dtype} is neither packed uint8 nor floating point")
+    if scale_name in reader:  # unpacked ternary values with their scale, as transformers saves them
+        codes = w.round()
+        if not torch.equal(codes, w) or codes.abs().max() > 1:
+            raise WeightsError(f"{name}.weight has a weight_scale but its values are not all in {{-1, 0, 1}}")
+        scale = _weight_scale(reader, scale_name).float()
+        tw = TernaryWeight(codes.to(torch.int8), scale.reshape(()))
+        if config.weight_layout == "hf_inv":
+            tw = TernaryWeight(tw.codes, 1.0 / tw.scale)
+        return _as_hf(tw)
+    return _as_hf(quantize_weight(w))
+
+
+def _as_hf(tw: TernaryWeight) -> PackedWeight:
+    return pack(tw, "hf")
+
+
+def _weight_scale(reader: TensorReader, name: str) -> torch.Tensor:
+    scale = reader.get(name)
+    if scale.numel() != 1 or not scale.is_floating_point():
+        raise WeightsError(f"{name}: expected one floating-point value, got {scale.dtype} {tuple(scale.shape)}")
+    if not torch.isfinite(scale).all() or scale.item() == 0:
+        raise WeightsError(f"{name}: scale {scale.item()} is not a finite non-zero number")
+    return scale.reshape(1)
+
+
+def _read_float(reader: TensorReader, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    t = reader.get(name)
+    if tuple(t.shape) != shape:
+        raise WeightsError(f"{name}: shape {tuple(t.shape)} does not match the config's {list(shape)}")
+    if not t.is_floating_point():
+        raise WeightsError(f"{name}: dtype {t.dtype} is not floating point")
+    return t.to(dtype)
+
+
+def load_hf_model(model_dir: Path, kernel: Kernel, dtype: torch.dtype = torch.float32) -> Transformer:
+    """Build the Transformer for `model_dir` with every ternary linear packed once for `kernel`."""
+    config = ModelConfig.from_hf(read_json(model_dir / "config.json"))
+    reader = TensorReader(model_dir)
+    with torch.device("meta"):
+        model = Transformer(config, lambda i, o: nn.Linear(i, o, bias=False))
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear) and name != "lm_head":
+            shape = (module.out_features, module.in_features)
+            packed = read_ternary(reader, _checkpoint_name(name, config), shape, config)
+            norm = None
+            if config.use_rms_norm:
+                norm = RMSNorm(module.in_features, config.linear_norm_eps)
+                norm.weight = nn.Parameter(
+                    _read_float(reader, _checkpoint_name(f"{name}.rms_norm.weight", config), (shape[1],), dtype),
+                    requires_grad=False,
+                )
+            model.set_submodule(name, PackedBitLinear.from_packed(packed, kernel, input_norm=norm))
+    for name, param in list(model.named_parameters()):
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        if name.endswith(".weight") and ".input_norm." in name:
+            continue
+        tensor = _read_float(reader, _checkpoint_name(name, config), tuple(param.shape), dtype)
+        module_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(module_name), attr, nn.Parameter(tensor, requires_grad=False))
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+    return model.eval()
+
+
+def save_hf_model(model: Transformer, out_dir: Path, tokenizer_dir: Path | None = None) -> None:
+    """Write the HF packed checkpoint (config.json + model.safetensors + tokenizer files) that both pybitnet
+    and transformers load. Ternary weights are stored in the config's weight_scale convention."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = model.config
+    tensors: dict[str, torch.Tensor] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, PackedBitLinear):
+            tensors.update(_packed_tensors(_saved_name(name), module.ternary(), config))
+            if module.input_norm is not None:
+                tensors[_saved_name(f"{name}.rms_norm.weight")] = module.input_norm.weight
+    for name, param in model.named_parameters():
+        if ".input_norm." in name or (name == "lm_head.weight" and config.tie_word_embeddings):
+            continue
+        tensors[_saved_name(name)] = param
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    saved = ModelConfig(**{**config.to_dict(), "family": "bitnet" if config.family == "legacy" else config.family})
+    (out_dir / "config.json").write_text(json.dumps(saved.to_hf(), indent=2) + "\n")
+    if tokenizer_dir is not None:
+        for fname in TOKENIZER_FILES:
+            if (tokenizer_dir / fname).is_file() and tokenizer_dir.resolve() != out_dir.resolve():
+                shutil.copyfile(tokenizer_dir / fname, out_dir / fname)
+
+
+def _saved_name(name: str) -> str:
+    """Saved checkpoints use the 2B-4T names even for legacy models (they are saved as that architecture)."""
+    return name if name.startswith("lm_head.") else f"model.{name}"
+
+
+def _packed_tensors(prefix: str, tw: TernaryWeight, config: ModelConfig) -> dict[str, torch.Tensor]:
+    if tw.scale.numel() != 1:
+        raise WeightsError(f"{prefix}: HF checkpoints hold one scale per tensor; split fused layers first")
+    scale = tw.scale.float().reshape(1)
+    stored = scale if config.weight_layout == "hf" else 1.0 / scale
+    return {f"{prefix}.weight": pack_rows(tw.codes), f"{prefix}.weight_scale": stored}

@@ -1,0 +1,164 @@
+"""Model configuration: one dataclass for every supported family, parsed from a HF config.json."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from ..errors import ConfigError, UnsupportedModelError
+
+FAMILIES = ("bitnet", "llama", "legacy")
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of a ternary decoder-only transformer.
+
+    family: "bitnet" (2B-4T: relu², attn/ffn sub-norms), "llama" (llama-style ternary: SiLU, no sub-norms) or
+    "legacy" (1bitLLM BitnetForCausalLM: SiLU, sub-norms named inner_attn_ln / ffn_layernorm, latent weights).
+    """
+
+    family: str = "bitnet"
+    vocab_size: int = 128256
+    hidden_size: int = 2560
+    intermediate_size: int = 6912
+    num_hidden_layers: int = 30
+    num_attention_heads: int = 20
+    num_key_value_heads: int = 5
+    head_dim: int | None = None
+    max_position_embeddings: int = 4096
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 500000.0
+    rope_scaling: dict[str, Any] | None = None
+    hidden_act: str = "relu2"
+    tie_word_embeddings: bool = True
+    linear_class: str = "autobitlinear"
+    quantization_mode: str = "offline"
+    use_rms_norm: bool = False
+    linear_norm_eps: float = 1e-6
+    bos_token_id: int | None = 128000
+    eos_token_id: int | list[int] | None = 128001
+    pad_token_id: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise UnsupportedModelError(f"unknown model family {self.family!r}; expected one of {FAMILIES}")
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.hidden_act not in ("relu2", "silu"):
+            raise UnsupportedModelError(f"hidden_act {self.hidden_act!r} is not supported (relu2 or silu)")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
+        if self.linear_class not in ("autobitlinear", "bitlinear"):
+            raise ConfigError(f"quantization_config.linear_class {self.linear_class!r} is not supported")
+        rope_type = (self.rope_scaling or {}).get("rope_type", "default")
+        if rope_type not in ("default", "llama3"):
+            raise UnsupportedModelError(f"rope_type {rope_type!r} is not supported (default or llama3)")
+
+    @property
+    def sub_norms(self) -> bool:
+        return self.family in ("bitnet", "legacy")
+
+    @property
+    def weight_layout(self) -> str:
+        """The HF packed layout whose scale convention this config's linear_class uses."""
+        return "hf" if self.linear_class == "autobitlinear" else "hf_inv"
+
+    @classmethod
+    def from_hf(cls, cfg: dict[str, Any]) -> ModelConfig:
+        """Parse a HF config.json dict (transformers 4.x `rope_theta` or 5.x `rope_parameters`)."""
+        if not isinstance(cfg, dict):
+            raise ConfigError("config.json must hold a JSON object")
+        architectures = cfg.get("architectures") or []
+        model_type = cfg.get("model_type")
+        quant = cfg.get("quantization_config") or {}
+        if "BitnetForCausalLM" in architectures:
+            family = "legacy"
+        elif model_type == "bitnet" or "BitNetForCausalLM" in architectures:
+            family = "bitnet"
+        elif model_type == "llama" and quant.get("quant_method") == "bitnet":
+            family = "llama"
+        else:
+            raise UnsupportedModelError(
+                f"model_type {model_type!r} (architectures {architectures}) is not a BitNet model pybitnet can "
+                "load: expected model_type 'bitnet', a BitnetForCausalLM (1bitLLM) checkpoint, or a llama model "
+                "with quantization_config.quant_method 'bitnet'"
+            )
+        rope = cfg.get("rope_parameters") or {}
+        rope_theta = rope.get("rope_theta", cfg.get("rope_theta", 500000.0 if family == "bitnet" else 10000.0))
+        rope_scaling = cfg.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+        try:
+            return cls(
+                family=family,
+                vocab_size=int(cfg["vocab_size"]),
+                hidden_size=int(cfg["hidden_size"]),
+                intermediate_size=int(cfg["intermediate_size"]),
+                num_hidden_layers=int(cfg["num_hidden_layers"]),
+                num_attention_heads=int(cfg["num_attention_heads"]),
+                num_key_value_heads=int(cfg.get("num_key_value_heads") or cfg["num_attention_heads"]),
+                head_dim=cfg.get("head_dim"),
+                max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+                rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5 if family == "bitnet" else 1e-6)),
+                rope_theta=float(rope_theta),
+                rope_scaling=rope_scaling,
+                hidden_act=cfg.get("hidden_act", "relu2" if family == "bitnet" else "silu"),
+                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", family == "bitnet")),
+                linear_class=quant.get("linear_class") or "bitlinear",
+                quantization_mode=quant.get("quantization_mode") or "offline",
+                use_rms_norm=bool(quant.get("use_rms_norm", False)),
+                linear_norm_eps=float(quant.get("rms_norm_eps", 1e-6)),
+                bos_token_id=cfg.get("bos_token_id"),
+                eos_token_id=cfg.get("eos_token_id"),
+                pad_token_id=cfg.get("pad_token_id"),
+            )
+        except KeyError as e:
+            raise ConfigError(f"config.json lacks the required key {e.args[0]!r}") from None
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"config.json has a value of the wrong type: {e}") from None
+
+    def to_hf(self) -> dict[str, Any]:
+        """A config.json dict that transformers (4.x and 5.x) and pybitnet both load."""
+        cfg: dict[str, Any] = {
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "hidden_act": self.hidden_act,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "pad_token_id": self.pad_token_id,
+            "attention_bias": False,
+            "torch_dtype": "bfloat16",
+            "quantization_config": {
+                "quant_method": "bitnet",
+                "linear_class": self.linear_class,
+                "quantization_mode": "offline",
+                "use_rms_norm": self.use_rms_norm,
+                "rms_norm_eps": self.linear_norm_eps,
+            },
+        }
+        if self.rope_scaling:
+            cfg["rope_scaling"] = self.rope_scaling
+        if self.family == "llama":
+            cfg.update(model_type="llama", architectures=["LlamaForCausalLM"], mlp_bias=False)
+        else:  # legacy checkpoints are saved packed, as the 2B-4T architecture they are (sub-norms, any act)
+            cfg.update(model_type="bitnet", architectures=["BitNetForCausalLM"])
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]

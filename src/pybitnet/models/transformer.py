@@ -1,0 +1,181 @@
+"""The ternary decoder-only transformer, for every supported family (see ModelConfig.family).
+
+Module names follow the HF checkpoints (self_attn.q_proj, mlp.gate_proj, ...) so weights map one to one.
+`forward(input_ids, positions, cache)` is the interface the engine drives: positions are per sequence, so a
+batch may hold prompts of different lengths.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..nn import RMSNorm
+from .config import ModelConfig
+from .kv_cache import KVCache
+
+# (in_features, out_features) -> a ternary linear module (training BitLinear or inference PackedBitLinear)
+LinearFactory = Callable[[int, int], nn.Module]
+
+
+def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = config.rope_scaling or {}
+    if scaling.get("rope_type") != "llama3":
+        return inv_freq
+    # Llama 3.1 frequency scaling: long wavelengths slowed by `factor`, short kept, a smooth blend between.
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_len = scaling["original_max_position_embeddings"]
+    wavelen = 2 * torch.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return torch.where(medium, blended, scaled)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE: pairs (i, i + d/2). x [B, H, T, D]; cos, sin [B, T, D]."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int, linear: LinearFactory) -> None:
+        super().__init__()
+        self.layer = layer
+        self.n_heads, self.n_kv_heads, self.head_dim = (
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            config.head_dim,
+        )
+        hidden, q_dim, kv_dim = config.hidden_size, self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        self.q_proj = linear(hidden, q_dim)
+        self.k_proj = linear(hidden, kv_dim)
+        self.v_proj = linear(hidden, kv_dim)
+        self.o_proj = linear(q_dim, hidden)
+        self.attn_sub_norm = RMSNorm(q_dim, config.rms_norm_eps) if config.sub_norms else None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache | None,
+    ) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is None:
+            key_pos = positions
+        else:
+            k, v = cache.update(self.layer, positions, k, v)
+            key_pos = torch.arange(cache.max_len, device=x.device).expand(b, -1)
+        mask = key_pos[:, None, None, :] <= positions[:, None, :, None]  # [B, 1, T, S]: causal per sequence
+        y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, enable_gqa=True)
+        y = y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)
+        if self.attn_sub_norm is not None:
+            y = self.attn_sub_norm(y)
+        return self.o_proj(y)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: ModelConfig, linear: LinearFactory) -> None:
+        super().__init__()
+        self.gate_proj = linear(config.hidden_size, config.intermediate_size)
+        self.up_proj = linear(config.hidden_size, config.intermediate_size)
+        self.down_proj = linear(config.intermediate_size, config.hidden_size)
+        self.ffn_sub_norm = RMSNorm(config.intermediate_size, config.rms_norm_eps) if config.sub_norms else None
+        self.relu2 = config.hidden_act == "relu2"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = self.gate_proj(x)
+        h = (F.relu(gate).square() if self.relu2 else F.silu(gate)) * self.up_proj(x)
+        if self.ffn_sub_norm is not None:
+            h = self.ffn_sub_norm(h)
+        return self.down_proj(h)
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int, linear: LinearFactory) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer, linear)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = FeedForward(config, linear)
+
+    def forward(self, x, cos, sin, positions, cache):
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig, linear: LinearFactory) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i, linear) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    def new_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
+        c = self.config
+        max_len = max_len or c.max_position_embeddings
+        return KVCache(
+            c.num_hidden_layers,
+            batch_size,
+            c.num_key_value_heads,
+            max_len,
+            c.head_dim,
+            dtype or self.compute_dtype,
+            self.device,
+        )
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """Activations run in the embeddings' dtype, except fp16, which relu² overflows: then float32."""
+        return torch.float32 if self.dtype == torch.float16 else self.dtype
+
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions[..., None].float() * self.inv_freq.float()
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(self.compute_dtype), emb.sin().to(self.compute_dtype)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """input_ids [B, T] -> logits [B, T, vocab] (float32). Without a cache, positions default to 0..T-1.
+        `last_only` computes logits for the last position of each row only ([B, 1, vocab])."""
+        if positions is None:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand(input_ids.shape[0], -1)
+        x = self.embed_tokens(input_ids).to(self.compute_dtype)
+        cos, sin = self.rope(positions)
+        for block in self.layers:
+            x = block(x, cos, sin, positions, cache)
+        x = self.norm(x)
+        if last_only:
+            x = x[:, -1:]
+        return F.linear(x.to(self.lm_head.weight.dtype), self.lm_head.weight).float()

@@ -1,0 +1,138 @@
+"""BitLinear in its two forms.
+
+- `BitLinear`: the training form, a drop-in for nn.Linear. Latent float weights; forward quantizes weights
+  (absmean ternary) and activations (per-token int8) through straight-through estimators.
+- `PackedBitLinear`: the inference form. Packed ternary weights in a kernel's layout plus that kernel.
+
+`BitLinear.to_packed()` and `PackedBitLinear.to_latent()` convert between them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..kernels import Kernel, select_kernel
+from ..quant import PackedWeight, TernaryWeight, pack, quantize_weight, unpack
+from ..quant.ste import ste_activations, ste_weight
+from .norm import RMSNorm
+
+
+class BitLinear(nn.Linear):
+    """nn.Linear with BitNet b1.58 quantization-aware training.
+
+    `input_norm=True` adds the RMSNorm on the input that the original BitNet paper puts inside BitLinear.
+    `quant_strength` (λ, 0..1) blends from full precision to fully quantized, for gradual conversion.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        input_norm: bool = False,
+        norm_eps: float = 1e-6,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.input_norm = RMSNorm(in_features, norm_eps, device=device, dtype=dtype) if input_norm else None
+        self.register_buffer("quant_strength", torch.ones((), device=device), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_norm is not None:
+            x = self.input_norm(x)
+        lam = self.quant_strength
+        return F.linear(ste_activations(x, lam), ste_weight(self.weight, lam), self.bias)
+
+    def ternary(self) -> TernaryWeight:
+        return quantize_weight(self.weight)
+
+    def to_packed(self, kernel: Kernel | str | None = None) -> PackedBitLinear:
+        """The inference form of this layer's current weights (absmean-ternarized)."""
+        device = self.weight.device
+        kernel = kernel if isinstance(kernel, Kernel) else select_kernel(device, kernel)
+        packed = PackedBitLinear.from_ternary(self.ternary(), kernel, bias=self.bias, dtype=self.weight.dtype)
+        if self.input_norm is not None:
+            packed.input_norm = self.input_norm
+        return packed.to(device)
+
+
+class PackedBitLinear(nn.Module):
+    """Inference-only ternary linear: buffers `packed` (uint8) and `scale` (float32) in the kernel's layout."""
+
+    def __init__(
+        self,
+        packed: PackedWeight,
+        kernel: Kernel,
+        bias: torch.Tensor | None = None,
+        input_norm: RMSNorm | None = None,
+    ) -> None:
+        super().__init__()
+        self.kernel = kernel
+        self.layout = packed.layout
+        self.out_features, self.in_features = packed.shape
+        self.register_buffer("packed", packed.data)
+        self.register_buffer("scale", packed.scale)
+        self.register_buffer("bias", bias)
+        self.input_norm = input_norm
+
+    @classmethod
+    def from_ternary(
+        cls,
+        tw: TernaryWeight,
+        kernel: Kernel,
+        bias: torch.Tensor | None = None,
+        input_norm: RMSNorm | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> PackedBitLinear:
+        bias = None if bias is None else bias.detach().to(dtype or bias.dtype)
+        return cls(kernel.prepare(pack(tw, "hf")), kernel, bias, input_norm)
+
+    @classmethod
+    def from_packed(cls, pw: PackedWeight, kernel: Kernel, **kwargs) -> PackedBitLinear:
+        return cls(kernel.prepare(pw), kernel, **kwargs)
+
+    def _apply(self, fn, recurse=True):
+        # .to(dtype) on the model must not round the float32 scale; device moves still apply
+        scale = self.scale
+        super()._apply(fn, recurse)
+        self.scale = scale.to(self.scale.device)
+        return self
+
+    def weight(self) -> PackedWeight:
+        return PackedWeight(self.layout, self.packed, self.scale, (self.out_features, self.in_features))
+
+    def ternary(self) -> TernaryWeight:
+        return unpack(self.weight())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_norm is not None:
+            x = self.input_norm(x)
+        y = self.kernel.linear(x, self.weight())
+        return y if self.bias is None else y + self.bias
+
+    def to_latent(self, dtype: torch.dtype = torch.float32) -> BitLinear:
+        """A training-form BitLinear whose latent weights are the dequantized ternary weights."""
+        layer = BitLinear(
+            self.in_features,
+            self.out_features,
+            bias=self.bias is not None,
+            input_norm=self.input_norm is not None,
+            device=self.packed.device,
+            dtype=dtype,
+        )
+        with torch.no_grad():
+            layer.weight.copy_(self.ternary().dequantize(dtype))
+            if self.bias is not None:
+                layer.bias.copy_(self.bias)
+            if self.input_norm is not None:
+                layer.input_norm.load_state_dict(self.input_norm.state_dict())
+        return layer
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"layout={self.layout}, kernel={self.kernel.name}"
+        )

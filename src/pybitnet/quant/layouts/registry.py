@@ -1,0 +1,77 @@
+"""The layout registry: one row per packed ternary layout (name, bits per weight, pack, unpack).
+
+Like ggml's type-traits table. Every layout converts to and from the canonical `TernaryWeight`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ...errors import LayoutError
+from ..ternary import TernaryWeight
+
+
+@dataclass(frozen=True)
+class PackedWeight:
+    """A ternary weight in some layout: `data` (uint8, layout-defined shape), `scale` as the layout stores it
+    (float32; the meaning is the layout's), and the logical [out, in] shape."""
+
+    layout: str
+    data: torch.Tensor
+    scale: torch.Tensor
+    shape: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class Layout:
+    name: str
+    bits_per_weight: float
+    pack: Callable[[TernaryWeight], PackedWeight]
+    unpack: Callable[[PackedWeight], TernaryWeight]
+    description: str = ""
+
+
+_LAYOUTS: dict[str, Layout] = {}
+
+
+def register_layout(layout: Layout) -> Layout:
+    if layout.name in _LAYOUTS:
+        raise ValueError(f"layout {layout.name!r} is already registered")
+    _LAYOUTS[layout.name] = layout
+    return layout
+
+
+def get_layout(name: str) -> Layout:
+    try:
+        return _LAYOUTS[name]
+    except KeyError:
+        raise LayoutError(f"unknown layout {name!r}; known layouts: {', '.join(sorted(_LAYOUTS))}") from None
+
+
+def list_layouts() -> list[Layout]:
+    return list(_LAYOUTS.values())
+
+
+def pack(tw: TernaryWeight, layout: str) -> PackedWeight:
+    return get_layout(layout).pack(tw)
+
+
+def unpack(pw: PackedWeight) -> TernaryWeight:
+    return get_layout(pw.layout).unpack(pw)
+
+
+def repack(pw: PackedWeight, layout: str) -> PackedWeight:
+    """Convert between layouts through the canonical form; no work when already in `layout`."""
+    return pw if pw.layout == layout else pack(unpack(pw), layout)
+
+
+def check_codes(tw: TernaryWeight) -> None:
+    if tw.codes.ndim != 2:
+        raise LayoutError(f"ternary codes must be 2-D [out, in], got shape {tuple(tw.codes.shape)}")
+    if tw.scale.numel() not in (1, tw.codes.shape[0]):
+        raise LayoutError(
+            f"scale must be per tensor or per output row ({tw.codes.shape[0]}), got {tw.scale.numel()} values"
+        )
