@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from .formats.gguf_import import load_gguf_model
 from .formats.hf import load_hf_model
 from .hub import resolve_model
 from .kernels import select_kernel
@@ -18,7 +19,9 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     kernel: str | None = None,
 ) -> Transformer:
-    """Load a BitNet model (hub id or local directory) as a torch module: model(input_ids) -> logits."""
+    """Load a BitNet model (hub id, local directory or .gguf file) as a torch module:
+    model(input_ids) -> logits."""
     device = torch.device(device)
     path = resolve_model(model)
-    return load_hf_model(path, select_kernel(device, kernel), dtype).to(device)
+    load = load_gguf_model if path.is_file() and path.suffix == ".gguf" else load_hf_model
+    return load(path, select_kernel(device, kernel), dtype).to(device)

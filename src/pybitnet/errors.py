@@ -27,3 +27,19 @@ class LayoutError(PyBitNetError):
 
 class KernelError(PyBitNetError):
     """A kernel was requested that does not exist or cannot run on this device/CPU."""
+
+
+class InvalidRequestError(PyBitNetError, ValueError):
+    """A generation request is invalid: an empty prompt, a sampling parameter out of range, an unknown token id."""
+
+
+class ContextLengthError(InvalidRequestError):
+    """A prompt does not fit in the model's context window (or the context size the engine was given)."""
+
+
+class TokenizerError(PyBitNetError):
+    """Tokenizer files are missing or invalid, or a chat template is missing or fails to render."""
+
+
+class InputFileError(PyBitNetError):
+    """An input file (prompts for batch generation) is unreadable, of an unknown kind, or malformed."""

@@ -15,7 +15,18 @@ app = typer.Typer(
 )
 
 # Each module defines `register(app)`; listing them here is the only wiring a new verb needs.
-VERB_MODULES = ("info",)
+VERB_MODULES = (
+    "info",
+    "create_dummy",
+    "convert",
+    "train",
+    "run",
+    "chat",
+    "generate",
+    "pull",
+    "list_models",
+    "rm",
+)
 
 
 def _register_verbs() -> None:

@@ -19,11 +19,10 @@ from ..errors import WeightsError
 from ..kernels import Kernel
 from ..models import ModelConfig, Transformer
 from ..models.transformer import rope_inv_freq
-from ..nn import PackedBitLinear, RMSNorm
-from ..quant import PackedWeight, TernaryWeight, pack, quantize_weight
-from ..quant.layouts.hf import pack_rows
+from ..nn import BitLinear, PackedBitLinear, RMSNorm
+from ..quant import PackedWeight, TernaryWeight, pack, quantize_weight, repack
 from .config_json import read_json
-from .safetensors_io import TensorReader
+from .safetensors_io import INDEX_NAME, SINGLE_NAME, TensorReader
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -127,29 +126,82 @@ def load_hf_model(model_dir: Path, kernel: Kernel, dtype: torch.dtype = torch.fl
     return model.eval()
 
 
-def save_hf_model(model: Transformer, out_dir: Path, tokenizer_dir: Path | None = None) -> None:
-    """Write the HF packed checkpoint (config.json + model.safetensors + tokenizer files) that both pybitnet
-    and transformers load. Ternary weights are stored in the config's weight_scale convention."""
+def save_hf_model(
+    model: Transformer,
+    out_dir: Path,
+    tokenizer_dir: Path | None = None,
+    max_shard_bytes: int | None = None,
+) -> None:
+    """Write an HF checkpoint (config.json + safetensors + tokenizer files) that both pybitnet and
+    transformers load.
+
+    Packed (inference-form) linears are stored in the HF packed layout in the config's weight_scale convention.
+    Training-form `BitLinear`s are stored as their latent float weights with a config that quantizes online;
+    a legacy-family model in training form is written as a 1bitLLM checkpoint (its names and config).
+    `max_shard_bytes` splits the weights into shards with a model.safetensors.index.json, as transformers does.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     config = model.config
+    latent = _is_latent(model)
+    name_of = (lambda n: _checkpoint_name(n, config)) if latent and config.family == "legacy" else _saved_name
     tensors: dict[str, torch.Tensor] = {}
     for name, module in model.named_modules():
         if isinstance(module, PackedBitLinear):
-            tensors.update(_packed_tensors(_saved_name(name), module.ternary(), config))
-            if module.input_norm is not None:
-                tensors[_saved_name(f"{name}.rms_norm.weight")] = module.input_norm.weight
+            tensors.update(_packed_tensors(name_of(name), module.weight(), config))
+        if isinstance(module, (PackedBitLinear, BitLinear)) and module.input_norm is not None:
+            tensors[name_of(f"{name}.rms_norm.weight")] = module.input_norm.weight
     for name, param in model.named_parameters():
         if ".input_norm." in name or (name == "lm_head.weight" and config.tie_word_embeddings):
             continue
-        tensors[_saved_name(name)] = param
+        tensors[name_of(name)] = param
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-    saved = ModelConfig(**{**config.to_dict(), "family": "bitnet" if config.family == "legacy" else config.family})
-    (out_dir / "config.json").write_text(json.dumps(saved.to_hf(), indent=2) + "\n")
+    write_safetensors(tensors, out_dir, max_shard_bytes)
+    if latent:
+        hf_config = config.to_hf(latent=True)
+    else:  # packed legacy models are saved as the 2B-4T architecture they are (sub-norms, any activation)
+        family = "bitnet" if config.family == "legacy" else config.family
+        hf_config = ModelConfig(**{**config.to_dict(), "family": family}).to_hf()
+    hf_config["torch_dtype"] = str(model.dtype).removeprefix("torch.")
+    (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     if tokenizer_dir is not None:
         for fname in TOKENIZER_FILES:
             if (tokenizer_dir / fname).is_file() and tokenizer_dir.resolve() != out_dir.resolve():
                 shutil.copyfile(tokenizer_dir / fname, out_dir / fname)
+
+
+def _is_latent(model: Transformer) -> bool:
+    kinds = {type(m) for m in model.modules() if isinstance(m, (PackedBitLinear, BitLinear))}
+    if kinds == {PackedBitLinear, BitLinear}:
+        raise WeightsError(
+            "the model mixes packed and training-form linears; convert them all with BitLinear.to_packed() "
+            "(or PackedBitLinear.to_latent()) before saving"
+        )
+    return kinds == {BitLinear}
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], out_dir: Path, max_shard_bytes: int | None = None) -> None:
+    """model.safetensors, or shards model-0000i-of-0000n.safetensors plus model.safetensors.index.json."""
+    meta = {"format": "pt"}
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if max_shard_bytes is not None and shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], str(out_dir / SINGLE_NAME), metadata=meta)
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(out_dir / fname), metadata=meta)
+        weight_map.update(dict.fromkeys(shard, fname))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
 
 
 def _saved_name(name: str) -> str:
@@ -157,9 +209,8 @@ def _saved_name(name: str) -> str:
     return name if name.startswith("lm_head.") else f"model.{name}"
 
 
-def _packed_tensors(prefix: str, tw: TernaryWeight, config: ModelConfig) -> dict[str, torch.Tensor]:
-    if tw.scale.numel() != 1:
+def _packed_tensors(prefix: str, pw: PackedWeight, config: ModelConfig) -> dict[str, torch.Tensor]:
+    pw = repack(pw, config.weight_layout)  # no unpacking when the kernel keeps the HF bits
+    if pw.scale.numel() != 1:
         raise WeightsError(f"{prefix}: HF checkpoints hold one scale per tensor; split fused layers first")
-    scale = tw.scale.float().reshape(1)
-    stored = scale if config.weight_layout == "hf" else 1.0 / scale
-    return {f"{prefix}.weight": pack_rows(tw.codes), f"{prefix}.weight_scale": stored}
+    return {f"{prefix}.weight": pw.data, f"{prefix}.weight_scale": pw.scale.float().reshape(1)}

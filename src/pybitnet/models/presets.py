@@ -85,6 +85,24 @@ PRESETS: dict[str, dict] = {
         bos_token_id=1,
         eos_token_id=2,
     ),
+    # 1bitLLM BitnetForCausalLM form: latent float weights, SiLU, sub-norms inner_attn_ln / ffn_layernorm
+    "tiny-legacy": dict(
+        family="legacy",
+        vocab_size=512,
+        hidden_size=128,
+        intermediate_size=352,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        hidden_act="silu",
+        tie_word_embeddings=False,
+        linear_class="bitlinear",
+        bos_token_id=1,
+        eos_token_id=2,
+    ),
 }
 
 

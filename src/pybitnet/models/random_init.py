@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ..kernels import Kernel, select_kernel
-from ..nn import PackedBitLinear
+from ..nn import BitLinear, PackedBitLinear
 from ..quant import TernaryWeight
 from .config import ModelConfig
 from .transformer import Transformer
@@ -19,10 +19,23 @@ def random_ternary(out: int, cols: int, generator: torch.Generator) -> TernaryWe
     return TernaryWeight(codes, scale.to(torch.bfloat16).float())
 
 
+def _init_float_params(model: Transformer, g: torch.Generator) -> None:
+    """Norm gains near 1, unit-variance embeddings, a small untied head; latent BitLinear weights ~ N(0, 1/in)."""
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+        elif name.startswith("lm_head."):
+            p.copy_(0.02 * torch.randn(p.shape, generator=g))
+        elif name.startswith("embed_tokens."):
+            p.copy_(torch.randn(p.shape, generator=g))
+        else:
+            p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
+
+
 def random_model(
     config: ModelConfig, seed: int = 0, dtype: torch.dtype = torch.float32, kernel: Kernel | str | None = None
 ) -> Transformer:
-    """A Transformer with random ternary linears and random norms / embeddings of realistic magnitude."""
+    """A Transformer with random packed ternary linears and random norms / embeddings of realistic magnitude."""
     kernel = kernel if isinstance(kernel, Kernel) else select_kernel("cpu", kernel)
     g = torch.Generator().manual_seed(seed)
 
@@ -31,9 +44,15 @@ def random_model(
 
     with torch.no_grad():
         model = Transformer(config, linear)
-        for name, p in model.named_parameters():
-            if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.02 * torch.randn(p.shape, generator=g) if "lm_head" in name else torch.randn(p.shape, generator=g))
+        _init_float_params(model, g)
     return model.to(dtype).eval().requires_grad_(False)
+
+
+def random_latent_model(config: ModelConfig, seed: int = 0, dtype: torch.dtype = torch.float32) -> Transformer:
+    """A Transformer in training form: BitLinear layers with random latent float weights (as 1bitLLM
+    checkpoints and bf16 master weights hold them)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        model = Transformer(config, lambda cols, out: BitLinear(cols, out, bias=False))
+        _init_float_params(model, g)
+    return model.to(dtype)

@@ -21,9 +21,10 @@ from .kv_cache import KVCache
 LinearFactory = Callable[[int, int], nn.Module]
 
 
-def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+def rope_inv_freq(config: ModelConfig, device: torch.device | str | None = None) -> torch.Tensor:
     dim = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
+    inv_freq = 1.0 / (config.rope_theta**exponents)
     scaling = config.rope_scaling or {}
     if scaling.get("rope_type") != "llama3":
         return inv_freq
@@ -117,17 +118,36 @@ class Block(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
+def _building_on_meta() -> bool:
+    return torch.empty(0).device.type == "meta"
+
+
+def _real_device() -> str | None:
+    # Some ops on meta tensors (normal_, the RoPE frequencies) make torch import torch._dynamo, which costs
+    # ~150 MB of resident memory; a skeleton built on meta (how checkpoints are loaded) avoids them.
+    return "cpu" if _building_on_meta() else None
+
+
+def _embedding(vocab_size: int, hidden_size: int) -> nn.Embedding:
+    # On meta skip the random init (see _real_device); the checkpoint's weights replace it anyway.
+    if _building_on_meta():
+        return nn.Embedding(vocab_size, hidden_size, _weight=torch.empty(vocab_size, hidden_size))
+    return nn.Embedding(vocab_size, hidden_size)
+
+
 class Transformer(nn.Module):
     def __init__(self, config: ModelConfig, linear: LinearFactory) -> None:
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = _embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config, i, linear) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # a tied head shares the embeddings, so its own weight is never allocated
+        head_device = "meta" if config.tie_word_embeddings else None
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, device=head_device)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+        self.register_buffer("inv_freq", rope_inv_freq(config, _real_device()), persistent=False)
 
     @property
     def device(self) -> torch.device:

@@ -23,7 +23,8 @@ class BitLinear(nn.Linear):
     """nn.Linear with BitNet b1.58 quantization-aware training.
 
     `input_norm=True` adds the RMSNorm on the input that the original BitNet paper puts inside BitLinear.
-    `quant_strength` (λ, 0..1) blends from full precision to fully quantized, for gradual conversion.
+    `quant_strength` (λ, 0..1) blends weights from full precision to fully quantized, for gradual conversion;
+    `act_quant_strength` does the same for activations.
     """
 
     def __init__(
@@ -39,12 +40,13 @@ class BitLinear(nn.Linear):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.input_norm = RMSNorm(in_features, norm_eps, device=device, dtype=dtype) if input_norm else None
         self.register_buffer("quant_strength", torch.ones((), device=device), persistent=False)
+        self.register_buffer("act_quant_strength", torch.ones((), device=device), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_norm is not None:
             x = self.input_norm(x)
-        lam = self.quant_strength
-        return F.linear(ste_activations(x, lam), ste_weight(self.weight, lam), self.bias)
+        x = ste_activations(x, self.act_quant_strength)
+        return F.linear(x, ste_weight(self.weight, self.quant_strength), self.bias)
 
     def ternary(self) -> TernaryWeight:
         return quantize_weight(self.weight)

@@ -11,17 +11,22 @@ import torch
 
 from ...errors import LayoutError
 from ..ternary import TernaryWeight
-from .registry import Layout, PackedWeight, check_codes, register_layout
+from .registry import Layout, PackedWeight, check_codes, register_direct_conversion, register_layout
 
 
 def pack_rows(codes: torch.Tensor) -> torch.Tensor:
     """int8 codes [out, in] -> uint8 [ceil(out/4), in] in four row blocks."""
     out, cols = codes.shape
     rows = -(-out // 4)
-    padded = torch.ones((rows * 4, cols), dtype=torch.uint8, device=codes.device)  # pad with code 0 (=w+1)
-    padded[:out] = (codes + 1).to(torch.uint8)
-    blocks = padded.view(4, rows, cols)
-    return blocks[0] | (blocks[1] << 2) | (blocks[2] << 4) | (blocks[3] << 6)
+    u = (codes.to(torch.int8).view(torch.uint8) + 1).contiguous()  # -1, 0, 1 -> 0, 1, 2 (255 + 1 wraps to 0)
+    if rows * 4 != out:  # pad with code 1 (= weight 0)
+        u = torch.cat((u, torch.ones((rows * 4 - out, cols), dtype=torch.uint8, device=u.device)))
+    blocks = u.view(4, rows, cols)
+    packed = blocks[3] << 6
+    packed |= blocks[2] << 4
+    packed |= blocks[1] << 2
+    packed |= blocks[0]
+    return packed
 
 
 def unpack_rows(packed: torch.Tensor, out: int) -> torch.Tensor:
@@ -67,3 +72,15 @@ HF = register_layout(Layout("hf", 2.0, _pack, _unpack, "HF packed, weight_scale 
 HF_INV = register_layout(
     Layout("hf_inv", 2.0, _pack_inv, _unpack_inv, "HF packed, weight_scale divides (bitlinear)")
 )
+
+
+def _swap_convention(layout: str):
+    def convert(pw: PackedWeight) -> PackedWeight:
+        return PackedWeight(layout, pw.data, 1.0 / pw.scale.float(), pw.shape)
+
+    return convert
+
+
+# Same bits, reciprocal scale: switching convention never unpacks (and keeps a memory-mapped tensor mapped).
+register_direct_conversion("hf", "hf_inv", _swap_convention("hf_inv"))
+register_direct_conversion("hf_inv", "hf", _swap_convention("hf"))

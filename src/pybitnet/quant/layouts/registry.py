@@ -35,6 +35,8 @@ class Layout:
 
 
 _LAYOUTS: dict[str, Layout] = {}
+# (from, to) -> a direct conversion that skips the canonical form (layouts that share their bits)
+_DIRECT: dict[tuple[str, str], Callable[[PackedWeight], PackedWeight]] = {}
 
 
 def register_layout(layout: Layout) -> Layout:
@@ -63,9 +65,18 @@ def unpack(pw: PackedWeight) -> TernaryWeight:
     return get_layout(pw.layout).unpack(pw)
 
 
+def register_direct_conversion(src: str, dst: str, fn: Callable[[PackedWeight], PackedWeight]) -> None:
+    """Declare a cheap conversion from layout `src` to `dst` that `repack` uses instead of the canonical form."""
+    _DIRECT[(src, dst)] = fn
+
+
 def repack(pw: PackedWeight, layout: str) -> PackedWeight:
-    """Convert between layouts through the canonical form; no work when already in `layout`."""
-    return pw if pw.layout == layout else pack(unpack(pw), layout)
+    """Convert between layouts: no work when already in `layout`, a direct conversion where one is registered
+    (e.g. the two HF scale conventions share their bits), else through the canonical form."""
+    if pw.layout == layout:
+        return pw
+    direct = _DIRECT.get((pw.layout, layout))
+    return direct(pw) if direct is not None else pack(unpack(pw), layout)
 
 
 def check_codes(tw: TernaryWeight) -> None:

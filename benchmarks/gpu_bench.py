@@ -1,0 +1,447 @@
+"""GPU benchmarks of the Triton ternary kernels and the CUDA-graph engine (run on the H200).
+
+    PYTHONPATH=src python benchmarks/gpu_bench.py --out results.json [--quick] [--skip-e2e]
+
+1. Kernels, per 2B-4T projection shape at one row (decode): the W2A8 GEMV on int8 activations against
+   torch bf16 matmul (cuBLAS). Each is launched 100 times in one CUDA graph, cycling through enough weight copies
+   to exceed the L2 cache several times, and the graph is timed with CUDA events (median of replays). Every
+   configuration's output is checked for integer exactness before it is timed; the fastest exact one is kept.
+   Then the engine's fused variants (RMSNorm + quantization in the GEMV; gated relu² and residual epilogues), and
+   the tensor-core GEMM at 64 rows (batched decode) and 2048 rows (prefill), are tuned the same way and the
+   winners go to `matmul.TUNED`, which the engine reads.
+2. End to end on a random bitnet-2b-4t model (bf16): decode tok/s at batch 1 and 64 (decode steps replayed from a
+   CUDA graph, timed with events), and prefill tok/s for 2048 tokens, against the same engine on dequantized
+   bf16 weights (cuBLAS).
+3. Greedy output of the GPU engine equals the CPU reference for 64 tokens on a random small model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import platform
+import statistics
+import time
+import zlib
+from collections.abc import Callable
+
+import torch
+import triton
+
+from pybitnet.kernels.triton import matmul as mm
+from pybitnet.kernels.triton.matmul import MMConfig, int8_weight, ternary_gemv, ternary_mm
+from pybitnet.kernels.triton.quant import norm_quant
+from pybitnet.quant import TernaryWeight, pack, quantize_activations
+
+SHAPES = {  # name: (N, K) of the 2B-4T projections; q/k/v and gate/up fused as the engine runs them
+    "qkv": (3840, 2560),
+    "o": (2560, 2560),
+    "gate_up": (13824, 2560),
+    "down": (2560, 6912),
+    "lm_head": (128256, 2560),
+}
+ISSUE_US = {  # the issue's reference figures: (cuBLAS bf16, Microsoft W2A8 sm_90)
+    "qkv": (7.55, 5.34),
+    "o": (6.88, 5.40),
+    "gate_up": (19.75, 8.88),
+    "down": (13.94, 10.39),
+    "lm_head": (158.0, None),
+}
+GEMV_CONFIGS = [
+    MMConfig(bn=bn, bk=bk, split_k=sk, num_warps=nw, num_stages=ns, gemv=True)
+    for bn, bk, sk, nw, ns in [
+        (16, 512, 1, 4, 3), (32, 512, 1, 4, 3), (8, 512, 1, 2, 3), (16, 1024, 1, 4, 2), (16, 256, 1, 2, 4),
+        (32, 1024, 1, 8, 2), (16, 512, 2, 4, 3), (16, 512, 4, 4, 3), (32, 512, 2, 4, 3), (64, 512, 1, 8, 3),
+        (8, 1024, 1, 4, 2), (16, 256, 2, 2, 4), (32, 256, 1, 4, 4), (8, 256, 1, 1, 4),
+    ]
+]  # fmt: skip
+DOT1_CONFIGS = [
+    MMConfig(bm=16, bn=bn, bk=bk, split_k=sk, num_warps=nw, num_stages=ns)
+    for bn, bk, sk, nw, ns in [(32, 256, 1, 4, 4), (64, 256, 1, 4, 4), (32, 512, 1, 4, 3), (16, 256, 1, 4, 4),
+                               (32, 256, 2, 4, 4), (64, 512, 1, 8, 3)]
+]  # fmt: skip
+M64_CONFIGS = [
+    MMConfig(bm=64, bn=bn, bk=bk, split_k=sk, num_warps=nw, num_stages=ns)
+    for bn, bk, sk, nw, ns in [(64, 256, 1, 4, 3), (32, 256, 1, 4, 4), (64, 256, 2, 4, 3), (128, 256, 1, 8, 3),
+                               (64, 512, 1, 4, 3), (32, 512, 2, 4, 3)]
+]  # fmt: skip
+PREFILL_CONFIGS = [
+    MMConfig(bm=bm, bn=bn, bk=bk, num_warps=nw, num_stages=ns)
+    for bm, bn, bk, nw, ns in [(128, 128, 128, 8, 3), (128, 256, 128, 8, 3), (128, 128, 256, 8, 3),
+                               (64, 128, 256, 4, 3), (128, 64, 256, 4, 4)]
+]  # fmt: skip
+LM_CONFIGS = [
+    MMConfig(bm=bm, bn=bn, bk=bk, num_warps=nw, num_stages=ns)
+    for bm, bn, bk, nw, ns in [(16, 64, 256, 4, 4), (16, 128, 256, 4, 4), (16, 64, 512, 4, 3), (16, 32, 512, 4, 3)]
+]  # fmt: skip
+
+
+def graph_time_us(fns: list[Callable[[], object]], launches: int = 100, replays: int = 7) -> float:
+    """Median time of one call: `launches` calls cycling through `fns`, captured in one CUDA graph."""
+    for fn in fns[:2]:
+        fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(launches):
+            fns[i % len(fns)]()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1000 / launches)
+    return statistics.median(times)
+
+
+def copies_for(nbytes: int, l2: int) -> int:
+    """Weight copies whose total is at least 4x the L2 cache, so each launch reads its weight from HBM."""
+    return 1 if COMPILE_ONLY else max(3, math.ceil(4 * l2 / nbytes))
+
+
+def random_packed(n: int, k: int, per_row: bool, g: torch.Generator) -> tuple[TernaryWeight, object]:
+    codes = torch.randint(-1, 2, (n, k), generator=g, dtype=torch.int8)
+    scale = torch.rand(n if per_row else (), generator=g) * 0.05 + 0.01
+    tw = TernaryWeight(codes, scale)
+    pw = pack(tw, "triton_i2")
+    return tw, type(pw)(pw.layout, pw.data.cuda(), pw.scale.cuda(), pw.shape)
+
+
+def exact_ref(xq: torch.Tensor, a: torch.Tensor, tw: TernaryWeight, dtype: torch.dtype) -> torch.Tensor:
+    acc = (xq.double() @ tw.codes.cuda().double().T).to(torch.int32)
+    s = tw.scale.cuda().float()
+    return (acc.float() * (s / a[:, None])).to(dtype)
+
+
+# (rank, world) in a compile-only worker: it compiles its share of the configs into Triton's disk cache
+COMPILE_ONLY: tuple[int, int] | None = None
+
+
+def _clone(pw):
+    return type(pw)(pw.layout, pw.data.clone(), pw.scale, pw.shape)
+
+
+def tune(name, run, configs, ref, copies, log) -> tuple[MMConfig | None, float]:
+    """Fastest exact config: run(cfg, weight_copy, out) computes into out."""
+    best, best_t = None, float("inf")
+    out = torch.empty_like(ref)
+    if COMPILE_ONLY is not None:
+        rank, world = COMPILE_ONLY
+        for i, cfg in enumerate(configs):
+            if (i + zlib.crc32(name.encode())) % world == rank:
+                try:
+                    run(cfg, copies[0], out)
+                except Exception:  # the timing pass logs it
+                    pass
+        return None, float("nan")
+    for cfg in configs:
+        try:
+            out.fill_(float("nan"))
+            run(cfg, copies[0], out)
+            exact = bool(torch.equal(out, ref))
+            t = graph_time_us([lambda w=w, c=cfg: run(c, w, out) for w in copies]) if exact else float("nan")
+        except Exception as e:  # a config the compiler or the GPU rejects is skipped, and logged
+            log.append({"tune": name, "config": cfg.__dict__, "error": repr(e)[:300]})
+            continue
+        log.append({"tune": name, "config": cfg.__dict__, "exact": exact, "us": t})
+        if exact and t < best_t:
+            best, best_t = cfg, t
+    return best, best_t
+
+
+def bench_kernels(results: dict, quick: bool) -> None:
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    g = torch.Generator().manual_seed(0)
+    log = results.setdefault("tuning", [])
+    rows = results.setdefault("kernels", {})
+    gemv_cfgs = GEMV_CONFIGS[:4] if quick else GEMV_CONFIGS
+    for name, (n, k) in SHAPES.items():
+        row = rows.setdefault(name, {"N": n, "K": k})
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        xq, a = quantize_activations(x)
+        a = a[:, 0].contiguous()
+        wb = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+              for _ in range(1 if COMPILE_ONLY else copies_for(n * k * 2, l2))]  # fmt: skip
+        outb = torch.empty(1, n, device="cuda", dtype=torch.bfloat16)
+        if COMPILE_ONLY is None:
+            row["bf16_us"] = graph_time_us([lambda w=w: torch.matmul(x, w.T, out=outb) for w in wb])
+        del wb
+        if name == "lm_head":
+            w8 = [int8_weight(torch.randn(n, k, device="cuda")) for _ in range(copies_for(n * k, l2))]
+            ref = ((xq.double() @ w8[0].data.double().T).float() * (w8[0].scale / a[:, None])).float()
+            cfg, t = tune("lm_head_int8_m1", lambda c, w, o: ternary_mm(xq, a, w, torch.float32, out=o, config=c),
+                          LM_CONFIGS, ref, w8, log)  # fmt: skip
+            row.update(int8_us=t, int8_config=cfg and cfg.__dict__)
+            if cfg:
+                mm.TUNED[(1, n, k, False)] = cfg
+            del w8
+            continue
+        tw, pw0 = random_packed(n, k, False, g)
+        copies = [pw0] + [_clone(pw0) for _ in range(copies_for(pw0.data.numel(), l2) - 1)]
+        ref = exact_ref(xq, a, tw, torch.bfloat16)
+        cfg, t = tune(f"{name}_gemv", lambda c, w, o: ternary_gemv(xq, w, a=a, out=o, config=c), gemv_cfgs, ref,
+                      copies, log)  # fmt: skip
+        row.update(gemv_us=t, gemv_config=cfg and cfg.__dict__)
+        if cfg:
+            row["gemv_no_asm_us"] = tune(
+                f"{name}_gemv_noasm", lambda c, w, o: ternary_gemv(xq, w, a=a, out=o, config=c, use_asm=False),
+                [cfg], ref, copies, log)[1]  # fmt: skip
+        cfg1, t1 = tune(f"{name}_dot16", lambda c, w, o: ternary_mm(xq, a, w, out=o, config=c),
+                        DOT1_CONFIGS[:2] if quick else DOT1_CONFIGS, ref, copies, log)  # fmt: skip
+        row.update(dot16_us=t1, dot16_config=cfg1 and cfg1.__dict__)
+        row["ternary_us"] = min(t, t1)
+        row["bytes_2bit"] = n * k // 4
+        del copies, copies
+
+
+def bench_engine_shapes(results: dict, quick: bool) -> None:
+    """Tune the engine's own variants: fused norm GEMV at one row, GEMM at 64 and 2048 rows."""
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    g = torch.Generator().manual_seed(1)
+    log = results.setdefault("tuning", [])
+    table = results.setdefault("engine_tuning", {})
+    roles = {  # role: (out rows, K, act, residual)
+        "qkv": (3840, 2560, None, False),
+        "o": (2560, 2560, None, True),
+        "gate_up": (6912, 2560, "relu2", False),
+        "down": (2560, 6912, None, True),
+    }
+    for role, (n, k, act, res) in roles.items():
+        rows_w = 2 * n if act else n
+        tw, pw0 = random_packed(rows_w, k, True, g)
+        copies = [pw0] + [_clone(pw0) for _ in range(copies_for(pw0.data.numel(), l2) - 1)]
+        gain = (1 + 0.1 * torch.randn(k, device="cuda")).to(torch.bfloat16)
+        for m, cfgs in ((1, GEMV_CONFIGS), (64, M64_CONFIGS), (2048, PREFILL_CONFIGS)):
+            if quick:
+                cfgs = cfgs[:3]
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16) * 2
+            resid = torch.randn(m, n, device="cuda", dtype=torch.bfloat16) if res else None
+            ref = _engine_ref(x, gain, tw, act, resid)
+            if m == 1:
+                def run(c, w, o, x=x, resid=resid, gain=gain):
+                    ternary_gemv(x, w, gain=gain, residual=resid, act=act, out=o, config=c)
+            else:
+                xq, a, _ = norm_quant(x, gain)
+
+                def run(c, w, o, xq=xq, a=a, resid=resid):
+                    ternary_mm(xq, a, w, torch.bfloat16, residual=resid, act=act, out=o, config=c)
+            cfg, t = tune(f"engine_{role}_m{m}", run, cfgs, ref, copies if m < 2048 else copies[:3], log)
+            table[f"{role}_m{m}"] = {"us": t, "config": cfg and cfg.__dict__}
+            if m == 2048:
+                xq, a, _ = norm_quant(x, gain)
+                if COMPILE_ONLY is None:
+                    table[f"{role}_m{m}"]["norm_quant_us"] = graph_time_us([lambda x=x: norm_quant(x, gain)])
+            if cfg:
+                mm.TUNED[(mm.rows_bucket(m), n, k, act is not None)] = cfg
+        del copies
+    for m in (64,):
+        n, k = SHAPES["lm_head"]
+        w8 = int8_weight(torch.randn(n, k, device="cuda"))
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        xq, a = quantize_activations(x)
+        a = a[:, 0].contiguous()
+        ref = ((xq.double() @ w8.data.double().T).float() * (w8.scale / a[:, None])).float()
+        cfgs = [MMConfig(bm=64, bn=bn, bk=bk, num_warps=nw, num_stages=3)
+                for bn, bk, nw in [(64, 256, 4), (128, 256, 8), (128, 128, 4)]]  # fmt: skip
+        cfg, t = tune("lm_head_int8_m64", lambda c, w, o: ternary_mm(xq, a, w, torch.float32, out=o, config=c),
+                      cfgs, ref, [w8, w8], log)  # fmt: skip
+        table[f"lm_head_m{m}"] = {"us": t, "config": cfg and cfg.__dict__}
+        if cfg:
+            mm.TUNED[(64, n, k, False)] = cfg
+
+
+def _engine_ref(x, gain, tw, act, resid):
+    """The engine projection computed the reference way (torch RMSNorm semantics, exact int matmul)."""
+    from pybitnet.kernels.triton.quant import norm_quant as nq
+
+    xq, a, _ = nq(x, gain)  # exactness of norm_quant itself is covered by the tests
+    codes = tw.codes.cuda().double()
+    s = tw.scale.cuda().float()
+    acc = (xq.double() @ codes.T).to(torch.int32).float()
+    y = (acc * (s / a[:, None])).to(x.dtype)
+    if act:
+        half = y.shape[1] // 2
+        y = (torch.relu(y[:, :half]).square() * y[:, half:]).to(x.dtype)
+    if resid is not None:
+        y = resid + y
+    return y
+
+
+def bench_e2e(results: dict, quick: bool) -> None:
+    from pybitnet.engine.cuda_graph import CudaGraphEngine
+    from pybitnet.models.presets import preset
+    from pybitnet.models.random_init import random_model
+
+    t0 = time.perf_counter()
+    model = random_model(preset("bitnet-2b-4t"), seed=0, dtype=torch.bfloat16).cuda()
+    results["e2e_model_build_s"] = time.perf_counter() - t0
+    e2e = results.setdefault("e2e", {})
+    prompt_len, steps = 128, 64 if quick else 256
+    gen = torch.Generator().manual_seed(0)
+    variants = [("ternary", "int8"), ("bf16", "float")] + ([] if quick else [("ternary", "float")])
+    for weights, head in variants:
+        key = f"{weights}_{head}head"
+        eng = CudaGraphEngine(model, max_batch_size=64, max_len=prompt_len + steps + 8, weights=weights,
+                              lm_head=head)  # fmt: skip
+        for batch in (1, 64):
+            prompts = torch.randint(0, 128000, (batch, prompt_len), generator=gen).tolist()
+            eng.generate(prompts, 4)  # captures the graph, compiles everything
+            tok_s, step_ms = _decode_rate(eng, prompts, steps)
+            e2e[f"{key}_decode_b{batch}"] = {"tok_s": tok_s, "step_ms": step_ms, "context": prompt_len + steps}
+        prompt = torch.randint(0, 128000, (1, 2048), generator=gen).tolist()
+        big = CudaGraphEngine(model, max_batch_size=1, max_len=2048, weights=weights, lm_head=head)
+        big.prefill(prompt)
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(3 if quick else 5):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            big.prefill(prompt)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        e2e[f"{key}_prefill2048"] = {"tok_s": 2048 / (statistics.median(times) / 1000), "ms": statistics.median(times)}
+        del eng, big
+        torch.cuda.empty_cache()
+
+
+@torch.inference_mode()
+def _decode_rate(eng, prompts, steps: int) -> tuple[float, float]:
+    """Prefill, then time `steps` graph replays of the decode step with CUDA events."""
+    loop = eng._loop(len(prompts), False)
+    logits = eng.prefill(prompts)
+    loop.tokens.copy_(logits.argmax(-1))
+    loop.positions.copy_(torch.tensor([len(p) for p in prompts], dtype=torch.int32))
+    loop.step_index.fill_(1)
+    loop.run()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(steps - 1):
+        loop.run()
+    end.record()
+    end.synchronize()
+    ms = start.elapsed_time(end) / (steps - 1)
+    return len(prompts) * 1000 / ms, ms
+
+
+def check_greedy(results: dict) -> None:
+    """GPU engine vs CPU reference kernel, greedy, 64 tokens, random small model."""
+    from pybitnet.engine.cuda_graph import CudaGraphEngine
+    from pybitnet.models.presets import preset
+    from pybitnet.models.random_init import random_model
+
+    out = results.setdefault("greedy", {})
+    for dtype in (torch.float32, torch.bfloat16):
+        cfg = preset("tiny-bitnet", tie_word_embeddings=False)
+        model = random_model(cfg, seed=3, dtype=dtype)
+        prompt = [1, 17, 33, 250, 9, 77, 401, 5]
+        ref = _reference_greedy(model, prompt, 64)
+        gpu_model = random_model(cfg, seed=3, dtype=dtype).cuda()
+        for head in ("float", "int8"):
+            eng = CudaGraphEngine(gpu_model, max_batch_size=2, max_len=128, lm_head=head)
+            toks = eng.generate([prompt], 64)[0]
+            both = eng.generate([prompt, prompt[:3]], 64)[0]
+            first_diff = next((i for i, (p, q) in enumerate(zip(toks, ref)) if p != q), None)
+            out[f"{str(dtype)[6:]}_{head}head"] = {
+                "equal": toks == ref, "first_difference": first_diff, "batched_equal": both == toks,
+            }
+
+
+@torch.inference_mode()
+def _reference_greedy(model, prompt: list[int], n: int) -> list[int]:
+    cache = model.new_cache(1, len(prompt) + n)
+    logits = model(torch.tensor([prompt]), torch.arange(len(prompt))[None], cache, last_only=True)[:, -1]
+    out = []
+    for i in range(n):
+        tok = int(logits.argmax(-1))
+        out.append(tok)
+        pos = torch.tensor([[len(prompt) + i]])
+        logits = model(torch.tensor([[tok]]), pos, cache)[:, -1]
+    return out
+
+
+def print_table(results: dict) -> None:
+    print("\n| shape | N×K | bf16 µs | W2A8 µs (best) | gemv | dot16 | no-asm | issue bf16 | issue MS | target µs |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name, r in results.get("kernels", {}).items():
+        bf, ms = ISSUE_US[name]
+        tern = r.get("ternary_us", r.get("int8_us", float("nan")))
+        tgt = f"{ms / 2:.2f}" if ms else "-"
+        print(f"| {name} | {r['N']}×{r['K']} | {r['bf16_us']:.2f} | {tern:.2f} | {r.get('gemv_us', float('nan')):.2f} "
+              f"| {r.get('dot16_us', float('nan')):.2f} | {r.get('gemv_no_asm_us', float('nan')):.2f} | {bf} | {ms} "
+              f"| {tgt} |")  # fmt: skip
+    for k, v in results.get("engine_tuning", {}).items():
+        print(f"tuned {k}: {v['us']:.2f} us {v['config']}")
+    for k, v in results.get("e2e", {}).items():
+        print(f"e2e {k}: {v}")
+    for k, v in results.get("greedy", {}).items():
+        print(f"greedy {k}: {v}")
+
+
+def _compile_worker(rank: int, world: int, quick: bool) -> None:
+    global COMPILE_ONLY
+    COMPILE_ONLY = (rank, world)
+    results: dict = {}
+    bench_kernels(results, quick)
+    bench_engine_shapes(results, quick)
+
+
+def precompile(world: int, quick: bool) -> float:
+    """Compile every tuned kernel variant in `world` processes at once (Triton's disk cache keeps them), so the
+    timing pass, which must run alone, compiles nothing."""
+    import multiprocessing as mp
+
+    t0 = time.perf_counter()
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_compile_worker, args=(r, world, quick)) for r in range(world)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join()
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default="gpu_bench.json")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--skip-kernels", action="store_true")
+    p.add_argument("--skip-e2e", action="store_true")
+    p.add_argument("--precompile", type=int, default=0, help="compile the tuning variants in N processes first")
+    args = p.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    results: dict = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "gpu": torch.cuda.get_device_name(0),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+    }
+    if args.precompile and not args.skip_kernels:
+        results["precompile_s"] = precompile(args.precompile, args.quick)
+    stages = [] if args.skip_kernels else [("kernels", bench_kernels), ("engine_shapes", bench_engine_shapes)]
+    stages += [] if args.skip_e2e else [("greedy", lambda r, q: check_greedy(r)), ("e2e", bench_e2e)]
+    for name, fn in stages:
+        t0 = time.perf_counter()
+        try:
+            fn(results, args.quick)
+        except Exception as e:  # keep the other stages' figures; the error is part of the record
+            import traceback
+
+            results.setdefault("errors", {})[name] = traceback.format_exc()[-3000:]
+            print(f"stage {name} failed: {e!r}")
+        results.setdefault("stage_s", {})[name] = time.perf_counter() - t0
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1, default=str)
+    print_table(results)
+
+
+if __name__ == "__main__":
+    main()

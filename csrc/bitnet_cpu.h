@@ -1,0 +1,98 @@
+/* Ternary (W1.58 A8) CPU kernels: shared types and the per-ISA function table.
+ *
+ * Weight layout "cpu_i2" (see src/pybitnet/quant/layouts/cpu_i2.py): rows are grouped in tiles of
+ * BN_ROWS rows; K is padded with zero weights to a multiple of BN_KBLOCK. A tile stores, for every
+ * k-block kb, BN_ROWS runs of 32 bytes (row r at byte offset (kb * BN_ROWS + r) * 32). Byte m of a run
+ * holds the codes (w + 1, in {0, 1, 2}) of elements m, m + 32, m + 64, m + 96 of the block at bit pairs
+ * 0-1, 2-3, 4-5, 6-7. Shifting a whole run right by 2j and masking with 3 gives the codes of elements
+ * 32j .. 32j + 31 in natural order, so unpacking never shuffles and the activations stay in natural order.
+ *
+ * Codes are unsigned (w + 1), which is what the unsigned x signed byte products of vpmaddubsw / vpdpbusd
+ * take. The kernels compute sum(code * x) and subtract the activation row sum: sum((code - 1) * x).
+ */
+#ifndef PYBITNET_BITNET_CPU_H
+#define PYBITNET_BITNET_CPU_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define BN_KBLOCK 128
+#define BN_ROWS 4
+#define BN_RUN 32 /* bytes of one row in one k-block */
+#define BN_TILE_KBLOCK_BYTES (BN_ROWS * BN_RUN)
+#define BN_ALIGN 64
+
+/* Quantized activations: M rows of k_pad int8 values (zero past the true K), their dequantization
+ * factors a (x ~= xq / a) and integer row sums. */
+typedef struct {
+    const int8_t *xq;
+    int64_t ldx; /* bytes between rows, a multiple of 64 */
+    const float *a;
+    const int32_t *rowsum;
+    int64_t m;
+    int64_t k_pad; /* a multiple of BN_KBLOCK */
+} bn_act;
+
+/* One ternary matrix in the cpu_i2 layout and where its output goes: y[m * ldy + n]. */
+typedef struct {
+    const uint8_t *w;
+    int64_t n;
+    const float *scale;
+    int64_t scale_stride; /* 0: one scale per tensor, 1: one per row */
+    float *y;
+    int64_t ldy;
+} bn_tmat;
+
+/* One int8 matrix (per-row scales), row-major [n][ldw] with zeros past K: the output head. */
+typedef struct {
+    const int8_t *w;
+    int64_t n;
+    int64_t ldw;
+    const float *scale;
+    float *y;
+    int64_t ldy;
+} bn_qmat;
+
+typedef struct {
+    const char *name;
+    /* y for rows of tiles [t0, t1) of w, for all M activation rows */
+    void (*ternary)(const bn_act *x, const bn_tmat *w, int64_t t0, int64_t t1);
+    /* y for rows [n0, n1) of w, for all M activation rows */
+    void (*int8)(const bn_act *x, const bn_qmat *w, int64_t n0, int64_t n1);
+    /* One row: xq = round_half_even(x * a) with a = (1 / max(max|x|, 1e-5)) * 127, zero padding to k_pad. */
+    void (*quantize)(const float *x, int64_t k, int64_t k_pad, int8_t *xq, float *a, int32_t *rowsum);
+} bn_isa_ops;
+
+enum { BN_ISA_SCALAR = 0, BN_ISA_AVX2 = 1, BN_ISA_AVX512VNNI = 2, BN_ISA_NEONDOT = 3, BN_ISA_COUNT = 4 };
+
+extern const bn_isa_ops bn_ops_scalar;
+#ifdef BN_HAVE_AVX2
+extern const bn_isa_ops bn_ops_avx2;
+#endif
+#ifdef BN_HAVE_AVX512VNNI
+extern const bn_isa_ops bn_ops_avx512vnni;
+#endif
+#ifdef BN_HAVE_NEONDOT
+extern const bn_isa_ops bn_ops_neondot;
+#endif
+
+/* The table for `isa` if it was compiled in and this CPU runs it, else NULL. */
+const bn_isa_ops *bn_isa_get(int isa);
+int bn_isa_best(void);
+
+/* Exactly the reference's float math: activation scale, and y = acc * (s / a). */
+static inline float bn_act_scale(float amax) {
+    float m = amax > 1e-5f ? amax : 1e-5f;
+    return (1.0f / m) * 127.0f; /* torch evaluates 127 / t as reciprocal(t) * 127 */
+}
+
+static inline void bn_store(const bn_act *x, const bn_tmat *w, int64_t m, int64_t n, int32_t acc) {
+    float s = w->scale[n * w->scale_stride];
+    w->y[m * w->ldy + n] = (float)(acc - x->rowsum[m]) * (s / x->a[m]);
+}
+
+/* Portable quantization of one row; every ISA's vector version must give the same bytes. */
+void bn_quantize_row_scalar(const float *x, int64_t k, int64_t k_pad, int8_t *xq, float *a, int32_t *rowsum);
+void bn_quantize_row_avx2(const float *x, int64_t k, int64_t k_pad, int8_t *xq, float *a, int32_t *rowsum);
+
+#endif

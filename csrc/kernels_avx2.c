@@ -1,0 +1,219 @@
+/* AVX2 kernels (compiled with -mavx2 -mfma; only called after the CPU reports AVX2).
+ *
+ * Products are vpmaddubsw(code, x): code in {0, 1, 2} unsigned, x in [-128, 127] signed, so each int16 lane
+ * holds a pair sum in [-512, 508] and never saturates. Lanes then accumulate in int16: after at most 32 such
+ * pair sums a lane lies in [-16384, 16256], inside int16, so the accumulators are widened to int32 (vpmaddwd
+ * with ones) at least every 32 products per lane, i.e. every 1024 values of k: BN_WIDEN_K below.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <string.h>
+
+#include "bitnet_cpu.h"
+
+#define BN_WIDEN_K 1024 /* 32 vpmaddubsw results of 32 k each per int16 lane */
+#define GEMV_WIDEN_KB 8  /* 8 blocks x 4 pair sums = 32 pair sums per int16 lane */
+#define GEMM_MIN_M 4    /* from this many activation rows, unpack weights once and run the tiled GEMM */
+#define GEMM_MC 64      /* activation rows per GEMM block */
+
+static inline int32_t hsum_i32(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1)));
+    return _mm_cvtsi128_si32(s);
+}
+
+/* sum over one 128-wide block of code * x for one 32-byte run, as int16 lanes (each <= 4 * 512 in size) */
+static inline __m256i block_dot(__m256i v, __m256i x0, __m256i x1, __m256i x2, __m256i x3) {
+    const __m256i m3 = _mm256_set1_epi8(3);
+    __m256i p0 = _mm256_maddubs_epi16(_mm256_and_si256(v, m3), x0);
+    __m256i p1 = _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 2), m3), x1);
+    __m256i p2 = _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 4), m3), x2);
+    __m256i p3 = _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 6), m3), x3);
+    return _mm256_add_epi16(_mm256_add_epi16(p0, p1), _mm256_add_epi16(p2, p3));
+}
+
+/* GEMV: the BN_ROWS rows of one tile against one activation row. */
+static void gemv_tile(const uint8_t *tile, int64_t nkb, const int8_t *x, int32_t out[BN_ROWS]) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i acc[BN_ROWS];
+    for (int r = 0; r < BN_ROWS; r++) acc[r] = _mm256_setzero_si256();
+    for (int64_t kb0 = 0; kb0 < nkb; kb0 += GEMV_WIDEN_KB) {
+        int64_t kb1 = kb0 + GEMV_WIDEN_KB < nkb ? kb0 + GEMV_WIDEN_KB : nkb;
+        __m256i a16[BN_ROWS];
+        for (int r = 0; r < BN_ROWS; r++) a16[r] = _mm256_setzero_si256();
+        for (int64_t kb = kb0; kb < kb1; kb++) {
+            const int8_t *xb = x + kb * BN_KBLOCK;
+            __m256i x0 = _mm256_loadu_si256((const __m256i *)xb);
+            __m256i x1 = _mm256_loadu_si256((const __m256i *)(xb + 32));
+            __m256i x2 = _mm256_loadu_si256((const __m256i *)(xb + 64));
+            __m256i x3 = _mm256_loadu_si256((const __m256i *)(xb + 96));
+            const uint8_t *b = tile + kb * BN_TILE_KBLOCK_BYTES;
+            for (int r = 0; r < BN_ROWS; r++) {
+                __m256i v = _mm256_loadu_si256((const __m256i *)(b + r * BN_RUN));
+                a16[r] = _mm256_add_epi16(a16[r], block_dot(v, x0, x1, x2, x3));
+            }
+        }
+        for (int r = 0; r < BN_ROWS; r++) acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(a16[r], ones));
+    }
+    for (int r = 0; r < BN_ROWS; r++) out[r] = hsum_i32(acc[r]);
+}
+
+/* Codes of the tile's rows for k in [kb0 * 128, kb0 * 128 + kc) into dst[r * BN_WIDEN_K + k], natural order. */
+static void unpack_tile(const uint8_t *tile, int64_t kb0, int64_t kc, uint8_t *dst) {
+    const __m256i m3 = _mm256_set1_epi8(3);
+    for (int64_t kb = 0; kb < kc / BN_KBLOCK; kb++) {
+        const uint8_t *b = tile + (kb0 + kb) * BN_TILE_KBLOCK_BYTES;
+        for (int r = 0; r < BN_ROWS; r++) {
+            __m256i v = _mm256_loadu_si256((const __m256i *)(b + r * BN_RUN));
+            uint8_t *d = dst + r * BN_WIDEN_K + kb * BN_KBLOCK;
+            _mm256_store_si256((__m256i *)d, _mm256_and_si256(v, m3));
+            _mm256_store_si256((__m256i *)(d + 32), _mm256_and_si256(_mm256_srli_epi16(v, 2), m3));
+            _mm256_store_si256((__m256i *)(d + 64), _mm256_and_si256(_mm256_srli_epi16(v, 4), m3));
+            _mm256_store_si256((__m256i *)(d + 96), _mm256_and_si256(_mm256_srli_epi16(v, 6), m3));
+        }
+    }
+}
+
+/* GEMM micro-kernel: 4 unpacked rows x NC activation rows over kc <= BN_WIDEN_K values of k, widened and
+ * added into acc32[c][r] (8 int32 lanes each). */
+#define MICRO(NC)                                                                                            \
+    static inline void micro_##NC(const uint8_t *wb, const int8_t *x, int64_t ldx, int64_t kc,                \
+                                  __m256i *acc32) {                                                          \
+        __m256i a[NC][BN_ROWS];                                                                              \
+        for (int c = 0; c < NC; c++)                                                                         \
+            for (int r = 0; r < BN_ROWS; r++) a[c][r] = _mm256_setzero_si256();                              \
+        for (int64_t k = 0; k < kc; k += 32) {                                                               \
+            __m256i w0 = _mm256_load_si256((const __m256i *)(wb + k));                                       \
+            __m256i w1 = _mm256_load_si256((const __m256i *)(wb + BN_WIDEN_K + k));                          \
+            __m256i w2 = _mm256_load_si256((const __m256i *)(wb + 2 * BN_WIDEN_K + k));                      \
+            __m256i w3 = _mm256_load_si256((const __m256i *)(wb + 3 * BN_WIDEN_K + k));                      \
+            for (int c = 0; c < NC; c++) {                                                                   \
+                __m256i xv = _mm256_loadu_si256((const __m256i *)(x + c * ldx + k));                         \
+                a[c][0] = _mm256_add_epi16(a[c][0], _mm256_maddubs_epi16(w0, xv));                           \
+                a[c][1] = _mm256_add_epi16(a[c][1], _mm256_maddubs_epi16(w1, xv));                           \
+                a[c][2] = _mm256_add_epi16(a[c][2], _mm256_maddubs_epi16(w2, xv));                           \
+                a[c][3] = _mm256_add_epi16(a[c][3], _mm256_maddubs_epi16(w3, xv));                           \
+            }                                                                                                \
+        }                                                                                                    \
+        const __m256i ones = _mm256_set1_epi16(1);                                                           \
+        for (int c = 0; c < NC; c++)                                                                         \
+            for (int r = 0; r < BN_ROWS; r++)                                                                \
+                acc32[c * BN_ROWS + r] = _mm256_add_epi32(acc32[c * BN_ROWS + r], _mm256_madd_epi16(a[c][r], ones)); \
+    }
+MICRO(1)
+MICRO(2)
+
+static void gemm_tiles(const bn_act *x, const bn_tmat *w, int64_t t0, int64_t t1) {
+    _Alignas(BN_ALIGN) uint8_t wbuf[BN_ROWS * BN_WIDEN_K];
+    _Alignas(BN_ALIGN) __m256i acc[GEMM_MC * BN_ROWS];
+    int64_t nkb = x->k_pad / BN_KBLOCK;
+    for (int64_t m0 = 0; m0 < x->m; m0 += GEMM_MC) {
+        int64_t mc = x->m - m0 < GEMM_MC ? x->m - m0 : GEMM_MC;
+        for (int64_t t = t0; t < t1; t++) {
+            const uint8_t *tile = w->w + t * nkb * BN_TILE_KBLOCK_BYTES;
+            for (int64_t i = 0; i < mc * BN_ROWS; i++) acc[i] = _mm256_setzero_si256();
+            for (int64_t k0 = 0; k0 < x->k_pad; k0 += BN_WIDEN_K) {
+                int64_t kc = x->k_pad - k0 < BN_WIDEN_K ? x->k_pad - k0 : BN_WIDEN_K;
+                unpack_tile(tile, k0 / BN_KBLOCK, kc, wbuf);
+                const int8_t *xk = x->xq + m0 * x->ldx + k0;
+                int64_t m = 0;
+                for (; m + 2 <= mc; m += 2) micro_2(wbuf, xk + m * x->ldx, x->ldx, kc, acc + m * BN_ROWS);
+                if (m < mc) micro_1(wbuf, xk + m * x->ldx, x->ldx, kc, acc + m * BN_ROWS);
+            }
+            for (int64_t m = 0; m < mc; m++)
+                for (int r = 0; r < BN_ROWS && t * BN_ROWS + r < w->n; r++)
+                    bn_store(x, w, m0 + m, t * BN_ROWS + r, hsum_i32(acc[m * BN_ROWS + r]));
+        }
+    }
+}
+
+static void ternary_avx2(const bn_act *x, const bn_tmat *w, int64_t t0, int64_t t1) {
+    if (x->m >= GEMM_MIN_M) {
+        gemm_tiles(x, w, t0, t1);
+        return;
+    }
+    int64_t nkb = x->k_pad / BN_KBLOCK;
+    for (int64_t t = t0; t < t1; t++) {
+        const uint8_t *tile = w->w + t * nkb * BN_TILE_KBLOCK_BYTES;
+        if (t + 1 < t1) _mm_prefetch((const char *)(tile + nkb * BN_TILE_KBLOCK_BYTES), _MM_HINT_T0);
+        for (int64_t m = 0; m < x->m; m++) {
+            int32_t out[BN_ROWS];
+            gemv_tile(tile, nkb, x->xq + m * x->ldx, out);
+            for (int r = 0; r < BN_ROWS && t * BN_ROWS + r < w->n; r++) bn_store(x, w, m, t * BN_ROWS + r, out[r]);
+        }
+    }
+}
+
+/* int8 x int8 rows: vpmaddubsw(|x|, sign(w, x)) = pairwise w * x; |x| <= 128 and |w| <= 127 keep each pair
+ * sum <= 32512, inside int16; vpmaddwd then widens every product pair to int32 at once. */
+static void int8_avx2(const bn_act *x, const bn_qmat *w, int64_t n0, int64_t n1) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int64_t n = n0; n < n1; n += 4) {
+        int rows = n1 - n < 4 ? (int)(n1 - n) : 4;
+        for (int64_t m = 0; m < x->m; m++) {
+            const int8_t *xr = x->xq + m * x->ldx;
+            __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
+                              _mm256_setzero_si256()};
+            for (int64_t k = 0; k < x->k_pad; k += 32) {
+                __m256i xv = _mm256_loadu_si256((const __m256i *)(xr + k));
+                __m256i ax = _mm256_abs_epi8(xv);
+                for (int r = 0; r < rows; r++) {
+                    __m256i wv = _mm256_loadu_si256((const __m256i *)(w->w + (n + r) * w->ldw + k));
+                    __m256i p = _mm256_maddubs_epi16(ax, _mm256_sign_epi8(wv, xv));
+                    acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(p, ones));
+                }
+            }
+            for (int r = 0; r < rows; r++)
+                w->y[m * w->ldy + n + r] = (float)hsum_i32(acc[r]) * (w->scale[n + r] / x->a[m]);
+        }
+    }
+}
+
+void bn_quantize_row_avx2(const float *x, int64_t k, int64_t k_pad, int8_t *xq, float *a, int32_t *rowsum) {
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m256 vmax = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= k; i += 8) vmax = _mm256_max_ps(vmax, _mm256_and_ps(_mm256_loadu_ps(x + i), absmask));
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
+    float amax = _mm_cvtss_f32(m4);
+    for (; i < k; i++) {
+        float v = x[i] < 0 ? -x[i] : x[i];
+        amax = v > amax ? v : amax;
+    }
+    if (!(amax < INFINITY)) { /* NaN or inf input: the portable path defines the bytes */
+        bn_quantize_row_scalar(x, k, k_pad, xq, a, rowsum);
+        return;
+    }
+    float s = bn_act_scale(amax);
+    const __m256 vs = _mm256_set1_ps(s);
+    const __m256 lo = _mm256_set1_ps(-128.0f), hi = _mm256_set1_ps(127.0f);
+    __m256i sum = _mm256_setzero_si256();
+    for (i = 0; i + 32 <= k; i += 32) {
+        __m256i q[4];
+        for (int j = 0; j < 4; j++) {
+            __m256 v = _mm256_mul_ps(_mm256_loadu_ps(x + i + 8 * j), vs);
+            v = _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            q[j] = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(v, lo), hi));
+            sum = _mm256_add_epi32(sum, q[j]);
+        }
+        __m256i p01 = _mm256_packs_epi32(q[0], q[1]), p23 = _mm256_packs_epi32(q[2], q[3]);
+        __m256i b = _mm256_packs_epi16(p01, p23); /* lanes interleaved by the 128-bit packs: fix the order */
+        b = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256((__m256i *)(xq + i), b);
+    }
+    int32_t total = hsum_i32(sum);
+    for (; i < k; i++) {
+        float v = nearbyintf(x[i] * s);
+        int32_t qv = v >= 127.0f ? 127 : v <= -128.0f ? -128 : (int32_t)v;
+        xq[i] = (int8_t)qv;
+        total += qv;
+    }
+    memset(xq + k, 0, (size_t)(k_pad - k));
+    *a = s;
+    *rowsum = total;
+}
+
+const bn_isa_ops bn_ops_avx2 = {"avx2", ternary_avx2, int8_avx2, bn_quantize_row_avx2};

@@ -1,0 +1,157 @@
+/* AVX-512 VNNI kernels (compiled with -mavx512f -mavx512bw -mavx512vl -mavx512vnni; only called after the CPU
+ * and OS report them). vpdpbusd adds four unsigned x signed byte products straight into int32 lanes, without
+ * saturation: a lane grows by at most 4 * 2 * 128 = 1024 per instruction for ternary codes, so no
+ * intermediate int16 sums exist and K up to 2**21 cannot overflow.
+ */
+#include <immintrin.h>
+#include <string.h>
+
+#include "bitnet_cpu.h"
+
+#define GEMM_MIN_M 4
+#define GEMM_MC 64
+#define GEMM_KC 2048 /* k values unpacked per tile at a time */
+
+static inline int32_t hsum256(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1)));
+    return _mm_cvtsi128_si32(s);
+}
+
+/* GEMV: a zmm holds two rows' 32-byte runs of one k-block; the activation block is broadcast to both halves. */
+static void gemv_tile(const uint8_t *tile, int64_t nkb, const int8_t *x, int32_t out[BN_ROWS]) {
+    const __m512i m3 = _mm512_set1_epi8(3);
+    __m512i a01 = _mm512_setzero_si512(), b01 = _mm512_setzero_si512();
+    __m512i a23 = _mm512_setzero_si512(), b23 = _mm512_setzero_si512();
+    for (int64_t kb = 0; kb < nkb; kb++) {
+        const int8_t *xb = x + kb * BN_KBLOCK;
+        __m512i x0 = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)xb));
+        __m512i x1 = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(xb + 32)));
+        __m512i x2 = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(xb + 64)));
+        __m512i x3 = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(xb + 96)));
+        const uint8_t *b = tile + kb * BN_TILE_KBLOCK_BYTES;
+        __m512i v01 = _mm512_loadu_si512((const void *)b);
+        __m512i v23 = _mm512_loadu_si512((const void *)(b + 64));
+        a01 = _mm512_dpbusd_epi32(a01, _mm512_and_si512(v01, m3), x0);
+        b01 = _mm512_dpbusd_epi32(b01, _mm512_and_si512(_mm512_srli_epi16(v01, 2), m3), x1);
+        a01 = _mm512_dpbusd_epi32(a01, _mm512_and_si512(_mm512_srli_epi16(v01, 4), m3), x2);
+        b01 = _mm512_dpbusd_epi32(b01, _mm512_and_si512(_mm512_srli_epi16(v01, 6), m3), x3);
+        a23 = _mm512_dpbusd_epi32(a23, _mm512_and_si512(v23, m3), x0);
+        b23 = _mm512_dpbusd_epi32(b23, _mm512_and_si512(_mm512_srli_epi16(v23, 2), m3), x1);
+        a23 = _mm512_dpbusd_epi32(a23, _mm512_and_si512(_mm512_srli_epi16(v23, 4), m3), x2);
+        b23 = _mm512_dpbusd_epi32(b23, _mm512_and_si512(_mm512_srli_epi16(v23, 6), m3), x3);
+    }
+    __m512i s01 = _mm512_add_epi32(a01, b01), s23 = _mm512_add_epi32(a23, b23);
+    out[0] = hsum256(_mm512_castsi512_si256(s01));
+    out[1] = hsum256(_mm512_extracti64x4_epi64(s01, 1));
+    out[2] = hsum256(_mm512_castsi512_si256(s23));
+    out[3] = hsum256(_mm512_extracti64x4_epi64(s23, 1));
+}
+
+static void unpack_tile(const uint8_t *tile, int64_t kb0, int64_t kc, uint8_t *dst) {
+    const __m256i m3 = _mm256_set1_epi8(3);
+    for (int64_t kb = 0; kb < kc / BN_KBLOCK; kb++) {
+        const uint8_t *b = tile + (kb0 + kb) * BN_TILE_KBLOCK_BYTES;
+        for (int r = 0; r < BN_ROWS; r++) {
+            __m256i v = _mm256_loadu_si256((const __m256i *)(b + r * BN_RUN));
+            uint8_t *d = dst + r * GEMM_KC + kb * BN_KBLOCK;
+            _mm256_store_si256((__m256i *)d, _mm256_and_si256(v, m3));
+            _mm256_store_si256((__m256i *)(d + 32), _mm256_and_si256(_mm256_srli_epi16(v, 2), m3));
+            _mm256_store_si256((__m256i *)(d + 64), _mm256_and_si256(_mm256_srli_epi16(v, 4), m3));
+            _mm256_store_si256((__m256i *)(d + 96), _mm256_and_si256(_mm256_srli_epi16(v, 6), m3));
+        }
+    }
+}
+
+/* 4 unpacked rows x NC activation rows over kc values of k, added into acc[c * 4 + r] (16 int32 lanes). */
+#define MICRO(NC)                                                                                            \
+    static inline void micro_##NC(const uint8_t *wb, const int8_t *x, int64_t ldx, int64_t kc, __m512i *acc) { \
+        __m512i a[NC][BN_ROWS];                                                                              \
+        for (int c = 0; c < NC; c++)                                                                         \
+            for (int r = 0; r < BN_ROWS; r++) a[c][r] = acc[c * BN_ROWS + r];                                \
+        for (int64_t k = 0; k < kc; k += 64) {                                                               \
+            __m512i w0 = _mm512_load_si512((const void *)(wb + k));                                          \
+            __m512i w1 = _mm512_load_si512((const void *)(wb + GEMM_KC + k));                                \
+            __m512i w2 = _mm512_load_si512((const void *)(wb + 2 * GEMM_KC + k));                            \
+            __m512i w3 = _mm512_load_si512((const void *)(wb + 3 * GEMM_KC + k));                            \
+            for (int c = 0; c < NC; c++) {                                                                   \
+                __m512i xv = _mm512_loadu_si512((const void *)(x + c * ldx + k));                            \
+                a[c][0] = _mm512_dpbusd_epi32(a[c][0], w0, xv);                                              \
+                a[c][1] = _mm512_dpbusd_epi32(a[c][1], w1, xv);                                              \
+                a[c][2] = _mm512_dpbusd_epi32(a[c][2], w2, xv);                                              \
+                a[c][3] = _mm512_dpbusd_epi32(a[c][3], w3, xv);                                              \
+            }                                                                                                \
+        }                                                                                                    \
+        for (int c = 0; c < NC; c++)                                                                         \
+            for (int r = 0; r < BN_ROWS; r++) acc[c * BN_ROWS + r] = a[c][r];                                \
+    }
+MICRO(1)
+MICRO(4)
+
+static void gemm_tiles(const bn_act *x, const bn_tmat *w, int64_t t0, int64_t t1) {
+    _Alignas(BN_ALIGN) uint8_t wbuf[BN_ROWS * GEMM_KC];
+    _Alignas(BN_ALIGN) __m512i acc[GEMM_MC * BN_ROWS];
+    int64_t nkb = x->k_pad / BN_KBLOCK;
+    for (int64_t m0 = 0; m0 < x->m; m0 += GEMM_MC) {
+        int64_t mc = x->m - m0 < GEMM_MC ? x->m - m0 : GEMM_MC;
+        for (int64_t t = t0; t < t1; t++) {
+            const uint8_t *tile = w->w + t * nkb * BN_TILE_KBLOCK_BYTES;
+            for (int64_t i = 0; i < mc * BN_ROWS; i++) acc[i] = _mm512_setzero_si512();
+            for (int64_t k0 = 0; k0 < x->k_pad; k0 += GEMM_KC) {
+                int64_t kc = x->k_pad - k0 < GEMM_KC ? x->k_pad - k0 : GEMM_KC;
+                unpack_tile(tile, k0 / BN_KBLOCK, kc, wbuf);
+                const int8_t *xk = x->xq + m0 * x->ldx + k0;
+                int64_t m = 0;
+                for (; m + 4 <= mc; m += 4) micro_4(wbuf, xk + m * x->ldx, x->ldx, kc, acc + m * BN_ROWS);
+                for (; m < mc; m++) micro_1(wbuf, xk + m * x->ldx, x->ldx, kc, acc + m * BN_ROWS);
+            }
+            for (int64_t m = 0; m < mc; m++)
+                for (int r = 0; r < BN_ROWS && t * BN_ROWS + r < w->n; r++)
+                    bn_store(x, w, m0 + m, t * BN_ROWS + r, _mm512_reduce_add_epi32(acc[m * BN_ROWS + r]));
+        }
+    }
+}
+
+static void ternary_avx512vnni(const bn_act *x, const bn_tmat *w, int64_t t0, int64_t t1) {
+    if (x->m >= GEMM_MIN_M) {
+        gemm_tiles(x, w, t0, t1);
+        return;
+    }
+    int64_t nkb = x->k_pad / BN_KBLOCK;
+    for (int64_t t = t0; t < t1; t++) {
+        const uint8_t *tile = w->w + t * nkb * BN_TILE_KBLOCK_BYTES;
+        for (int64_t m = 0; m < x->m; m++) {
+            int32_t out[BN_ROWS];
+            gemv_tile(tile, nkb, x->xq + m * x->ldx, out);
+            for (int r = 0; r < BN_ROWS && t * BN_ROWS + r < w->n; r++) bn_store(x, w, m, t * BN_ROWS + r, out[r]);
+        }
+    }
+}
+
+/* int8 rows: vpdpbusd(w ^ 0x80, x) = sum((w + 128) * x); subtracting 128 * rowsum(x) leaves sum(w * x). */
+static void int8_avx512vnni(const bn_act *x, const bn_qmat *w, int64_t n0, int64_t n1) {
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    for (int64_t n = n0; n < n1; n += 4) {
+        int rows = n1 - n < 4 ? (int)(n1 - n) : 4;
+        for (int64_t m = 0; m < x->m; m++) {
+            const int8_t *xr = x->xq + m * x->ldx;
+            __m512i acc[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(),
+                              _mm512_setzero_si512()};
+            for (int64_t k = 0; k < x->k_pad; k += 64) {
+                __m512i xv = _mm512_loadu_si512((const void *)(xr + k));
+                for (int r = 0; r < rows; r++) {
+                    __m512i wv = _mm512_loadu_si512((const void *)(w->w + (n + r) * w->ldw + k));
+                    acc[r] = _mm512_dpbusd_epi32(acc[r], _mm512_xor_si512(wv, flip), xv);
+                }
+            }
+            for (int r = 0; r < rows; r++) {
+                int32_t dot = _mm512_reduce_add_epi32(acc[r]) - 128 * x->rowsum[m];
+                w->y[m * w->ldy + n + r] = (float)dot * (w->scale[n + r] / x->a[m]);
+            }
+        }
+    }
+}
+
+/* AVX-512 machines run AVX2, whose quantization gives the same bytes as the portable one */
+const bn_isa_ops bn_ops_avx512vnni = {"avx512vnni", ternary_avx512vnni, int8_avx512vnni, bn_quantize_row_avx2};

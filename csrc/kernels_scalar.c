@@ -1,0 +1,64 @@
+/* Portable C kernels: the fallback on any CPU, and the model the vector kernels are tested against. */
+#include <math.h>
+#include <string.h>
+
+#include "bitnet_cpu.h"
+
+void bn_quantize_row_scalar(const float *x, int64_t k, int64_t k_pad, int8_t *xq, float *a, int32_t *rowsum) {
+    float amax = 0.0f;
+    for (int64_t i = 0; i < k; i++) {
+        float v = fabsf(x[i]);
+        amax = v > amax ? v : amax;
+    }
+    float s = bn_act_scale(amax);
+    int32_t sum = 0;
+    for (int64_t i = 0; i < k; i++) {
+        float v = nearbyintf(x[i] * s); /* default rounding mode: half to even, as torch.round */
+        int32_t q = v >= 127.0f ? 127 : v <= -128.0f ? -128 : (v == v ? (int32_t)v : 0);
+        xq[i] = (int8_t)q;
+        sum += q;
+    }
+    memset(xq + k, 0, (size_t)(k_pad - k));
+    *a = s;
+    *rowsum = sum;
+}
+
+static int32_t dot_run(const uint8_t *run, const int8_t *x) {
+    int32_t acc = 0;
+    for (int i = 0; i < BN_RUN; i++) {
+        unsigned v = run[i];
+        acc += (int32_t)(v & 3) * x[i] + (int32_t)((v >> 2) & 3) * x[i + 32] + (int32_t)((v >> 4) & 3) * x[i + 64] +
+               (int32_t)(v >> 6) * x[i + 96];
+    }
+    return acc;
+}
+
+static void ternary_scalar(const bn_act *x, const bn_tmat *w, int64_t t0, int64_t t1) {
+    int64_t nkb = x->k_pad / BN_KBLOCK;
+    for (int64_t t = t0; t < t1; t++) {
+        const uint8_t *tile = w->w + t * nkb * BN_TILE_KBLOCK_BYTES;
+        for (int r = 0; r < BN_ROWS && t * BN_ROWS + r < w->n; r++) {
+            for (int64_t m = 0; m < x->m; m++) {
+                const int8_t *xr = x->xq + m * x->ldx;
+                int32_t acc = 0;
+                for (int64_t kb = 0; kb < nkb; kb++)
+                    acc += dot_run(tile + (kb * BN_ROWS + r) * BN_RUN, xr + kb * BN_KBLOCK);
+                bn_store(x, w, m, t * BN_ROWS + r, acc);
+            }
+        }
+    }
+}
+
+static void int8_scalar(const bn_act *x, const bn_qmat *w, int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; n++) {
+        const int8_t *wr = w->w + n * w->ldw;
+        for (int64_t m = 0; m < x->m; m++) {
+            const int8_t *xr = x->xq + m * x->ldx;
+            int32_t acc = 0;
+            for (int64_t k = 0; k < x->k_pad; k++) acc += (int32_t)wr[k] * xr[k];
+            w->y[m * w->ldy + n] = (float)acc * (w->scale[n] / x->a[m]);
+        }
+    }
+}
+
+const bn_isa_ops bn_ops_scalar = {"scalar", ternary_scalar, int8_scalar, bn_quantize_row_scalar};

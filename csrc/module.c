@@ -1,0 +1,228 @@
+/* CPython binding of the CPU kernels: pybitnet.kernels._cpu.
+ *
+ * Buffers arrive as addresses (Python ints) with their sizes; the Python layer (pybitnet.kernels.cpu) checks
+ * dtype, shape and contiguity before calling. Every call releases the GIL while the kernels run. Nothing here
+ * links to torch.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include "ops.h"
+#include "threadpool.h"
+
+#define MAX_MATS 16
+
+static const bn_isa_ops *isa_or_raise(int isa) {
+    const bn_isa_ops *ops = (isa >= 0 && isa < BN_ISA_COUNT) ? bn_isa_get(isa) : NULL;
+    if (!ops) PyErr_Format(PyExc_ValueError, "kernel ISA %d is not compiled in or not supported by this CPU", isa);
+    return ops;
+}
+
+static int parse_mats(PyObject *seq, bn_tmat *mats) {
+    PyObject *fast = PySequence_Fast(seq, "mats must be a sequence of tuples");
+    if (!fast) return -1;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
+    if (n < 1 || n > MAX_MATS) {
+        Py_DECREF(fast);
+        PyErr_Format(PyExc_ValueError, "between 1 and %d matrices per call, got %zd", MAX_MATS, n);
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        unsigned long long w, scale, y;
+        Py_ssize_t rows, stride, ldy;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(fast, i), "KnKnKn", &w, &rows, &scale, &stride, &y, &ldy)) {
+            Py_DECREF(fast);
+            return -1;
+        }
+        if (rows < 1 || ldy < rows || (stride != 0 && stride != 1)) {
+            Py_DECREF(fast);
+            PyErr_SetString(PyExc_ValueError, "bad matrix descriptor (rows, scale stride or output stride)");
+            return -1;
+        }
+        mats[i] = (bn_tmat){(const uint8_t *)(uintptr_t)w, rows, (const float *)(uintptr_t)scale, stride,
+                            (float *)(uintptr_t)y, ldy};
+    }
+    Py_DECREF(fast);
+    return (int)n;
+}
+
+static int check_input(Py_ssize_t m, Py_ssize_t k, Py_ssize_t ldx) {
+    if (m < 1 || k < 1 || ldx < k) {
+        PyErr_SetString(PyExc_ValueError, "need m >= 1, k >= 1 and a row stride >= k");
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *py_ternary(PyObject *self, PyObject *args) {
+    (void)self;
+    int isa;
+    unsigned long long x, norm;
+    Py_ssize_t m, k, ldx;
+    float eps;
+    PyObject *seq;
+    bn_tmat mats[MAX_MATS];
+    if (!PyArg_ParseTuple(args, "iKnnnKfO", &isa, &x, &m, &k, &ldx, &norm, &eps, &seq)) return NULL;
+    const bn_isa_ops *ops = isa_or_raise(isa);
+    int nmats = ops ? parse_mats(seq, mats) : -1;
+    if (nmats < 0 || check_input(m, k, ldx)) return NULL;
+    bn_input in = {(const float *)(uintptr_t)x, m, k, ldx, (const float *)(uintptr_t)norm, eps};
+    int rc;
+    Py_BEGIN_ALLOW_THREADS;
+    bn_pool_lock();
+    bn_act act;
+    rc = bn_quantize_input(ops, &in, &act);
+    if (rc == 0) bn_run_ternary(ops, &act, mats, nmats);
+    bn_pool_unlock();
+    Py_END_ALLOW_THREADS;
+    if (rc) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_ternary_q(PyObject *self, PyObject *args) {
+    (void)self;
+    int isa;
+    unsigned long long xq, a, rowsum;
+    Py_ssize_t ldq, m, k_pad;
+    PyObject *seq;
+    bn_tmat mats[MAX_MATS];
+    if (!PyArg_ParseTuple(args, "iKnKKnnO", &isa, &xq, &ldq, &a, &rowsum, &m, &k_pad, &seq)) return NULL;
+    const bn_isa_ops *ops = isa_or_raise(isa);
+    int nmats = ops ? parse_mats(seq, mats) : -1;
+    if (nmats < 0 || check_input(m, k_pad, ldq)) return NULL;
+    if (k_pad % BN_KBLOCK) return PyErr_Format(PyExc_ValueError, "k_pad must be a multiple of %d", BN_KBLOCK);
+    bn_act act = {(const int8_t *)(uintptr_t)xq, ldq, (const float *)(uintptr_t)a,
+                  (const int32_t *)(uintptr_t)rowsum, m, k_pad};
+    Py_BEGIN_ALLOW_THREADS;
+    bn_pool_lock();
+    bn_run_ternary(ops, &act, mats, nmats);
+    bn_pool_unlock();
+    Py_END_ALLOW_THREADS;
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_int8(PyObject *self, PyObject *args) {
+    (void)self;
+    int isa;
+    unsigned long long x, norm, w, scale, y;
+    Py_ssize_t m, k, ldx, n, ldw, ldy;
+    float eps;
+    if (!PyArg_ParseTuple(args, "iKnnnKfKnnKKn", &isa, &x, &m, &k, &ldx, &norm, &eps, &w, &n, &ldw, &scale, &y, &ldy))
+        return NULL;
+    const bn_isa_ops *ops = isa_or_raise(isa);
+    if (!ops || check_input(m, k, ldx)) return NULL;
+    Py_ssize_t k_pad = (k + BN_KBLOCK - 1) / BN_KBLOCK * BN_KBLOCK;
+    if (n < 1 || ldw < k_pad || ldy < n)
+        return PyErr_Format(PyExc_ValueError, "int8 weight rows must hold %zd bytes and y rows %zd values", k_pad, n);
+    bn_input in = {(const float *)(uintptr_t)x, m, k, ldx, (const float *)(uintptr_t)norm, eps};
+    bn_qmat q = {(const int8_t *)(uintptr_t)w, n, ldw, (const float *)(uintptr_t)scale, (float *)(uintptr_t)y, ldy};
+    int rc;
+    Py_BEGIN_ALLOW_THREADS;
+    bn_pool_lock();
+    bn_act act;
+    rc = bn_quantize_input(ops, &in, &act);
+    if (rc == 0) bn_run_int8(ops, &act, &q);
+    bn_pool_unlock();
+    Py_END_ALLOW_THREADS;
+    if (rc) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_quantize(PyObject *self, PyObject *args) {
+    (void)self;
+    int isa;
+    unsigned long long x, xq, a, rowsum;
+    Py_ssize_t m, k, ldx, ldq, k_pad;
+    if (!PyArg_ParseTuple(args, "iKnnnKnnKK", &isa, &x, &m, &k, &ldx, &xq, &ldq, &k_pad, &a, &rowsum)) return NULL;
+    const bn_isa_ops *ops = isa_or_raise(isa);
+    if (!ops || check_input(m, k, ldx)) return NULL;
+    if (k_pad < k || ldq < k_pad) return PyErr_Format(PyExc_ValueError, "need k <= k_pad <= ldq");
+    Py_BEGIN_ALLOW_THREADS;
+    for (Py_ssize_t i = 0; i < m; i++)
+        ops->quantize((const float *)(uintptr_t)x + i * ldx, k, k_pad, (int8_t *)(uintptr_t)xq + i * ldq,
+                      (float *)(uintptr_t)a + i, (int32_t *)(uintptr_t)rowsum + i);
+    Py_END_ALLOW_THREADS;
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_read_bandwidth(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long p;
+    Py_ssize_t nbytes;
+    int reps;
+    if (!PyArg_ParseTuple(args, "Kni", &p, &nbytes, &reps)) return NULL;
+    if (nbytes < 8 || reps < 1) return PyErr_Format(PyExc_ValueError, "need nbytes >= 8 and reps >= 1");
+    double gbps;
+    uint64_t checksum;
+    Py_BEGIN_ALLOW_THREADS;
+    bn_pool_lock();
+    gbps = bn_read_bandwidth((const void *)(uintptr_t)p, (size_t)nbytes, reps, &checksum);
+    bn_pool_unlock();
+    Py_END_ALLOW_THREADS;
+    return Py_BuildValue("dK", gbps, (unsigned long long)checksum);
+}
+
+static PyObject *py_isa_available(PyObject *self, PyObject *arg) {
+    (void)self;
+    long isa = PyLong_AsLong(arg);
+    if (isa == -1 && PyErr_Occurred()) return NULL;
+    return PyBool_FromLong(isa >= 0 && isa < BN_ISA_COUNT && bn_isa_get((int)isa) != NULL);
+}
+
+static PyObject *py_best_isa(PyObject *self, PyObject *noargs) {
+    (void)self;
+    (void)noargs;
+    return PyLong_FromLong(bn_isa_best());
+}
+
+static PyObject *py_set_num_threads(PyObject *self, PyObject *arg) {
+    (void)self;
+    long n = PyLong_AsLong(arg);
+    if (n == -1 && PyErr_Occurred()) return NULL;
+    int got;
+    Py_BEGIN_ALLOW_THREADS;
+    got = bn_pool_set_threads((int)n);
+    Py_END_ALLOW_THREADS;
+    return PyLong_FromLong(got);
+}
+
+static PyObject *py_get_num_threads(PyObject *self, PyObject *noargs) {
+    (void)self;
+    (void)noargs;
+    return PyLong_FromLong(bn_pool_threads());
+}
+
+static PyMethodDef methods[] = {
+    {"ternary", py_ternary, METH_VARARGS,
+     "ternary(isa, x, m, k, ldx, norm_w, eps, mats): y = quant(rmsnorm?(x)) @ W.T for each (w, n, scale, "
+     "scale_stride, y, ldy) in mats, sharing one activation quantization"},
+    {"ternary_q", py_ternary_q, METH_VARARGS,
+     "ternary_q(isa, xq, ldq, a, rowsum, m, k_pad, mats): the same from already quantized activations"},
+    {"int8", py_int8, METH_VARARGS,
+     "int8(isa, x, m, k, ldx, norm_w, eps, w, n, ldw, scale, y, ldy): int8 per-row weights (the output head)"},
+    {"quantize", py_quantize, METH_VARARGS,
+     "quantize(isa, x, m, k, ldx, xq, ldq, k_pad, a, rowsum): per-row absmax int8 quantization"},
+    {"read_bandwidth", py_read_bandwidth, METH_VARARGS,
+     "read_bandwidth(ptr, nbytes, reps) -> (best GB/s, checksum) of parallel reads"},
+    {"isa_available", py_isa_available, METH_O, "isa_available(isa) -> bool"},
+    {"best_isa", py_best_isa, METH_NOARGS, "best_isa() -> int"},
+    {"set_num_threads", py_set_num_threads, METH_O, "set_num_threads(n) -> threads in use"},
+    {"get_num_threads", py_get_num_threads, METH_NOARGS, "get_num_threads() -> int"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_cpu", "pybitnet CPU kernels", -1, methods,
+                                    NULL, NULL, NULL, NULL};
+
+PyMODINIT_FUNC PyInit__cpu(void) {
+    PyObject *m = PyModule_Create(&module);
+    if (!m) return NULL;
+    if (PyModule_AddIntConstant(m, "ISA_SCALAR", BN_ISA_SCALAR) || PyModule_AddIntConstant(m, "ISA_AVX2", BN_ISA_AVX2) ||
+        PyModule_AddIntConstant(m, "ISA_AVX512VNNI", BN_ISA_AVX512VNNI) ||
+        PyModule_AddIntConstant(m, "ISA_NEONDOT", BN_ISA_NEONDOT) ||
+        PyModule_AddIntConstant(m, "KBLOCK", BN_KBLOCK) || PyModule_AddIntConstant(m, "ROWS", BN_ROWS)) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

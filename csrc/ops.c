@@ -1,0 +1,180 @@
+/* Whole operations over the thread pool: quantize (optionally RMS-normalize) activations once, then run
+ * every matrix that reads them, with the rows of all matrices split across threads in one parallel region. */
+#include "ops.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "threadpool.h"
+
+#if defined(_WIN32)
+#include <malloc.h>
+static void *aligned_alloc64(size_t n) { return _aligned_malloc(n, BN_ALIGN); }
+static void aligned_free(void *p) { _aligned_free(p); }
+#else
+static void *aligned_alloc64(size_t n) {
+    void *p = NULL;
+    return posix_memalign(&p, BN_ALIGN, n) == 0 ? p : NULL;
+}
+static void aligned_free(void *p) { free(p); }
+#endif
+
+/* Scratch shared by all operations (guarded by the pool lock): grown, never shrunk. */
+static struct {
+    void *buf;
+    size_t size;
+} scratch;
+
+static void *scratch_get(size_t n) {
+    if (n > scratch.size) {
+        aligned_free(scratch.buf);
+        scratch.buf = aligned_alloc64(n);
+        scratch.size = scratch.buf ? n : 0;
+    }
+    return scratch.buf;
+}
+
+static size_t round_up(size_t n, size_t to) { return (n + to - 1) / to * to; }
+
+typedef struct {
+    const bn_isa_ops *ops;
+    const bn_input *in;
+    bn_act *act;
+    float *rowbuf; /* per thread: k_pad floats, for the normalized row */
+} quant_job;
+
+/* RMSNorm as the model's: x * (1 / sqrt(mean(x^2) + eps)) * weight, in float32. */
+static void rms_norm_row(const float *x, const float *w, int64_t k, float eps, float *out) {
+    float acc[8] = {0};
+    int64_t i = 0;
+    for (; i + 8 <= k; i += 8)
+        for (int j = 0; j < 8; j++) acc[j] += x[i + j] * x[i + j];
+    float ss = 0.0f;
+    for (int j = 0; j < 8; j++) ss += acc[j];
+    for (; i < k; i++) ss += x[i] * x[i];
+    float r = 1.0f / sqrtf(ss / (float)k + eps);
+    for (i = 0; i < k; i++) out[i] = x[i] * r * w[i];
+}
+
+static void quant_task(void *p, int tid, int nt) {
+    quant_job *j = p;
+    const bn_input *in = j->in;
+    int64_t m0 = in->m * tid / nt, m1 = in->m * (tid + 1) / nt;
+    for (int64_t m = m0; m < m1; m++) {
+        const float *row = in->x + m * in->ldx;
+        if (in->norm_w) {
+            float *buf = j->rowbuf + (size_t)tid * (size_t)j->act->k_pad;
+            rms_norm_row(row, in->norm_w, in->k, in->eps, buf);
+            row = buf;
+        }
+        int8_t *xq = (int8_t *)j->act->xq + m * j->act->ldx;
+        j->ops->quantize(row, in->k, j->act->k_pad, xq, (float *)j->act->a + m, (int32_t *)j->act->rowsum + m);
+    }
+}
+
+int bn_quantize_input(const bn_isa_ops *ops, const bn_input *in, bn_act *act) {
+    int64_t k_pad = (int64_t)round_up((size_t)in->k, BN_KBLOCK);
+    size_t ldx = round_up((size_t)k_pad, BN_ALIGN);
+    int threads = bn_pool_threads();
+    size_t xq_bytes = ldx * (size_t)in->m;
+    size_t a_off = round_up(xq_bytes, BN_ALIGN);
+    size_t s_off = a_off + round_up((size_t)in->m * sizeof(float), BN_ALIGN);
+    size_t r_off = s_off + round_up((size_t)in->m * sizeof(int32_t), BN_ALIGN);
+    size_t total = r_off + (in->norm_w ? (size_t)threads * (size_t)k_pad * sizeof(float) : 0);
+    char *base = scratch_get(total);
+    if (!base) return -1;
+    act->xq = (const int8_t *)base;
+    act->ldx = (int64_t)ldx;
+    act->a = (const float *)(base + a_off);
+    act->rowsum = (const int32_t *)(base + s_off);
+    act->m = in->m;
+    act->k_pad = k_pad;
+    quant_job job = {ops, in, act, (float *)(base + r_off)};
+    bn_pool_run(quant_task, &job, in->m >= 8 ? threads : 1);
+    return 0;
+}
+
+typedef struct {
+    const bn_isa_ops *ops;
+    const bn_act *x;
+    const bn_tmat *mats;
+    int nmats;
+    int64_t tiles;
+} ternary_job;
+
+static void ternary_task(void *p, int tid, int nt) {
+    ternary_job *j = p;
+    int64_t t0 = j->tiles * tid / nt, t1 = j->tiles * (tid + 1) / nt, base = 0;
+    for (int i = 0; i < j->nmats; i++) {
+        int64_t n_tiles = (j->mats[i].n + BN_ROWS - 1) / BN_ROWS;
+        int64_t lo = t0 > base ? t0 : base, hi = t1 < base + n_tiles ? t1 : base + n_tiles;
+        if (lo < hi) j->ops->ternary(j->x, &j->mats[i], lo - base, hi - base);
+        base += n_tiles;
+    }
+}
+
+void bn_run_ternary(const bn_isa_ops *ops, const bn_act *x, const bn_tmat *mats, int nmats) {
+    ternary_job job = {ops, x, mats, nmats, 0};
+    for (int i = 0; i < nmats; i++) job.tiles += (mats[i].n + BN_ROWS - 1) / BN_ROWS;
+    bn_pool_run(ternary_task, &job, bn_pool_threads());
+}
+
+typedef struct {
+    const bn_isa_ops *ops;
+    const bn_act *x;
+    const bn_qmat *w;
+} int8_job;
+
+static void int8_task(void *p, int tid, int nt) {
+    int8_job *j = p;
+    int64_t quads = (j->w->n + 3) / 4;
+    int64_t n0 = quads * tid / nt * 4, n1 = quads * (tid + 1) / nt * 4;
+    if (n1 > j->w->n) n1 = j->w->n;
+    if (n0 < n1) j->ops->int8(j->x, j->w, n0, n1);
+}
+
+void bn_run_int8(const bn_isa_ops *ops, const bn_act *x, const bn_qmat *w) {
+    int8_job job = {ops, x, w};
+    bn_pool_run(int8_task, &job, bn_pool_threads());
+}
+
+typedef struct {
+    const uint64_t *p;
+    size_t words;
+    uint64_t sums[256];
+} read_job;
+
+static void read_task(void *p, int tid, int nt) {
+    read_job *j = p;
+    size_t w0 = j->words * (size_t)tid / (size_t)nt, w1 = j->words * (size_t)(tid + 1) / (size_t)nt;
+    uint64_t s[4] = {0, 0, 0, 0};
+    size_t i = w0;
+    for (; i + 4 <= w1; i += 4)
+        for (int u = 0; u < 4; u++) s[u] += j->p[i + u];
+    for (; i < w1; i++) s[0] += j->p[i];
+    j->sums[tid & 255] = s[0] + s[1] + s[2] + s[3];
+}
+
+static double now_seconds(void) {
+    struct timespec ts;
+    timespec_get(&ts, TIME_UTC);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+double bn_read_bandwidth(const void *buf, size_t nbytes, int reps, uint64_t *checksum) {
+    read_job job = {(const uint64_t *)buf, nbytes / 8, {0}};
+    int threads = bn_pool_threads() < 256 ? bn_pool_threads() : 256;
+    double best = 0.0;
+    for (int r = 0; r < reps; r++) {
+        double t = now_seconds();
+        bn_pool_run(read_task, &job, threads);
+        double gbps = (double)(job.words * 8) / (now_seconds() - t) / 1e9;
+        best = gbps > best ? gbps : best;
+    }
+    uint64_t s = 0;
+    for (int i = 0; i < threads; i++) s += job.sums[i];
+    *checksum = s;
+    return best;
+}

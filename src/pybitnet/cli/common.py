@@ -1,0 +1,164 @@
+"""Options and helpers the generation verbs share: llama.cpp flag names, model loading, errors, timings."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from ..engine import LLM, SamplingParams, Timings
+from ..engine.default_model import model_or_default
+from ..errors import PyBitNetError
+
+err = Console(stderr=True, highlight=False)
+
+ModelArg = Annotated[
+    str | None,
+    typer.Argument(help="Hub id (org/name) or local model directory.", show_default=False),
+]
+NPredict = Annotated[int, typer.Option("-n", "--n-predict", help="Tokens to generate at most; -1: until the end.")]
+Temp = Annotated[float, typer.Option("--temp", help="Temperature; 0 is greedy.")]
+TopK = Annotated[int, typer.Option("--top-k", help="Sample from the k most likely tokens; 0 disables.")]
+TopP = Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass in (0, 1]; 1 disables.")]
+MinP = Annotated[float, typer.Option("--min-p", help="Drop tokens below min-p × the top probability; 0 disables.")]
+RepeatPenalty = Annotated[float, typer.Option("--repeat-penalty", help="Penalty on tokens seen already; 1 disables.")]
+PresencePenalty = Annotated[float, typer.Option("--presence-penalty", help="OpenAI presence penalty in [-2, 2].")]
+FrequencyPenalty = Annotated[float, typer.Option("--frequency-penalty", help="OpenAI frequency penalty in [-2, 2].")]
+Seed = Annotated[int, typer.Option("-s", "--seed", help="Sampling seed; -1: random.")]
+Stop = Annotated[
+    list[str] | None,
+    typer.Option("-r", "--reverse-prompt", "--stop", help="Stop when this text appears (repeatable)."),
+]
+IgnoreEos = Annotated[bool, typer.Option("--ignore-eos", help="Keep generating past end-of-sequence tokens.")]
+CtxSize = Annotated[int, typer.Option("-c", "--ctx-size", help="Context size in tokens; 0: the model's.")]
+Threads = Annotated[int, typer.Option("-t", "--threads", help="CPU threads; 0: torch's default.")]
+Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
+KernelOpt = Annotated[
+    str | None,
+    typer.Option("--kernel", help="Ternary kernel (default: the best one for the device).", show_default=False),
+]
+Dtype = Annotated[str, typer.Option("--dtype", help="auto, float32 or bfloat16.")]
+Verbose = Annotated[bool, typer.Option("--verbose", help="Print timings (prompt eval and eval rates).")]
+System = Annotated[
+    str | None,
+    typer.Option("--system", help="System prompt.", show_default=False),
+]
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Errors pybitnet raises on purpose end the command with their message and exit status 1, no traceback."""
+    try:
+        yield
+    except PyBitNetError as e:
+        err.print(f"[red]Error:[/red] {escape(str(e))}")
+        raise typer.Exit(1) from None
+
+
+def sampling_params(
+    n_predict: int,
+    temp: float,
+    top_k: int,
+    top_p: float,
+    min_p: float,
+    repeat_penalty: float,
+    presence_penalty: float,
+    frequency_penalty: float,
+    seed: int,
+    stop: list[str] | None,
+    ignore_eos: bool,
+) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=None if n_predict < 0 else n_predict,
+        temperature=temp,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        repetition_penalty=repeat_penalty,
+        presence_penalty=presence_penalty,
+        frequency_penalty=frequency_penalty,
+        seed=None if seed < 0 else seed,
+        stop=list(stop) if stop else None,
+        ignore_eos=ignore_eos,
+    )
+
+
+def load_llm(
+    model: str | None,
+    ctx_size: int,
+    threads: int,
+    device: str,
+    kernel: str | None,
+    dtype: str,
+    max_num_seqs: int = 1,
+) -> tuple[LLM, float]:
+    """The model loaded for generation, and the seconds loading took."""
+    start = time.perf_counter()
+    llm = LLM(
+        model_or_default(model),
+        device=device,
+        threads=threads or None,
+        kernel=kernel,
+        dtype=dtype,
+        max_model_len=ctx_size or None,
+        max_num_seqs=max_num_seqs,
+    )
+    return llm, time.perf_counter() - start
+
+
+def format_duration(seconds: float) -> str:
+    if seconds < 1:
+        return f"{seconds * 1000:.2f}ms"
+    return f"{seconds:.3f}s"
+
+
+def print_timings(t: Timings, load_s: float | None = None) -> None:
+    """ollama's --verbose block, on stderr."""
+    lines = [("total duration", format_duration(t.total_s + (load_s or 0)))]
+    if load_s is not None:
+        lines.append(("load duration", format_duration(load_s)))
+    lines += [
+        ("prompt eval count", f"{t.prompt_tokens} token(s)"),
+        ("prompt eval duration", format_duration(t.prompt_eval_s)),
+        ("prompt eval rate", f"{t.prompt_tokens_per_s:.2f} tokens/s"),
+        ("eval count", f"{t.generated_tokens} token(s)"),
+        ("eval duration", format_duration(t.eval_s)),
+        ("eval rate", f"{t.tokens_per_s:.2f} tokens/s"),
+    ]
+    for name, value in lines:
+        err.print(f"{name + ':':<22}{value}")
+
+
+def write_out(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def hf_cache_dir() -> Path:
+    """The Hugging Face hub cache, from the environment at call time (HF_HUB_CACHE, HF_HOME, XDG_CACHE_HOME)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "huggingface"
+    )
+    return Path(home).expanduser() / "hub"
+
+
+def cached_models() -> list:
+    """The model repos (huggingface_hub CachedRepoInfo) in the HF cache; none when the cache does not exist."""
+    from huggingface_hub import scan_cache_dir
+    from huggingface_hub.errors import CacheNotFound
+
+    try:
+        info = scan_cache_dir(hf_cache_dir())
+    except CacheNotFound:
+        return []
+    return [r for r in info.repos if r.repo_type == "model"]

@@ -1,0 +1,110 @@
+"""Decode attention for one new token per sequence: RoPE on q and k, the KV-cache write and attention over the
+sequence's cached positions, in one launch (one program per sequence and KV head, its query heads together).
+
+RoPE rounds as the model's `apply_rope` does in the activation dtype (x*cos and rotated*sin each rounded, then
+their sum); the scores and the softmax run in float32 with an online softmax, as flash attention does.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import LAUNCH_OPTS, on_gpu, round_to
+
+
+@triton.jit
+def _rope(ptrs, rot_ptrs, sign, cos, sin, mask, XDT: tl.constexpr, NATIVE: tl.constexpr):
+    x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    rot = tl.load(rot_ptrs, mask=mask, other=0.0).to(tl.float32) * sign
+    y = round_to(round_to(x * cos, XDT, NATIVE) + round_to(rot * sin, XDT, NATIVE), XDT, NATIVE)
+    return y.to(XDT)
+
+
+@triton.jit
+def _decode_attention_kernel(
+    qkv_ptr, cos_ptr, sin_ptr, pos_ptr, k_ptr, v_ptr, o_ptr,
+    stride_qkv, stride_cb, stride_ch, stride_cs, stride_o, sm_scale,
+    H: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr, GP: tl.constexpr, BS: tl.constexpr,
+    IEEE: tl.constexpr, NATIVE: tl.constexpr,
+):  # fmt: skip
+    b = tl.program_id(0)
+    g = tl.program_id(1)
+    G: tl.constexpr = H // KVH
+    xdt = qkv_ptr.dtype.element_ty
+    pos = tl.load(pos_ptr + b)
+    d = tl.arange(0, D)
+    rot = (d + D // 2) % D
+    sign = tl.where(d < D // 2, -1.0, 1.0)
+    cos = tl.load(cos_ptr + pos * D + d).to(tl.float32)
+    sin = tl.load(sin_ptr + pos * D + d).to(tl.float32)
+    row = qkv_ptr + b.to(tl.int64) * stride_qkv
+    k_col = row + (H + g) * D
+    k_new = _rope(k_col + d, k_col + rot, sign, cos, sin, d < D, xdt, NATIVE)
+    v_new = tl.load(row + (H + KVH + g) * D + d)
+    k_base = k_ptr + b.to(tl.int64) * stride_cb + g * stride_ch
+    v_base = v_ptr + b.to(tl.int64) * stride_cb + g * stride_ch
+    tl.store(k_base + pos * stride_cs + d, k_new.to(k_ptr.dtype.element_ty))
+    tl.store(v_base + pos * stride_cs + d, v_new.to(v_ptr.dtype.element_ty))
+
+    hq = tl.arange(0, GP)
+    q_ok = hq < G
+    q_rows = row + (g * G + hq)[:, None] * D
+    q = _rope(q_rows + d[None, :], q_rows + rot[None, :], sign[None, :], cos[None, :], sin[None, :],
+              q_ok[:, None], xdt, NATIVE)  # fmt: skip
+    tl.debug_barrier()  # the new key and value are in the cache before the block reads them back
+
+    m_i = tl.full((GP,), float("-inf"), tl.float32)
+    l_i = tl.zeros((GP,), tl.float32)
+    acc = tl.zeros((GP, D), tl.float32)
+    for s0 in range(0, pos + 1, BS):
+        sp = s0 + tl.arange(0, BS)
+        s_ok = sp <= pos
+        kt = tl.load(k_base + sp[:, None] * stride_cs + d[None, :], mask=s_ok[:, None], other=0.0).to(xdt)
+        vt = tl.load(v_base + sp[:, None] * stride_cs + d[None, :], mask=s_ok[:, None], other=0.0).to(xdt)
+        if IEEE:
+            scores = tl.dot(q, tl.trans(kt), input_precision="ieee")
+        else:
+            scores = tl.dot(q, tl.trans(kt))
+        scores = tl.where(s_ok[None, :], scores * sm_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(scores - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if IEEE:
+            pv = tl.dot(p.to(xdt), vt, input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(xdt), vt)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+    out = acc / l_i[:, None]
+    o_rows = o_ptr + b.to(tl.int64) * stride_o + (g * G + hq)[:, None] * D
+    tl.store(o_rows + d[None, :], out.to(o_ptr.dtype.element_ty), mask=q_ok[:, None])
+
+
+def decode_attention(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    positions: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+    out: torch.Tensor | None = None,
+    block: int = 64,
+) -> torch.Tensor:
+    """qkv [B, (H + 2 KVH) D] (q, k, v of one new token per row, before RoPE); cos, sin [max_len, D];
+    positions [B] int32 (where each row's token goes); k_cache, v_cache [B', KVH, max_len, D] (one layer).
+    Writes the roped key and the value into the caches and returns attention [B, H D] in qkv's dtype."""
+    b = qkv.shape[0]
+    d = cos.shape[-1]
+    out = torch.empty((b, num_heads * d), dtype=qkv.dtype, device=qkv.device) if out is None else out
+    _decode_attention_kernel[(b, num_kv_heads)](
+        qkv, cos, sin, positions, k_cache, v_cache, out,
+        qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0), d**-0.5,
+        H=num_heads, KVH=num_kv_heads, D=d, GP=max(16, triton.next_power_of_2(num_heads // num_kv_heads)),
+        BS=block, IEEE=qkv.dtype == torch.float32, NATIVE=on_gpu(qkv), num_warps=4, num_stages=2, **LAUNCH_OPTS,
+    )  # fmt: skip
+    return out

@@ -1,0 +1,98 @@
+"""Pieces shared by the Triton kernels: exact rounding, launch options, split-K workspaces."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def on_gpu(t: torch.Tensor) -> bool:
+    """Native code paths (inline PTX, libdevice) only where a real GPU runs the kernel."""
+    return t.is_cuda and not interpreting()
+
+
+# Float work must round exactly as torch does (a product rounded before a sum), so no fused multiply-adds.
+LAUNCH_OPTS = {"enable_fp_fusion": False}
+
+
+@triton.jit
+def round_half_even(v, NATIVE: tl.constexpr):
+    """torch.round on float32 (ties to even). The add-subtract of 1.5 * 2**23 rounds the same way in IEEE
+    arithmetic for |v| < 2**22; the interpreter has no libdevice."""
+    if NATIVE:
+        r = libdevice.rint(v)
+    else:
+        r = (v + 12582912.0) - 12582912.0
+    return r
+
+
+@triton.jit
+def round_to(x, DT: tl.constexpr, NATIVE: tl.constexpr):
+    """float32 x rounded to dtype DT (to nearest, ties to even) and returned as float32, as a torch cast.
+    The interpreter's own float32 -> bfloat16 cast truncates, so it gets the integer form of the rounding."""
+    if DT == tl.float32:
+        r = x
+    elif NATIVE or DT != tl.bfloat16:
+        r = x.to(DT).to(tl.float32)
+    else:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        r = bits.to(tl.float32, bitcast=True)
+    return r
+
+
+@triton.jit
+def quantize_i8(y, a, NATIVE: tl.constexpr):
+    """clamp(round(y * a), -128, 127) as int8, as quant.activations.quantize_activations."""
+    q = round_half_even(y * a, NATIVE)
+    return tl.minimum(tl.maximum(q, -128.0), 127.0).to(tl.int8)
+
+
+@triton.jit
+def absmax_scale(amax):
+    """a = 127 / max(amax, 1e-5) as torch evaluates `127 / tensor`: a rounded reciprocal, then a rounded product."""
+    return tl.math.div_rn(tl.zeros_like(amax) + 1.0, tl.maximum(amax, 1e-5)) * 127.0
+
+
+_WORKSPACES: dict[tuple[torch.device, str], torch.Tensor] = {}
+
+
+def split_k_workspace(device: torch.device, numel: int, kind: str) -> torch.Tensor:
+    """A zeroed int32 buffer of at least `numel` values, kept per device.
+
+    Split-K kernels add partial sums into it and count arrivals per output tile; the last program of a tile reads
+    and zeroes its part again, so the buffer is zero between launches and the launch needs no memset (it can
+    live in a CUDA graph). Kernels on one device share it: launch them on one stream.
+    """
+    key = (torch.device(device), kind)
+    buf = _WORKSPACES.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = torch.zeros(max(numel, 1024), dtype=torch.int32, device=device)
+        _WORKSPACES[key] = buf
+    return buf
+
+
+RELU2 = 1
+SILU = 2
+ACTIVATIONS = {"relu2": RELU2, "silu": SILU}
+
+
+@triton.jit
+def gated_activation(g, u, ACT: tl.constexpr, ODT: tl.constexpr, NATIVE: tl.constexpr):
+    """act(g) * u as the model computes it in dtype ODT (g, u and the result: float32 holding ODT values):
+    relu(g)² or silu(g) rounded to ODT, then the product rounded to ODT."""
+    if ACT == 1:
+        r = tl.maximum(g, 0.0)
+        h = round_to(r * r, ODT, NATIVE)
+    else:
+        h = round_to(g / (1.0 + tl.exp(-g)), ODT, NATIVE)
+    return round_to(h * u, ODT, NATIVE)

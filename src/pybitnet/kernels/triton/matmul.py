@@ -1,0 +1,394 @@
+"""Ternary (W2A8) and int8 (W8A8) matrix products in Triton, integer-exact, with fused epilogues.
+
+Two kernels:
+- `_mm_kernel`: any number of rows on int8 tensor cores (`tl.dot`); the 2-bit codes of a weight tile are expanded
+  to int8 {-1, 0, 1} in registers, four 32-column slices per byte column (the "triton_i2" layout). Also takes
+  int8 weights (the int8 lm_head).
+- `_gemv_kernel`: one row (decode at batch 1) on the integer ALUs. Each 32-bit register holds 16 codes; on the
+  GPU one inline-PTX block per register expands them with shifts and masks and multiplies with `dp4a`, four
+  products per instruction, against codes w+1 in {0,1,2}; the row sum of the activations is subtracted once.
+  The activation row can come as float: the kernel then applies RMSNorm and int8 quantization itself (each
+  program from the whole row, which sits in L2), so a norm + quantize launch disappears from the decode step.
+
+Both split K across programs where it pays: partial int32 sums go to a workspace with atomics, and the last
+program of each output tile (an arrival counter decides) applies the epilogue and zeroes the workspace again.
+
+Epilogue, in the reference's float order: y = acc * (s / a) cast to the output dtype; optionally the gated
+relu²(gate) * up of the 2B-4T MLP (gate and up rows stacked in one weight) and a residual add.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ...quant.layouts import PackedWeight
+from .common import (
+    ACTIVATIONS,
+    LAUNCH_OPTS,
+    absmax_scale,
+    gated_activation,
+    interpreting,
+    on_gpu,
+    quantize_i8,
+    round_to,
+    split_k_workspace,
+)
+from .quant import rms_apply, rms_inverse
+
+# Shifts to the code of element s*32 + j of a 128-block in byte j, slice s = 0..3 ("triton_i2").
+_DP4A_CODES = """
+{
+.reg .b32 t<4>;
+shr.u32 t0, $4, 6;
+shr.u32 t1, $4, 4;
+shr.u32 t2, $4, 2;
+and.b32 t0, t0, 0x03030303;
+and.b32 t1, t1, 0x03030303;
+and.b32 t2, t2, 0x03030303;
+and.b32 t3, $4, 0x03030303;
+dp4a.u32.s32 $0, t0, $5, $9;
+dp4a.u32.s32 $1, t1, $6, $10;
+dp4a.u32.s32 $2, t2, $7, $11;
+dp4a.u32.s32 $3, t3, $8, $12;
+}
+"""
+
+
+@triton.jit
+def _scale_rows(acc, s, a):
+    """acc int32 [.., BN] * (s / a), s [BN] (per output) and a [..] (per row), as reference.scale_output."""
+    s2, a2 = tl.broadcast(s[None, :], a[:, None])
+    return acc.to(tl.float32) * tl.math.div_rn(s2, a2)
+
+
+@triton.jit
+def _epilogue(
+    acc, acc_u, rm, rn, m_ok, n_ok, a, s_ptr, o_ptr, r_ptr, N, stride_o, stride_r,
+    ACT: tl.constexpr, RESIDUAL: tl.constexpr, ROW_SCALE: tl.constexpr, NATIVE: tl.constexpr,
+):  # fmt: skip
+    """Scale (a [BM] per row, s per output or per tensor), gated activation, residual; store."""
+    odt = o_ptr.dtype.element_ty
+    if ROW_SCALE:
+        s = tl.load(s_ptr + rn, mask=n_ok, other=0.0)
+    else:
+        s = tl.load(s_ptr + rn * 0)
+    y = round_to(_scale_rows(acc, s, a), odt, NATIVE)
+    if ACT != 0:
+        if ROW_SCALE:
+            su = tl.load(s_ptr + N + rn, mask=n_ok, other=0.0)
+        else:
+            su = s
+        y = gated_activation(y, round_to(_scale_rows(acc_u, su, a), odt, NATIVE), ACT, odt, NATIVE)
+    mask = m_ok[:, None] & n_ok[None, :]
+    if RESIDUAL:
+        res = tl.load(r_ptr + rm.to(tl.int64)[:, None] * stride_r + rn[None, :], mask=mask, other=0.0)
+        y = round_to(res.to(tl.float32) + y, odt, NATIVE)
+    tl.store(o_ptr + rm.to(tl.int64)[:, None] * stride_o + rn[None, :], y.to(odt), mask=mask)
+
+
+@triton.jit
+def _finish(
+    acc, acc_u, rm, rn, m_ok, n_ok, a, s_ptr, o_ptr, r_ptr, ws_ptr, cnt_ptr, tile, N, stride_o, stride_r,
+    SPLIT_K: tl.constexpr, ACT: tl.constexpr, RESIDUAL: tl.constexpr, ROW_SCALE: tl.constexpr,
+    NATIVE: tl.constexpr,
+):  # fmt: skip
+    """The epilogue, after adding up the split-K partial sums of output tile `tile` when K is split."""
+    if SPLIT_K == 1:
+        _epilogue(acc, acc_u, rm, rn, m_ok, n_ok, a, s_ptr, o_ptr, r_ptr, N, stride_o, stride_r,
+                  ACT, RESIDUAL, ROW_SCALE, NATIVE)  # fmt: skip
+    else:
+        width = 2 * N if ACT != 0 else N
+        mask = m_ok[:, None] & n_ok[None, :]
+        ws = ws_ptr + rm.to(tl.int64)[:, None] * width + rn[None, :]
+        tl.atomic_add(ws, acc, mask=mask)
+        if ACT != 0:
+            tl.atomic_add(ws + N, acc_u, mask=mask)
+        tl.debug_barrier()  # every thread's partial sums are in before the tile's arrival is counted
+        arrived = tl.atomic_add(cnt_ptr + tile, 1)
+        if arrived == SPLIT_K - 1:
+            total = tl.atomic_xchg(ws, 0, mask=mask)
+            total_u = total
+            if ACT != 0:
+                total_u = tl.atomic_xchg(ws + N, 0, mask=mask)
+            tl.atomic_xchg(cnt_ptr + tile, 0)
+            _epilogue(total, total_u, rm, rn, m_ok, n_ok, a, s_ptr, o_ptr, r_ptr, N, stride_o, stride_r,
+                      ACT, RESIDUAL, ROW_SCALE, NATIVE)  # fmt: skip
+
+
+@triton.jit
+def _mm_kernel(
+    x_ptr, a_ptr, w_ptr, s_ptr, o_ptr, r_ptr, ws_ptr, cnt_ptr,
+    M, N, K, KW, stride_x, stride_o, stride_r,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, W8: tl.constexpr,
+    ACT: tl.constexpr, RESIDUAL: tl.constexpr, ROW_SCALE: tl.constexpr, NATIVE: tl.constexpr,
+):  # fmt: skip
+    """out[M, N] = epilogue(xq[M, K] @ W[N, K].T): int8 activations, W ternary ("triton_i2", KW bytes a row)
+    or int8 (W8, KW = row stride). ACT (1 relu², 2 silu): W holds 2N rows, gate then up, out = act(gate)*up."""
+    rm = tl.program_id(1) * BM + tl.arange(0, BM)
+    rn = tl.program_id(0) * BN + tl.arange(0, BN)
+    m_ok = rm < M
+    n_ok = rn < N
+    x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_x
+    w_rows = w_ptr + rn.to(tl.int64)[:, None] * KW
+    u_rows = w_rows + N * KW
+    acc = tl.zeros((BM, BN), tl.int32)
+    acc_u = tl.zeros((BM, BN), tl.int32)
+    for kb in range(tl.program_id(2), tl.cdiv(K, BK), SPLIT_K):
+        if W8:
+            ks = kb * BK + tl.arange(0, BK)
+            xt = tl.load(x_rows + ks[None, :], mask=m_ok[:, None] & (ks < K)[None, :], other=0)
+            wt = tl.load(w_rows + ks[None, :], mask=n_ok[:, None] & (ks < K)[None, :], other=0)
+            acc = tl.dot(xt, tl.trans(wt), acc)
+        else:
+            j = tl.arange(0, BK // 4)
+            cols = kb * (BK // 4) + j
+            w_mask = n_ok[:, None] & (cols < KW)[None, :]
+            wt = tl.load(w_rows + cols[None, :], mask=w_mask, other=0)
+            wu = wt
+            if ACT != 0:
+                wu = tl.load(u_rows + cols[None, :], mask=w_mask, other=0)
+            kbase = kb * BK + (j // 32) * 128 + (j % 32)
+            for s in tl.static_range(4):
+                ks = kbase + s * 32
+                xt = tl.load(x_rows + ks[None, :], mask=m_ok[:, None] & (ks < K)[None, :], other=0)
+                acc = tl.dot(xt, tl.trans(((wt >> (6 - 2 * s)) & 3).to(tl.int8) - 1), acc)
+                if ACT != 0:
+                    acc_u = tl.dot(xt, tl.trans(((wu >> (6 - 2 * s)) & 3).to(tl.int8) - 1), acc_u)
+    a = tl.load(a_ptr + rm, mask=m_ok, other=1.0)
+    tile = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+    _finish(acc, acc_u, rm, rn, m_ok, n_ok, a, s_ptr, o_ptr, r_ptr, ws_ptr, cnt_ptr, tile, N, stride_o, stride_r,
+            SPLIT_K, ACT, RESIDUAL, ROW_SCALE, NATIVE)  # fmt: skip
+
+
+@triton.jit
+def _x_slice(x_ptr, g_ptr, ks, K, r, a, X_FLOAT: tl.constexpr, NORM: tl.constexpr, NATIVE: tl.constexpr):
+    """int8 activations at columns ks: loaded, or normalized and quantized from the float row."""
+    km = ks < K
+    if X_FLOAT:
+        raw = tl.load(x_ptr + ks, mask=km, other=0.0)
+        y = raw.to(tl.float32)
+        if NORM:
+            g = tl.load(g_ptr + ks, mask=km, other=0.0).to(tl.float32)
+            y = rms_apply(y, r, g, raw.dtype, NATIVE)
+        q = quantize_i8(y, a, NATIVE)
+    else:
+        q = tl.load(x_ptr + ks, mask=km, other=0)
+    return q
+
+
+@triton.jit
+def _dot_codes(wt, x0, x1, x2, x3, acc, USE_ASM: tl.constexpr):
+    """acc [BN, BK/4] += codes(w+1) . x over the four slices of each byte column."""
+    if USE_ASM:
+        acc = tl.inline_asm_elementwise(
+            _DP4A_CODES,
+            "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r",
+            [wt, x0[None, :], x1[None, :], x2[None, :], x3[None, :], acc],
+            dtype=tl.int32,
+            is_pure=True,
+            pack=4,
+        )
+    else:
+        acc += ((wt >> 6) & 3).to(tl.int32) * x0[None, :].to(tl.int32)
+        acc += ((wt >> 4) & 3).to(tl.int32) * x1[None, :].to(tl.int32)
+        acc += ((wt >> 2) & 3).to(tl.int32) * x2[None, :].to(tl.int32)
+        acc += (wt & 3).to(tl.int32) * x3[None, :].to(tl.int32)
+    return acc
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr, g_ptr, a_ptr, w_ptr, s_ptr, o_ptr, r_ptr, ws_ptr, cnt_ptr,
+    N, K, KW, eps,
+    BN: tl.constexpr, BK: tl.constexpr, KB: tl.constexpr, SPLIT_K: tl.constexpr, X_FLOAT: tl.constexpr,
+    NORM: tl.constexpr, ACT: tl.constexpr, RESIDUAL: tl.constexpr, ROW_SCALE: tl.constexpr,
+    USE_ASM: tl.constexpr, NATIVE: tl.constexpr,
+):  # fmt: skip
+    """out[N] = epilogue(x[K] @ W[N, K].T) for ternary W ("triton_i2"). x is int8 with its scale at a_ptr, or
+    (X_FLOAT) a float row, RMS-normalized with gain g (NORM) and quantized here; KB >= K is a power of two."""
+    rn = tl.program_id(0) * BN + tl.arange(0, BN)
+    n_ok = rn < N
+    r = 1.0
+    if X_FLOAT:
+        offs = tl.arange(0, KB)
+        raw = tl.load(x_ptr + offs, mask=offs < K, other=0.0)
+        y = raw.to(tl.float32)
+        if NORM:
+            gv = tl.load(g_ptr + offs, mask=offs < K, other=0.0).to(tl.float32)
+            r = rms_inverse(y, K, eps)
+            y = rms_apply(y, r, gv, raw.dtype, NATIVE)
+        a = absmax_scale(tl.max(tl.abs(y), axis=0))
+    else:
+        a = tl.load(a_ptr)
+    j = tl.arange(0, BK // 4)
+    w_rows = w_ptr + rn.to(tl.int64)[:, None] * KW
+    u_rows = w_rows + N * KW
+    acc = tl.zeros((BN, BK // 4), tl.int32)
+    acc_u = tl.zeros((BN, BK // 4), tl.int32)
+    xsum = tl.zeros((BK // 4,), tl.int32)
+    for kb in range(tl.program_id(1), tl.cdiv(K, BK), SPLIT_K):
+        cols = kb * (BK // 4) + j
+        w_mask = n_ok[:, None] & (cols < KW)[None, :]
+        wt = tl.load(w_rows + cols[None, :], mask=w_mask, other=0)
+        kbase = kb * BK + (j // 32) * 128 + (j % 32)
+        x0 = _x_slice(x_ptr, g_ptr, kbase, K, r, a, X_FLOAT, NORM, NATIVE)
+        x1 = _x_slice(x_ptr, g_ptr, kbase + 32, K, r, a, X_FLOAT, NORM, NATIVE)
+        x2 = _x_slice(x_ptr, g_ptr, kbase + 64, K, r, a, X_FLOAT, NORM, NATIVE)
+        x3 = _x_slice(x_ptr, g_ptr, kbase + 96, K, r, a, X_FLOAT, NORM, NATIVE)
+        xsum += x0.to(tl.int32) + x1.to(tl.int32) + x2.to(tl.int32) + x3.to(tl.int32)
+        acc = _dot_codes(wt, x0, x1, x2, x3, acc, USE_ASM)
+        if ACT != 0:
+            wu = tl.load(u_rows + cols[None, :], mask=w_mask, other=0)
+            acc_u = _dot_codes(wu, x0, x1, x2, x3, acc_u, USE_ASM)
+    # codes are w + 1: subtract sum(x) once per output
+    total_x = tl.sum(xsum, axis=0)
+    out = (tl.sum(acc, axis=1) - total_x)[None, :]
+    out_u = (tl.sum(acc_u, axis=1) - total_x)[None, :]
+    rm = tl.arange(0, 1)
+    a_row = tl.zeros((1,), tl.float32) + a
+    _finish(out, out_u, rm, rn, rm < 1, n_ok, a_row, s_ptr, o_ptr, r_ptr, ws_ptr, cnt_ptr, tl.program_id(0), N, 0, 0,
+            SPLIT_K, ACT, RESIDUAL, ROW_SCALE, NATIVE)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class MMConfig:
+    """Tile shape and launch options of one product; `gemv` picks the one-row ALU kernel."""
+
+    bm: int = 64
+    bn: int = 64
+    bk: int = 256
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+    gemv: bool = False
+
+
+# (rows bucket, N, K, gated) -> tiles measured best on the GPU; `default_config` falls back to rules by size.
+TUNED: dict[tuple[int, int, int, bool], MMConfig] = {}
+
+
+def rows_bucket(m: int) -> int:
+    return 1 if m == 1 else 16 if m <= 16 else 64 if m <= 64 else 128
+
+
+def default_config(m: int, n: int, k: int, w8: bool = False, gated: bool = False) -> MMConfig:
+    """Tiles by problem size: one row runs on the ALU kernel with small N tiles and many programs (split K when
+    the N tiles alone cannot fill the GPU); many rows use tensor-core tiles. The interpreter pays per program,
+    so it gets few large tiles."""
+    if interpreting():
+        return MMConfig(bm=16 if m <= 16 else 64, bn=128, bk=256, gemv=m == 1 and not w8)
+    tuned = TUNED.get((rows_bucket(m), n, k, gated))
+    if tuned is not None and not (tuned.gemv and (m != 1 or w8)):
+        return tuned
+    if m == 1 and not w8:
+        split = 2 if n <= 4096 and k >= 4096 else 1
+        return MMConfig(bn=16, bk=512, split_k=split, num_warps=4, num_stages=3, gemv=True)
+    if m <= 16:
+        return MMConfig(bm=16, bn=64 if w8 else 32, bk=512 if w8 else 256, num_warps=4, num_stages=4)
+    if m <= 64:
+        return MMConfig(bm=64, bn=64, bk=256, split_k=2 if n <= 4096 else 1, num_warps=4, num_stages=3)
+    return MMConfig(bm=128, bn=128, bk=128, num_warps=8, num_stages=3)
+
+
+def _check(x: torch.Tensor, w: PackedWeight, act: str | None) -> tuple[int, int, int]:
+    """(output columns, K, activation code) of a product; a gated one halves the weight's rows."""
+    n_rows, k = w.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"activations have {x.shape[-1]} columns, the weight has {k} inputs")
+    if act is None:
+        return n_rows, k, 0
+    if act not in ACTIVATIONS or n_rows % 2:
+        raise ValueError(f"a gated product needs act in {sorted(ACTIVATIONS)} and gate and up rows stacked")
+    return n_rows // 2, k, ACTIVATIONS[act]
+
+
+def _split_buffers(device: torch.device, m: int, n_cols: int, tiles: int, split_k: int):
+    if split_k == 1:
+        return None, None
+    return split_k_workspace(device, m * n_cols, "acc"), split_k_workspace(device, tiles, "count")
+
+
+def ternary_mm(
+    xq: torch.Tensor,
+    a: torch.Tensor,
+    w: PackedWeight,
+    out_dtype: torch.dtype = torch.bfloat16,
+    *,
+    residual: torch.Tensor | None = None,
+    act: str | None = None,
+    out: torch.Tensor | None = None,
+    config: MMConfig | None = None,
+) -> torch.Tensor:
+    """epilogue(xq [M, K] int8 @ W.T) on tensor cores, W in "triton_i2" or an int8 weight (layout "int8").
+
+    Epilogue: y = acc * (s / a) in `out_dtype`; with `act` ("relu2", "silu") W stacks gate and up rows and
+    y = act(gate) * up; with `residual`, y = residual + y. Rounded at each step as the torch model rounds."""
+    m = xq.shape[0]
+    n, k, act_code = _check(xq, w, act)
+    w8 = w.layout == "int8"
+    cfg = config or default_config(m, n, k, w8, act_code != 0)
+    out = torch.empty((m, n), dtype=out_dtype, device=xq.device) if out is None else out
+    kw = w.data.shape[1]
+    grid = (triton.cdiv(n, cfg.bn), triton.cdiv(m, cfg.bm), cfg.split_k)
+    ws, cnt = _split_buffers(xq.device, m, 2 * n if act_code else n, grid[0] * grid[1], cfg.split_k)
+    _mm_kernel[grid](
+        xq, a, w.data, w.scale, out, residual if residual is not None else out,
+        ws if ws is not None else out, cnt if cnt is not None else out,
+        m, n, k, kw, xq.stride(0), out.stride(0), residual.stride(0) if residual is not None else 0,
+        BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, SPLIT_K=cfg.split_k, W8=w8, ACT=act_code,
+        RESIDUAL=residual is not None, ROW_SCALE=w.scale.numel() > 1, NATIVE=on_gpu(xq),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **LAUNCH_OPTS,
+    )  # fmt: skip
+    return out
+
+
+def ternary_gemv(
+    x: torch.Tensor,
+    w: PackedWeight,
+    *,
+    a: torch.Tensor | None = None,
+    gain: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    out_dtype: torch.dtype | None = None,
+    residual: torch.Tensor | None = None,
+    act: str | None = None,
+    out: torch.Tensor | None = None,
+    config: MMConfig | None = None,
+    use_asm: bool | None = None,
+) -> torch.Tensor:
+    """epilogue(x [1, K] @ W.T) for one row on the integer ALUs (`act`: see ternary_mm). With `a`, x is int8 already quantized with
+    scale a [1]; without, x is float and is quantized here (after RMSNorm with `gain` when given)."""
+    if x.shape[0] != 1:
+        raise ValueError(f"ternary_gemv takes one row, got {x.shape[0]}")
+    if w.layout != "triton_i2":
+        raise ValueError(f"ternary_gemv takes the triton_i2 layout, got {w.layout!r}")
+    n, k, act_code = _check(x, w, act)
+    cfg = config or default_config(1, n, k, gated=act_code != 0)
+    x_float = a is None
+    out_dtype = out_dtype or (x.dtype if x_float else torch.bfloat16)
+    out = torch.empty((1, n), dtype=out_dtype, device=x.device) if out is None else out
+    grid = (triton.cdiv(n, cfg.bn), cfg.split_k)
+    ws, cnt = _split_buffers(x.device, 1, 2 * n if act_code else n, grid[0], cfg.split_k)
+    _gemv_kernel[grid](
+        x, gain if gain is not None else x, a if a is not None else x, w.data, w.scale, out,
+        residual if residual is not None else out, ws if ws is not None else out, cnt if cnt is not None else out,
+        n, k, w.data.shape[1], eps,
+        BN=cfg.bn, BK=cfg.bk, KB=triton.next_power_of_2(k) if x_float else 1, SPLIT_K=cfg.split_k, X_FLOAT=x_float,
+        NORM=gain is not None, ACT=act_code, RESIDUAL=residual is not None, ROW_SCALE=w.scale.numel() > 1,
+        USE_ASM=on_gpu(x) if use_asm is None else use_asm, NATIVE=on_gpu(x),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **LAUNCH_OPTS,
+    )  # fmt: skip
+    return out
+
+
+def int8_weight(weight: torch.Tensor) -> PackedWeight:
+    """A float weight [N, K] as int8 with one absmax scale per output row (for the lm_head):
+    real weight ≈ q * s, s = max|w_row| / 127. Not ternary: an approximation of the float weight."""
+    wf = weight.detach().float()
+    s = (wf.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
+    q = (wf / s[:, None]).round().clamp(-127, 127).to(torch.int8)
+    return PackedWeight("int8", q.contiguous(), s, (int(weight.shape[0]), int(weight.shape[1])))

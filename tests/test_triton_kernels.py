@@ -1,0 +1,232 @@
+"""Triton kernels against the reference kernel: integer-exact products, value-exact norm/quantization and
+epilogues. On a machine without CUDA they run in Triton's CPU interpreter (TRITON_INTERPRET=1), small shapes."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (tests/conftest.py does it too)
+pytest.importorskip("triton")
+
+from pybitnet.kernels import get_kernel, select_kernel  # noqa: E402
+from pybitnet.kernels.reference import reference_linear, scale_output, ternary_matmul_int  # noqa: E402
+from pybitnet.kernels.triton.attention import decode_attention  # noqa: E402
+from pybitnet.kernels.triton.matmul import MMConfig, int8_weight, ternary_gemv, ternary_mm  # noqa: E402
+from pybitnet.kernels.triton.quant import norm_quant  # noqa: E402
+from pybitnet.models.transformer import apply_rope  # noqa: E402
+from pybitnet.nn import RMSNorm  # noqa: E402
+from pybitnet.quant import TernaryWeight, pack, quantize_activations, repack  # noqa: E402
+from pybitnet.quant.layouts.triton_i2 import pack_i2, unpack_i2  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def _ternary(n: int, k: int, g: torch.Generator, per_row: bool = False) -> TernaryWeight:
+    codes = torch.randint(-1, 2, (n, k), generator=g, dtype=torch.int8)
+    scale = torch.rand(n if per_row else (), generator=g) * 0.1 + 0.01
+    return TernaryWeight(codes, scale)
+
+
+def _packed(tw: TernaryWeight):
+    pw = pack(tw, "triton_i2")
+    return type(pw)(pw.layout, pw.data.to(DEV), pw.scale.to(DEV), pw.shape)
+
+
+def _ref(x: torch.Tensor, tw: TernaryWeight, dtype: torch.dtype) -> torch.Tensor:
+    """Reference product on the CPU from float activations: quantize, exact int accumulation, scale."""
+    xq, a = quantize_activations(x.cpu())
+    return scale_output(ternary_matmul_int(xq, tw.codes), tw.scale, a, dtype)
+
+
+def _norm(k: int, dtype: torch.dtype, g: torch.Generator) -> RMSNorm:
+    norm = RMSNorm(k, 1e-5).to(dtype)
+    norm.weight.data.copy_(1 + 0.1 * torch.randn(k, generator=g))
+    return norm
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (5, 7), (16, 128), (33, 300), (8, 1000)])
+def test_layout_round_trip_and_byte_order(shape):
+    g = torch.Generator().manual_seed(0)
+    tw = _ternary(*shape, g)
+    data = pack_i2(tw.codes)
+    assert torch.equal(unpack_i2(data, shape[1]), tw.codes)
+    n, k = shape
+    for row, col in [(0, 0), (n - 1, k - 1), (n // 2, k // 3)]:
+        byte = data[row, (col // 128) * 32 + col % 32]
+        shift = 6 - 2 * ((col % 128) // 32)
+        assert (int(byte) >> shift) & 3 == int(tw.codes[row, col]) + 1
+    hf = pack(tw, "hf")
+    assert torch.equal(repack(hf, "triton_i2").data, data)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k", [64, 200, 1000])
+def test_norm_quant_matches_rmsnorm_then_quantize(dtype, k):
+    g = torch.Generator().manual_seed(k)
+    x = (torch.randn(6, k, generator=g) * 3).to(dtype)
+    xq, a, _ = norm_quant(x.to(DEV))  # quantization alone: exact
+    ref_q, ref_a = quantize_activations(x)
+    assert torch.equal(xq.cpu(), ref_q) and torch.equal(a.cpu(), ref_a[:, 0])
+    # with RMSNorm: the sum of squares is added up in another order than torch's, so the normalized row may
+    # differ in its last bit, and a quantized value by one step, rarely
+    norm = _norm(k, dtype, g)
+    xq, a, y = norm_quant(x.to(DEV), norm.weight.to(DEV), 1e-5, store_float=True)
+    ref_y = norm(x)
+    ref_q, ref_a = quantize_activations(ref_y)
+    ulp = torch.finfo(dtype).eps
+    assert torch.allclose(y.cpu().float(), ref_y.float(), rtol=2 * ulp, atol=0)
+    diff = (xq.cpu().int() - ref_q.int()).abs()
+    assert diff.max() <= 1 and diff.float().mean() < 0.01
+    assert torch.allclose(a.cpu(), ref_a[:, 0], rtol=4 * ulp)
+
+
+MM_CASES = [  # (M, N, K, config)
+    (3, 40, 300, MMConfig(bm=16, bn=16, bk=128)),
+    (17, 33, 129, MMConfig(bm=16, bn=32, bk=256, split_k=2)),
+    (1, 48, 256, MMConfig(bm=16, bn=16, bk=128, split_k=3)),
+    (70, 24, 520, MMConfig(bm=64, bn=16, bk=256)),
+]
+
+
+@pytest.mark.parametrize("m,n,k,cfg", MM_CASES)
+@pytest.mark.parametrize("per_row", [False, True])
+def test_mm_is_integer_exact(m, n, k, cfg, per_row):
+    g = torch.Generator().manual_seed(m * n + k)
+    tw = _ternary(n, k, g, per_row)
+    x = torch.randn(m, k, generator=g)
+    xq, a = quantize_activations(x)
+    y = ternary_mm(xq.to(DEV), a[:, 0].to(DEV), _packed(tw), torch.float32, config=cfg)
+    assert torch.equal(y.cpu(), _ref(x, tw, torch.float32))
+
+
+GEMV_CASES = [
+    (48, 200, MMConfig(bn=16, bk=128, gemv=True)),
+    (40, 300, MMConfig(bn=8, bk=256, split_k=2, gemv=True)),
+    (130, 1000, MMConfig(bn=32, bk=512, split_k=3, gemv=True)),
+]
+
+
+@pytest.mark.parametrize("n,k,cfg", GEMV_CASES)
+@pytest.mark.parametrize("use_asm", [False, True] if DEV == "cuda" else [False])
+def test_gemv_is_integer_exact(n, k, cfg, use_asm):
+    g = torch.Generator().manual_seed(n + k)
+    tw = _ternary(n, k, g, per_row=n % 2 == 0)
+    pw = _packed(tw)
+    x = torch.randn(1, k, generator=g)
+    ref = _ref(x, tw, torch.float32)
+    xq, a = quantize_activations(x)
+    y = ternary_gemv(xq.to(DEV), pw, a=a[:, 0].to(DEV), out_dtype=torch.float32, config=cfg, use_asm=use_asm)
+    assert torch.equal(y.cpu(), ref)
+    y = ternary_gemv(x.to(DEV), pw, config=cfg, use_asm=use_asm)  # quantized inside the kernel
+    assert torch.equal(y.cpu(), ref)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("act", ["relu2", "silu"])
+@pytest.mark.parametrize("m", [1, 5])
+def test_gated_and_residual_epilogues(dtype, act, m):
+    """quantize -> gate/up -> act(gate) * up, and quantize -> o + residual: value-exact against the torch
+    composition the model runs (inputs normalized by torch, quantized by the kernels)."""
+    g = torch.Generator().manual_seed(m)
+    n, k = 24, 200
+    gate, up, o = _ternary(n, k, g), _ternary(n, k, g), _ternary(k, n, g)
+    fused = TernaryWeight(torch.cat([gate.codes, up.codes]), torch.cat([gate.scale.expand(n), up.scale.expand(n)]))
+    norm, sub = _norm(k, dtype, g), _norm(n, dtype, g)
+    xn = norm((torch.randn(m, k, generator=g) * 2).to(dtype))
+    gv, uv = _ref(xn, gate, dtype), _ref(xn, up, dtype)
+    h_ref = (F.relu(gv).square() if act == "relu2" else F.silu(gv)) * uv
+    hn = sub(h_ref)
+    resid = torch.randn(m, k, generator=g).to(dtype)
+    out_ref = resid + _ref(hn, o, dtype)
+
+    if m == 1:
+        h = ternary_gemv(xn.to(DEV), _packed(fused), act=act, config=MMConfig(bn=16, bk=128, split_k=2, gemv=True))
+        out = ternary_gemv(hn.to(DEV), _packed(o), residual=resid.to(DEV))
+    else:
+        xq, a, _ = norm_quant(xn.to(DEV))
+        h = ternary_mm(xq, a, _packed(fused), dtype, act=act, config=MMConfig(bm=16, bn=16, bk=128, split_k=2))
+        xq, a, _ = norm_quant(hn.to(DEV))
+        out = ternary_mm(xq, a, _packed(o), dtype, residual=resid.to(DEV))
+    assert torch.equal(h.cpu(), h_ref)
+    assert torch.equal(out.cpu(), out_ref)
+    # the dense path's fused activation (the bf16 baseline engine)
+    _, _, h_dense = norm_quant(torch.cat([gv, uv], dim=1).to(DEV), act=act, quant=False, store_float=True)
+    assert torch.equal(h_dense.cpu(), h_ref)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gemv_fused_norm_matches_separate_norm(dtype):
+    """RMSNorm inside the GEMV computes what norm_quant + the pre-quantized GEMV compute, up to the rare
+    one-step quantization difference a last-bit change of the norm can cause."""
+    g = torch.Generator().manual_seed(7)
+    tw = _ternary(64, 300, g)
+    norm = _norm(300, dtype, g)
+    x = (torch.randn(1, 300, generator=g) * 2).to(dtype)
+    fused = ternary_gemv(x.to(DEV), _packed(tw), gain=norm.weight.to(DEV), out_dtype=torch.float32)
+    xq, a, _ = norm_quant(x.to(DEV), norm.weight.to(DEV))
+    separate = ternary_gemv(xq, _packed(tw), a=a, out_dtype=torch.float32)
+    assert torch.allclose(fused, separate, rtol=1e-2, atol=1e-3 * separate.abs().max().item())
+
+
+@pytest.mark.parametrize("m", [1, 20])
+def test_int8_weight_product_is_exact(m):
+    g = torch.Generator().manual_seed(m)
+    w = int8_weight(torch.randn(72, 200, generator=g))
+    x = torch.randn(m, 200, generator=g)
+    xq, a = quantize_activations(x)
+    ref = (xq.double() @ w.data.double().T).float() * (w.scale / a)
+    dev_w = type(w)(w.layout, w.data.to(DEV), w.scale.to(DEV), w.shape)
+    y = ternary_mm(xq.to(DEV), a[:, 0].to(DEV), dev_w, torch.float32, config=MMConfig(bm=16, bn=32, bk=64))
+    assert torch.equal(y.cpu(), ref)
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_registered_kernel_matches_reference(rows):
+    g = torch.Generator().manual_seed(rows)
+    kernel = get_kernel("triton")
+    assert kernel.device_type == "cuda" and kernel.priority > get_kernel("reference").priority
+    tw = _ternary(40, 160, g)
+    hf = pack(tw, "hf")
+    pw = kernel.prepare(hf)
+    pw = type(pw)(pw.layout, pw.data.to(DEV), pw.scale.to(DEV), pw.shape)
+    x = torch.randn(2, rows, 160, generator=g)
+    assert torch.equal(kernel.linear(x.to(DEV), pw).cpu(), reference_linear(x, hf))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_selects_the_triton_kernel():
+    assert select_kernel("cuda").name == "triton"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_attention_matches_rope_and_sdpa(dtype):
+    g = torch.Generator().manual_seed(0)
+    b, h, kv, d, s = 2, 4, 2, 32, 80
+    positions = torch.tensor([5, 70], dtype=torch.int32)
+    qkv = torch.randn(b, (h + 2 * kv) * d, generator=g).to(dtype)
+    k_cache = torch.randn(b, kv, s, d, generator=g).to(dtype)
+    v_cache = torch.randn(b, kv, s, d, generator=g).to(dtype)
+    inv = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
+    freqs = torch.arange(s).float()[:, None] * inv
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+    kd, vd = k_cache.to(DEV), v_cache.to(DEV)
+    out = decode_attention(qkv.to(DEV), cos.to(DEV), sin.to(DEV), positions.to(DEV), kd, vd, h, kv).cpu()
+
+    q, k, v = qkv.view(b, h + 2 * kv, 1, d).split([h, kv, kv], dim=1)
+    pc, ps = cos[positions.long()][:, None], sin[positions.long()][:, None]
+    q, k = apply_rope(q, pc, ps), apply_rope(k, pc, ps)
+    for i, p in enumerate(positions.tolist()):
+        k_cache[i, :, p], v_cache[i, :, p] = k[i, :, 0], v[i, :, 0]
+    assert torch.equal(kd.cpu(), k_cache) and torch.equal(vd.cpu(), v_cache)
+    mask = (torch.arange(s)[None, :] <= positions[:, None].long())[:, None, None, :]
+    ref = F.scaled_dot_product_attention(q.float(), k_cache.float(), v_cache.float(), attn_mask=mask, enable_gqa=True)
+    ref = ref.reshape(b, h * d)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert (out.float() - ref).abs().max() < tol
