@@ -2,8 +2,8 @@
 
 Creates the `bitnet-2b-4t` dummy (random ternary weights, bf16 embeddings) in a temporary directory unless
 --model-dir names an existing checkpoint, then loads it in a fresh Python process (so nothing of the creation
-counts) and reports that process's peak RSS (VmHWM). Target: peak RSS <= 1.3x the checkpoint bytes, which needs
-the packed weights to stay memory-mapped (no float copy of them).
+counts) and reports that process's peak RSS (VmHWM). Target: peak RSS <= 1.3x the checkpoint bytes, which
+needs the packed weights to stay memory-mapped (no float copy of them).
 
     python benchmarks/load_rss.py [--preset bitnet-2b-4t] [--model-dir DIR] [--kernel reference] [--tokens 8]
 """
@@ -89,11 +89,13 @@ def report(preset: str, result: dict) -> str:
     mib = 1024
     lines = [
         f"model: {preset} dummy, checkpoint {result['checkpoint_bytes'] / 2**20:.0f} MiB (safetensors)",
-        f"kernels: {', '.join(result['kernels'])}; load {result['load_s']:.2f} s, forward {result['forward_s']:.2f} s",
+        f"kernels: {', '.join(result['kernels'])}; "
+        f"load {result['load_s']:.2f} s, forward {result['forward_s']:.2f} s",
         f"RSS after `import torch, pybitnet`: {result['rss_after_import_kib'] / mib:.0f} MiB",
         f"RSS after load: {result['rss_after_load_kib'] / mib:.0f} MiB",
         f"peak RSS (VmHWM): {result['vm_hwm_kib'] / mib:.0f} MiB "
-        f"(anon {result['rss_anon_kib'] / mib:.0f} MiB, file-backed {result['rss_file_kib'] / mib:.0f} MiB at exit)",
+        f"(anon {result['rss_anon_kib'] / mib:.0f} MiB, "
+        f"file-backed {result['rss_file_kib'] / mib:.0f} MiB at exit)",
         f"peak RSS / checkpoint bytes: {result['peak_ratio']:.3f} (target <= {TARGET_RATIO}); "
         f"without the interpreter + torch baseline: {result['peak_over_import_ratio']:.3f}",
     ]

@@ -75,34 +75,47 @@ static void unpack_tile(const uint8_t *tile, int64_t kb0, int64_t kc, uint8_t *d
     }
 }
 
-/* GEMM micro-kernel: 4 unpacked rows x NC activation rows over kc <= BN_WIDEN_K values of k, widened and
- * added into acc32[c][r] (8 int32 lanes each). */
-#define MICRO(NC)                                                                                            \
-    static inline void micro_##NC(const uint8_t *wb, const int8_t *x, int64_t ldx, int64_t kc,                \
-                                  __m256i *acc32) {                                                          \
-        __m256i a[NC][BN_ROWS];                                                                              \
-        for (int c = 0; c < NC; c++)                                                                         \
-            for (int r = 0; r < BN_ROWS; r++) a[c][r] = _mm256_setzero_si256();                              \
-        for (int64_t k = 0; k < kc; k += 32) {                                                               \
-            __m256i w0 = _mm256_load_si256((const __m256i *)(wb + k));                                       \
-            __m256i w1 = _mm256_load_si256((const __m256i *)(wb + BN_WIDEN_K + k));                          \
-            __m256i w2 = _mm256_load_si256((const __m256i *)(wb + 2 * BN_WIDEN_K + k));                      \
-            __m256i w3 = _mm256_load_si256((const __m256i *)(wb + 3 * BN_WIDEN_K + k));                      \
-            for (int c = 0; c < NC; c++) {                                                                   \
-                __m256i xv = _mm256_loadu_si256((const __m256i *)(x + c * ldx + k));                         \
-                a[c][0] = _mm256_add_epi16(a[c][0], _mm256_maddubs_epi16(w0, xv));                           \
-                a[c][1] = _mm256_add_epi16(a[c][1], _mm256_maddubs_epi16(w1, xv));                           \
-                a[c][2] = _mm256_add_epi16(a[c][2], _mm256_maddubs_epi16(w2, xv));                           \
-                a[c][3] = _mm256_add_epi16(a[c][3], _mm256_maddubs_epi16(w3, xv));                           \
-            }                                                                                                \
-        }                                                                                                    \
-        const __m256i ones = _mm256_set1_epi16(1);                                                           \
-        for (int c = 0; c < NC; c++)                                                                         \
-            for (int r = 0; r < BN_ROWS; r++)                                                                \
-                acc32[c * BN_ROWS + r] = _mm256_add_epi32(acc32[c * BN_ROWS + r], _mm256_madd_epi16(a[c][r], ones)); \
+/* GEMM micro-kernels: the 4 unpacked rows against 2 (or 1) activation rows over kc <= BN_WIDEN_K values of k,
+ * widened and added into acc32[c * 4 + r]. Written out (no arrays) so the 8 accumulators, 4 weight vectors and
+ * 2 activation vectors stay in the 16 ymm registers without copies or spills. */
+#define MADD(acc, w, x) acc = _mm256_add_epi16(_mm256_maddubs_epi16(w, x), acc)
+static inline void micro_2(const uint8_t *wb, const int8_t *x0p, const int8_t *x1p, int64_t kc, __m256i *acc32) {
+    __m256i a00 = _mm256_setzero_si256(), a01 = a00, a02 = a00, a03 = a00;
+    __m256i a10 = a00, a11 = a00, a12 = a00, a13 = a00;
+    for (int64_t k = 0; k < kc; k += 32) {
+        const __m256i x0 = _mm256_loadu_si256((const __m256i *)(x0p + k));
+        const __m256i x1 = _mm256_loadu_si256((const __m256i *)(x1p + k));
+        const __m256i w0 = _mm256_load_si256((const __m256i *)(wb + k));
+        MADD(a00, w0, x0);
+        MADD(a10, w0, x1);
+        const __m256i w1 = _mm256_load_si256((const __m256i *)(wb + BN_WIDEN_K + k));
+        MADD(a01, w1, x0);
+        MADD(a11, w1, x1);
+        const __m256i w2 = _mm256_load_si256((const __m256i *)(wb + 2 * BN_WIDEN_K + k));
+        MADD(a02, w2, x0);
+        MADD(a12, w2, x1);
+        const __m256i w3 = _mm256_load_si256((const __m256i *)(wb + 3 * BN_WIDEN_K + k));
+        MADD(a03, w3, x0);
+        MADD(a13, w3, x1);
     }
-MICRO(1)
-MICRO(2)
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i a[8] = {a00, a01, a02, a03, a10, a11, a12, a13};
+    for (int i = 0; i < 8; i++) acc32[i] = _mm256_add_epi32(acc32[i], _mm256_madd_epi16(a[i], ones));
+}
+
+static inline void micro_1(const uint8_t *wb, const int8_t *x0p, int64_t kc, __m256i *acc32) {
+    __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t k = 0; k < kc; k += 32) {
+        const __m256i x0 = _mm256_loadu_si256((const __m256i *)(x0p + k));
+        MADD(a0, _mm256_load_si256((const __m256i *)(wb + k)), x0);
+        MADD(a1, _mm256_load_si256((const __m256i *)(wb + BN_WIDEN_K + k)), x0);
+        MADD(a2, _mm256_load_si256((const __m256i *)(wb + 2 * BN_WIDEN_K + k)), x0);
+        MADD(a3, _mm256_load_si256((const __m256i *)(wb + 3 * BN_WIDEN_K + k)), x0);
+    }
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i a[4] = {a0, a1, a2, a3};
+    for (int i = 0; i < 4; i++) acc32[i] = _mm256_add_epi32(acc32[i], _mm256_madd_epi16(a[i], ones));
+}
 
 static void gemm_tiles(const bn_act *x, const bn_tmat *w, int64_t t0, int64_t t1) {
     _Alignas(BN_ALIGN) uint8_t wbuf[BN_ROWS * BN_WIDEN_K];
@@ -118,8 +131,9 @@ static void gemm_tiles(const bn_act *x, const bn_tmat *w, int64_t t0, int64_t t1
                 unpack_tile(tile, k0 / BN_KBLOCK, kc, wbuf);
                 const int8_t *xk = x->xq + m0 * x->ldx + k0;
                 int64_t m = 0;
-                for (; m + 2 <= mc; m += 2) micro_2(wbuf, xk + m * x->ldx, x->ldx, kc, acc + m * BN_ROWS);
-                if (m < mc) micro_1(wbuf, xk + m * x->ldx, x->ldx, kc, acc + m * BN_ROWS);
+                for (; m + 2 <= mc; m += 2)
+                    micro_2(wbuf, xk + m * x->ldx, xk + (m + 1) * x->ldx, kc, acc + m * BN_ROWS);
+                if (m < mc) micro_1(wbuf, xk + m * x->ldx, kc, acc + m * BN_ROWS);
             }
             for (int64_t m = 0; m < mc; m++)
                 for (int r = 0; r < BN_ROWS && t * BN_ROWS + r < w->n; r++)

@@ -1,5 +1,8 @@
 /* Whole operations over the thread pool: quantize (optionally RMS-normalize) activations once, then run
  * every matrix that reads them, with the rows of all matrices split across threads in one parallel region. */
+#if !defined(_WIN32) && !defined(_POSIX_C_SOURCE)
+#define _POSIX_C_SOURCE 200809L /* posix_memalign under a strict -std=c11 */
+#endif
 #include "ops.h"
 
 #include <math.h>

@@ -33,7 +33,7 @@ int bn_pool_threads(void) { return g_threads; }
 #endif
 
 #define BN_MAX_THREADS 256
-#define SPIN_ROUNDS 200000 /* pause instructions a worker spins for before it sleeps (~1-5 ms) */
+#define SPIN_ROUNDS 4000 /* pause instructions a worker spins for before it sleeps (~0.1-0.3 ms) */
 
 static struct {
     pthread_mutex_t run_lock; /* one operation at a time */

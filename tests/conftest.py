@@ -51,9 +51,9 @@ def hf_reference(no_dynamo) -> Callable[[Path], torch.nn.Module]:
 
     def load(path: Path) -> torch.nn.Module:
         model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-        # with a quantizer, transformers 5 keeps the checkpoint dtype for the unquantized tensors; cast them here
+        # with a quantizer, transformers 5 keeps the checkpoint dtype of unquantized tensors; cast them here
         for module in model.modules():
-            for name, p in module.named_parameters(recurse=False):
+            for p in module.parameters(recurse=False):
                 if p.is_floating_point():
                     p.data = p.data.float()
             for name, b in module.named_buffers(recurse=False):
@@ -67,3 +67,13 @@ def hf_reference(no_dynamo) -> Callable[[Path], torch.nn.Module]:
 def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
     """max |ours - ref| / max |ref|: the figure the done-criteria bound by 1e-4."""
     return ((ours.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+
+
+@pytest.fixture(scope="session")
+def cli_app():
+    """The `pybitnet` typer app with every verb registered (once per process)."""
+    from pybitnet.cli import app as app_module
+
+    if not any(c.name == "info" for c in app_module.app.registered_commands):
+        app_module._register_verbs()
+    return app_module.app

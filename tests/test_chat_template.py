@@ -6,19 +6,20 @@ import json
 import shutil
 
 import pytest
-from test_engine_helpers import model_dir
 
 from pybitnet.engine import Tokenizer
 from pybitnet.errors import InvalidRequestError, TokenizerError
+from test_engine_helpers import model_dir
 
 transformers = pytest.importorskip("transformers")
 
 # Meta-Llama-3-8B-Instruct's template, as published in its tokenizer_config.json.
 LLAMA3_TEMPLATE = (
-    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "
-    "message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
-    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
-    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+    "{% set loop_messages = messages %}{% for message in loop_messages %}"
+    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+    "+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
 )
 
 # Exercises what transformers' environment adds: trim/lstrip blocks, loop controls, namespace, tojson without
@@ -29,7 +30,8 @@ FEATURE_TEMPLATE = """\
     {%- if m['role'] == 'system' %}{% set ns.system = m['content'] %}{% continue %}{% endif %}
     {%- if m['role'] not in ['user', 'assistant'] %}{{ raise_exception('bad role ' + m['role']) }}{% endif %}
     <{{ m['role'] }}>
-    {% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}{% endgeneration %}{% else %}{{ m['content'] }}{% endif %}
+    {% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}{% endgeneration %}
+    {%- else %}{{ m['content'] }}{% endif %}
 
 {%- endfor %}
 {%- if tools %}TOOLS {{ tools | tojson }}{% endif %}
@@ -41,7 +43,7 @@ CONVERSATIONS = [
     [{"role": "user", "content": "Hi"}],
     [{"role": "system", "content": "  You are terse. "}, {"role": "user", "content": "What is 2+2?\n"}],
     [
-        {"role": "system", "content": "Be kind <b>&</b> \"precise\""},
+        {"role": "system", "content": 'Be kind <b>&</b> "precise"'},
         {"role": "user", "content": "héllo 日本 🙂"},
         {"role": "assistant", "content": "Hello! <|eot_id|>"},
         {"role": "user", "content": "Tell me more.\n\nPlease."},
@@ -67,7 +69,9 @@ def _compare(d, conversation, add_generation_prompt, **kwargs):
     ours = Tokenizer.from_dir(d)
     theirs = transformers.AutoTokenizer.from_pretrained(str(d))
     text = ours.apply_chat_template(conversation, add_generation_prompt, **kwargs)
-    ref = theirs.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt, tokenize=False, **kwargs)
+    ref = theirs.apply_chat_template(
+        conversation, add_generation_prompt=add_generation_prompt, tokenize=False, **kwargs
+    )
     assert text == ref
     ids = ours.apply_chat_template(conversation, add_generation_prompt, tokenize=True, **kwargs)
     ref_ids = theirs.apply_chat_template(

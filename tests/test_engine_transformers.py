@@ -1,5 +1,5 @@
-"""Greedy generation equals transformers' generate (64 new tokens, fp32, reference kernel) on random checkpoints
-of each ternary family.
+"""Greedy generation equals transformers' generate (64 new tokens, fp32, reference kernel) on random
+checkpoints of each ternary family.
 
 Random models can have near-tied logits, where float rounding differences may flip an argmax. The checkpoints
 and prompts here were chosen so that every step's top-two log-probability gap is well above float noise; the
@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_engine_helpers import model_dir, tiny_llm
 
 from pybitnet import SamplingParams
+from test_engine_helpers import model_dir, tiny_llm
 
 transformers = pytest.importorskip("transformers")
 
@@ -24,7 +24,9 @@ MIN_GAP = 1e-4  # top-1 minus top-2 log-probability; float32 noise here is ~1e-6
 def _transformers_greedy(name: str, prompt: list[int], **kwargs) -> list[int]:
     """transformers' greedy continuation; min_new_tokens keeps it from stopping (it masks the EOS ids of
     generation_config.json, as pybitnet's min_tokens masks the tokenizer's stop ids)."""
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir(name)), dtype=torch.float32).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(model_dir(name)), dtype=torch.float32
+    ).eval()
     with torch.no_grad():
         out = model.generate(
             torch.tensor([prompt]),
@@ -39,9 +41,10 @@ def _transformers_greedy(name: str, prompt: list[int], **kwargs) -> list[int]:
 
 
 @pytest.fixture(autouse=True)
-def _no_torch_compile(monkeypatch):
+def _no_torch_compile():
     # transformers' BitLinear compiles its activation quantizer; eager is the same math and much faster here
-    monkeypatch.setattr(torch._dynamo.config, "disable", True)
+    with torch._dynamo.config.patch(disable=True):
+        yield
 
 
 @pytest.mark.parametrize(
@@ -49,7 +52,10 @@ def _no_torch_compile(monkeypatch):
     [
         ("tiny-llama", 1.0),
         ("tiny-bitnet-untied", 1.0),
-        ("tiny-bitnet", 5.0),  # tied: plain greedy repeats one token, so compare with a repetition penalty too
+        (
+            "tiny-bitnet",
+            5.0,
+        ),  # tied: plain greedy repeats one token, so compare with a repetition penalty too
     ],
 )
 def test_greedy_equals_transformers_generate(name, penalty):

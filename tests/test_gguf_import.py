@@ -79,7 +79,7 @@ def write_bitnet_cpp_file(model, path: Path, ternary: str) -> Path:
 
 @pytest.mark.parametrize("ternary", ["i2s", "f16"])
 def test_bitnet_cpp_style_files_load_with_identical_logits(bitnet_dir, tmp_path, ternary):
-    model = pybitnet.load_model(bitnet_dir)
+    model = pybitnet.load_model(bitnet_dir, kernel="reference")
     path = write_bitnet_cpp_file(model, tmp_path / "b.gguf", ternary)
     f = GGUFFile(path)
     assert f.tensors["blk.0.attn_q.weight"].type == (I2_S if ternary == "i2s" else GGMLQuantizationType.F16)

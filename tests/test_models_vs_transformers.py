@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import rel_err
 from safetensors.torch import load_file, save_file
 
 import pybitnet
+from conftest import rel_err
 from pybitnet.formats.hf import save_hf_model
 
 TOL = 1e-4
@@ -33,9 +33,13 @@ def _ours(path: Path) -> torch.nn.Module:
 
 FAMILIES = [
     pytest.param("tiny-bitnet", {}, id="bitnet-2b4t-style-tied-autobitlinear"),
-    pytest.param("tiny-bitnet", {"tie_word_embeddings": False, "linear_class": "bitlinear"}, id="bitnet-untied"),
+    pytest.param(
+        "tiny-bitnet", {"tie_word_embeddings": False, "linear_class": "bitlinear"}, id="bitnet-untied"
+    ),
     pytest.param("tiny-llama", {}, id="llama-bitlinear-untied"),
-    pytest.param("tiny-llama", {"linear_class": "autobitlinear", "tie_word_embeddings": True}, id="llama-auto-tied"),
+    pytest.param(
+        "tiny-llama", {"linear_class": "autobitlinear", "tie_word_embeddings": True}, id="llama-auto-tied"
+    ),
 ]
 
 
@@ -46,9 +50,12 @@ def test_logits_equal_transformers(dummy_dir, hf_reference, name, overrides):
     ref = hf_reference(path)
     assert type(ref).__name__ == ("BitNetForCausalLM" if name == "tiny-bitnet" else "LlamaForCausalLM")
     linear = type(ref.model.layers[0].mlp.gate_proj).__name__
-    assert linear == {"autobitlinear": "AutoBitLinear", "bitlinear": "BitLinear"}[
-        overrides.get("linear_class", "autobitlinear" if name == "tiny-bitnet" else "bitlinear")
-    ]
+    assert (
+        linear
+        == {"autobitlinear": "AutoBitLinear", "bitlinear": "BitLinear"}[
+            overrides.get("linear_class", "autobitlinear" if name == "tiny-bitnet" else "bitlinear")
+        ]
+    )
     assert rel_err(_ours(path)(ids), _ref_logits(ref, ids)) <= TOL
 
 
@@ -61,10 +68,17 @@ def _legacy_as_transformers(legacy_dir: Path, out: Path) -> Path:
     cfg.update(
         model_type="bitnet",
         architectures=["BitNetForCausalLM"],
-        quantization_config={"quant_method": "bitnet", "linear_class": "autobitlinear", "quantization_mode": "online"},
+        quantization_config={
+            "quant_method": "bitnet",
+            "linear_class": "autobitlinear",
+            "quantization_mode": "online",
+        },
     )
     (out / "config.json").write_text(json.dumps(cfg))
-    renames = {".self_attn.inner_attn_ln.": ".self_attn.attn_sub_norm.", ".mlp.ffn_layernorm.": ".mlp.ffn_sub_norm."}
+    renames = {
+        ".self_attn.inner_attn_ln.": ".self_attn.attn_sub_norm.",
+        ".mlp.ffn_layernorm.": ".mlp.ffn_sub_norm.",
+    }
     tensors = {}
     for name, t in load_file(legacy_dir / "model.safetensors").items():
         for old, new in renames.items():
@@ -120,7 +134,7 @@ def test_pybitnet_loads_transformers_online_latent_save(dummy_dir, hf_reference,
 
 
 def test_pybitnet_loads_transformers_unpacked_autobitlinear_state(dummy_dir, hf_reference, tmp_path):
-    """transformers holds AutoBitLinear weights unpacked (ternary floats + weight_scale) and 4.x saved them so."""
+    """transformers holds AutoBitLinear weights unpacked: ternary floats + weight_scale, as 4.x wrote them."""
     path = dummy_dir("tiny-bitnet")
     ref = hf_reference(path)
     out = tmp_path / "unpacked"
@@ -164,7 +178,7 @@ def test_rope_config_forms_agree_with_transformers(dummy_dir, hf_reference, tmp_
     assert rel_err(ours(ids), _ours(src)(ids)) > 1e-3  # theta matters, so the test could fail
 
 
-# --- KV cache: the interface the engine drives -------------------------------------------------------------------
+# --- KV cache: the interface the engine drives ---
 
 
 @pytest.mark.parametrize("name", ["tiny-bitnet", "tiny-llama"])
@@ -182,8 +196,8 @@ def test_cache_prefill_then_decode_equals_full_forward(dummy_dir, name):
 
 
 def test_batch_of_different_lengths_equals_each_alone(dummy_dir):
-    """Right-padded prompts of lengths 3, 9, 6 with per-row positions, prefilled together then decoded together:
-    each row's logits equal that prompt run alone."""
+    """Right-padded prompts of lengths 3, 9, 6 with per-row positions, prefilled together then decoded
+    together: each row's logits equal that prompt run alone."""
     model = _ours(dummy_dir("tiny-bitnet"))
     lengths = [3, 9, 6]
     prompts = [_ids(batch=1, length=n, seed=10 + i)[0] for i, n in enumerate(lengths)]

@@ -1,5 +1,5 @@
-"""Sampler: greedy, temperature, top-k / top-p / min-p allowed sets (statistically), penalties, seeds, logprobs,
-and SamplingParams validation."""
+"""Sampler: greedy, temperature, top-k / top-p / min-p allowed sets (statistically), penalties, seeds,
+logprobs, and SamplingParams validation."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ DRAWS = 6000
 
 
 def _shuffled_logits(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits of BASE_PROBS in a random token order, and that order (order[i] = token with the i-th largest p)."""
+    """Logits of BASE_PROBS in a random token order, and that order (order[i]: the i-th most likely token)."""
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(BASE_PROBS), generator=g)
     logits = torch.empty(len(BASE_PROBS))
@@ -32,7 +32,7 @@ def _draw(logits: torch.Tensor, params: SamplingParams, n: int = DRAWS, seed: in
 
 
 def _check_distribution(tokens: torch.Tensor, allowed: list[int], expected: torch.Tensor) -> None:
-    """Every draw is allowed, every allowed token shows up, frequencies match the renormalized probabilities."""
+    """Every draw is allowed, every allowed token shows up, frequencies match the renormalized ones."""
     drawn = set(tokens.tolist())
     assert drawn <= set(allowed), f"tokens {sorted(drawn - set(allowed))} are outside the allowed set"
     assert drawn == set(allowed), f"allowed tokens {sorted(set(allowed) - drawn)} never drawn"
@@ -97,7 +97,12 @@ def test_top_k_then_top_p_on_the_renormalized_distribution():
 
 def test_filters_apply_per_row():
     logits, order = _shuffled_logits()
-    params = [SamplingParams(top_k=1), SamplingParams(top_p=0.45), SamplingParams(min_p=0.3), SamplingParams()]
+    params = [
+        SamplingParams(top_k=1),
+        SamplingParams(top_p=0.45),
+        SamplingParams(min_p=0.3),
+        SamplingParams(),
+    ]
     batch = SamplingBatch.from_params(params, [None] * 4, len(logits))
     probs = filtered_probs(logits.expand(4, -1), batch)
     kept = [(row > 0).sum().item() for row in probs]

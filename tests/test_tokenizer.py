@@ -1,4 +1,4 @@
-"""Tokenizer loading (as transformers' AutoTokenizer), stop ids, incremental detokenization, stop-string helpers."""
+"""Tokenizer loading (as AutoTokenizer loads it), stop ids, incremental detokenization, stop strings."""
 
 from __future__ import annotations
 
@@ -6,13 +6,13 @@ import json
 import shutil
 
 import pytest
-from test_engine_helpers import model_dir
 from tokenizers import Tokenizer as FastTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
 from pybitnet.engine import Tokenizer
 from pybitnet.engine.detokenizer import IncrementalDetokenizer, find_stop, partial_stop_len
 from pybitnet.errors import TokenizerError
+from test_engine_helpers import model_dir
 
 TEXTS = [
     "Hello world!",
@@ -63,7 +63,7 @@ def test_end_of_turn_token_stops_even_if_no_config_lists_it(tmp_path):
 
 
 def test_missing_or_corrupt_tokenizer_files(tmp_path):
-    with pytest.raises(TokenizerError, match="no tokenizer.json"):
+    with pytest.raises(TokenizerError, match=r"no tokenizer\.json"):
         Tokenizer.from_dir(tmp_path)
     (tmp_path / "tokenizer.json").write_text("{not json")
     with pytest.raises(TokenizerError, match="not a valid tokenizers file"):
@@ -102,14 +102,15 @@ def test_incomplete_character_at_the_end_is_flushed_as_replacement(tok):
 
 
 def _sentencepiece_style_tokenizer(tmp_path) -> Tokenizer:
-    """A Llama-2-style tokenizer: Metaspace '▁' words, byte fallback, a decoder that strips the first space."""
+    """A Llama-2-style tokenizer: '▁' word marks, byte fallback, a decoder that strips the first space."""
     from pybitnet.models.dummy import TRAINING_TEXT
 
     trainer_tok = FastTokenizer(models.BPE())
     trainer_tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
     trainer_tok.pre_tokenizer = pre_tokenizers.Split("▁", behavior="merged_with_next")
     trainer_tok.train_from_iterator(
-        TRAINING_TEXT.splitlines(), trainers.BpeTrainer(vocab_size=400, show_progress=False, special_tokens=["<s>", "</s>"])
+        TRAINING_TEXT.splitlines(),
+        trainers.BpeTrainer(vocab_size=400, show_progress=False, special_tokens=["<s>", "</s>"]),
     )
     model = json.loads(trainer_tok.to_str())["model"]
     vocab = dict(model["vocab"])

@@ -30,7 +30,7 @@ class KernelError(PyBitNetError):
 
 
 class InvalidRequestError(PyBitNetError, ValueError):
-    """A generation request is invalid: an empty prompt, a sampling parameter out of range, an unknown token id."""
+    """A generation request is invalid: an empty prompt, a sampling parameter out of range, a bad token id."""
 
 
 class ContextLengthError(InvalidRequestError):

@@ -1,4 +1,4 @@
-"""Model id or path -> local directory, through the Hugging Face cache (honours HF_HOME and HF_HUB_OFFLINE)."""
+"""Model id or path -> local directory, through the Hugging Face cache (honours HF_HOME, HF_HUB_OFFLINE)."""
 
 from __future__ import annotations
 
@@ -31,17 +31,26 @@ def resolve_model(model: str | Path, revision: str | None = None, download: bool
         return path
     repo_id = str(model)
     if repo_id.count("/") != 1 or repo_id.startswith(("/", ".", "~")):
-        raise ModelNotFoundError(f"{repo_id!r} is neither an existing path nor a hub id of the form 'org/name'")
+        raise ModelNotFoundError(
+            f"{repo_id!r} is neither an existing path nor a hub id of the form 'org/name'"
+        )
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     local_only = offline() or not download
     try:
         return Path(
-            snapshot_download(repo_id, revision=revision, allow_patterns=ALLOW_PATTERNS, local_files_only=local_only)
+            snapshot_download(
+                repo_id, revision=revision, allow_patterns=ALLOW_PATTERNS, local_files_only=local_only
+            )
         )
     except LocalEntryNotFoundError:
-        why = "HF_HUB_OFFLINE is set" if offline() else "the hub could not be reached"
+        if offline():
+            why = "HF_HUB_OFFLINE is set"
+        elif not download:
+            why = "downloading was not allowed"
+        else:
+            why = "the hub could not be reached"
         raise ModelNotFoundError(
             f"model {repo_id!r} is not in the Hugging Face cache ({_cache_dir()}) and {why}; "
             f"run `pybitnet pull {repo_id}` on a machine with network access, or pass a local directory"

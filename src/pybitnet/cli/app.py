@@ -26,6 +26,8 @@ VERB_MODULES = (
     "pull",
     "list_models",
     "rm",
+    "bench",
+    "serve",
 )
 
 

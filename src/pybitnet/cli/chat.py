@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import typer
 from rich.markup import escape
 
@@ -76,9 +78,18 @@ def chat(
     """Chat with a model in the terminal."""
     with user_errors():
         params = sampling_params(
-            n_predict, temp, top_k, top_p, min_p, repeat_penalty, presence_penalty, frequency_penalty, seed, stop,
+            n_predict,
+            temp,
+            top_k,
+            top_p,
+            min_p,
+            repeat_penalty,
+            presence_penalty,
+            frequency_penalty,
+            seed,
+            stop,
             ignore_eos,
-        )  # fmt: skip
+        )
         llm, load_s = load_llm(model, ctx_size, threads, device, kernel, dtype)
         if llm.tokenizer.chat_template is None:
             raise PyBitNetError(
@@ -113,10 +124,8 @@ def chat_loop(
     llm: LLM, params: SamplingParams, system: str | None, verbose: bool, load_s: float | None = None
 ) -> None:
     """Read messages and commands until /exit or end of input, streaming each reply."""
-    try:
+    with contextlib.suppress(ImportError):
         import readline  # noqa: F401 (line editing and history for input())
-    except ImportError:
-        pass
     session = ChatSession(llm, params, system)
     while True:
         try:

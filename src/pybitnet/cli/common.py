@@ -24,14 +24,24 @@ ModelArg = Annotated[
     str | None,
     typer.Argument(help="Hub id (org/name) or local model directory.", show_default=False),
 ]
-NPredict = Annotated[int, typer.Option("-n", "--n-predict", help="Tokens to generate at most; -1: until the end.")]
+NPredict = Annotated[
+    int, typer.Option("-n", "--n-predict", help="Tokens to generate at most; -1: until the end.")
+]
 Temp = Annotated[float, typer.Option("--temp", help="Temperature; 0 is greedy.")]
 TopK = Annotated[int, typer.Option("--top-k", help="Sample from the k most likely tokens; 0 disables.")]
 TopP = Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass in (0, 1]; 1 disables.")]
-MinP = Annotated[float, typer.Option("--min-p", help="Drop tokens below min-p × the top probability; 0 disables.")]
-RepeatPenalty = Annotated[float, typer.Option("--repeat-penalty", help="Penalty on tokens seen already; 1 disables.")]
-PresencePenalty = Annotated[float, typer.Option("--presence-penalty", help="OpenAI presence penalty in [-2, 2].")]
-FrequencyPenalty = Annotated[float, typer.Option("--frequency-penalty", help="OpenAI frequency penalty in [-2, 2].")]
+MinP = Annotated[
+    float, typer.Option("--min-p", help="Drop tokens below min-p × the top probability; 0 disables.")
+]
+RepeatPenalty = Annotated[
+    float, typer.Option("--repeat-penalty", help="Penalty on tokens seen already; 1 disables.")
+]
+PresencePenalty = Annotated[
+    float, typer.Option("--presence-penalty", help="OpenAI presence penalty in [-2, 2].")
+]
+FrequencyPenalty = Annotated[
+    float, typer.Option("--frequency-penalty", help="OpenAI frequency penalty in [-2, 2].")
+]
 Seed = Annotated[int, typer.Option("-s", "--seed", help="Sampling seed; -1: random.")]
 Stop = Annotated[
     list[str] | None,
@@ -43,7 +53,9 @@ Threads = Annotated[int, typer.Option("-t", "--threads", help="CPU threads; 0: t
 Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
 KernelOpt = Annotated[
     str | None,
-    typer.Option("--kernel", help="Ternary kernel (default: the best one for the device).", show_default=False),
+    typer.Option(
+        "--kernel", help="Ternary kernel (default: the best one for the device).", show_default=False
+    ),
 ]
 Dtype = Annotated[str, typer.Option("--dtype", help="auto, float32 or bfloat16.")]
 Verbose = Annotated[bool, typer.Option("--verbose", help="Print timings (prompt eval and eval rates).")]
@@ -55,7 +67,7 @@ System = Annotated[
 
 @contextmanager
 def user_errors() -> Iterator[None]:
-    """Errors pybitnet raises on purpose end the command with their message and exit status 1, no traceback."""
+    """Errors pybitnet raises on purpose end the command with their message and exit status 1."""
     try:
         yield
     except PyBitNetError as e:
@@ -137,13 +149,21 @@ def print_timings(t: Timings, load_s: float | None = None) -> None:
         err.print(f"{name + ':':<22}{value}")
 
 
+# C0/C1 control characters other than tab and newline: model output shown on a terminal must not be able to
+# move the cursor, clear the screen or inject escape sequences.
+_TERMINAL_UNSAFE = dict.fromkeys([*range(0, 9), *range(11, 32), *range(127, 160)])
+
+
 def write_out(text: str) -> None:
+    """Write generated text to stdout as it comes; on a terminal, control characters are dropped."""
+    if sys.stdout.isatty():
+        text = text.translate(_TERMINAL_UNSAFE)
     sys.stdout.write(text)
     sys.stdout.flush()
 
 
 def hf_cache_dir() -> Path:
-    """The Hugging Face hub cache, from the environment at call time (HF_HUB_CACHE, HF_HOME, XDG_CACHE_HOME)."""
+    """The Hugging Face hub cache, from the environment at call time (HF_HUB_CACHE, HF_HOME, ...)."""
     if os.environ.get("HF_HUB_CACHE"):
         return Path(os.environ["HF_HUB_CACHE"]).expanduser()
     home = os.environ.get("HF_HOME") or os.path.join(
@@ -153,7 +173,7 @@ def hf_cache_dir() -> Path:
 
 
 def cached_models() -> list:
-    """The model repos (huggingface_hub CachedRepoInfo) in the HF cache; none when the cache does not exist."""
+    """The model repos (huggingface_hub CachedRepoInfo) in the HF cache; none if there is no cache."""
     from huggingface_hub import scan_cache_dir
     from huggingface_hub.errors import CacheNotFound
 

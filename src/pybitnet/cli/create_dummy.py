@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -13,13 +14,19 @@ def register(app: typer.Typer) -> None:
     app.command("create-dummy")(create_dummy)
 
 
-def create_dummy(
-    out_dir: Path = typer.Argument(..., help="Directory to write the checkpoint into (created if missing)."),
-    preset: str = typer.Option(
-        "tiny-bitnet", "--preset", "-p", help="Model shape: bitnet-2b-4t, tiny-bitnet, tiny-llama, tiny-legacy, ..."
+OutDir = Annotated[Path, typer.Argument(help="Directory to write the checkpoint into (created if missing).")]
+Preset = Annotated[
+    str,
+    typer.Option(
+        "--preset", "-p", help="Model shape: bitnet-2b-4t, tiny-bitnet, tiny-llama, tiny-legacy, ..."
     ),
-    seed: int = typer.Option(0, "--seed", help="Random seed of the weights."),
-    dtype: str = typer.Option("bfloat16", "--dtype", help=f"Dtype of the float tensors: {', '.join(DTYPES)}."),
+]
+Seed = Annotated[int, typer.Option("--seed", help="Random seed of the weights.")]
+Dtype = Annotated[str, typer.Option("--dtype", help=f"Dtype of the float tensors: {', '.join(DTYPES)}.")]
+
+
+def create_dummy(
+    out_dir: OutDir, preset: Preset = "tiny-bitnet", seed: Seed = 0, dtype: Dtype = "bfloat16"
 ) -> None:
     """Write a random-ternary model in the exact HF packed format (config, safetensors, tokenizer files)
     that pybitnet and transformers both load. Presets have real shapes (e.g. bitnet-2b-4t)."""

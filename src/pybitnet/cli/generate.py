@@ -7,7 +7,14 @@ from typing import Annotated
 
 import typer
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from ..engine.batch_files import BadLine, ResultWriter, check_paths, read_prompts, run_batch
 from .common import (
@@ -43,7 +50,9 @@ def register(app: typer.Typer) -> None:
 
 def generate(
     model: ModelArg = None,
-    input: Annotated[Path, typer.Option("--input", "-i", help="Prompts: .txt (a line each), .jsonl or .csv.")] = ...,
+    input: Annotated[
+        Path, typer.Option("--input", "-i", help="Prompts: .txt (a line each), .jsonl or .csv.")
+    ] = ...,
     output: Annotated[Path, typer.Option("--output", "-o", help="Results: .jsonl, .json or .csv.")] = ...,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Start over instead of resuming from an existing output.")
@@ -74,9 +83,18 @@ def generate(
     """
     with user_errors():
         params = sampling_params(
-            n_predict, temp, top_k, top_p, min_p, repeat_penalty, presence_penalty, frequency_penalty, seed, stop,
+            n_predict,
+            temp,
+            top_k,
+            top_p,
+            min_p,
+            repeat_penalty,
+            presence_penalty,
+            frequency_penalty,
+            seed,
+            stop,
             ignore_eos,
-        )  # fmt: skip
+        )
         check_paths(input, output)
         records = list(read_prompts(input))
         llm, _ = load_llm(model, ctx_size, threads, device, kernel, dtype, max_num_seqs=parallel)
@@ -95,7 +113,9 @@ def generate(
 
                 def report(line: BadLine) -> None:
                     bad_lines.append(line)
-                    progress.console.print(f"[yellow]{escape(str(input))}:{line.line}:[/yellow] {escape(line.message)}")
+                    progress.console.print(
+                        f"[yellow]{escape(str(input))}:{line.line}:[/yellow] {escape(line.message)}"
+                    )
 
                 summary = run_batch(
                     llm, iter(records), writer, params, report, lambda: progress.advance(task)

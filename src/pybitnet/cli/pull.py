@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.markup import escape
@@ -17,8 +18,10 @@ def register(app: typer.Typer) -> None:
 
 
 def pull(
-    model_id: str = typer.Argument(..., metavar="ID", help="Hub id of the model (org/name)."),
-    revision: str | None = typer.Option(None, "--revision", help="Branch, tag or commit (default: main)."),
+    model_id: Annotated[str, typer.Argument(metavar="ID", help="Hub id of the model (org/name).")],
+    revision: Annotated[
+        str | None, typer.Option("--revision", help="Branch, tag or commit (default: main).")
+    ] = None,
 ) -> None:
     """Download a model's config, weights and tokenizer into the Hugging Face cache (HF_HOME)."""
     with user_errors():

@@ -7,8 +7,8 @@ from typing import Annotated
 
 import typer
 
+from ..engine.default_model import model_or_default
 from ..errors import InvalidRequestError
-
 from .chat import chat_loop
 from .common import (
     CtxSize,
@@ -39,7 +39,9 @@ from .common import (
 
 PromptArg = Annotated[
     str | None,
-    typer.Argument(help="The prompt; without one, read it from piped stdin or start a chat.", show_default=False),
+    typer.Argument(
+        help="The prompt; without one, read it from piped stdin or start a chat.", show_default=False
+    ),
 ]
 
 
@@ -50,8 +52,12 @@ def register(app: typer.Typer) -> None:
 def run(
     model: ModelArg = None,
     prompt: PromptArg = None,
-    raw: Annotated[bool, typer.Option("--raw", help="Send the prompt as is, without the chat template.")] = False,
-    interactive: Annotated[bool, typer.Option("-i", "--interactive", help="Chat, even with piped stdin.")] = False,
+    raw: Annotated[
+        bool, typer.Option("--raw", help="Send the prompt as is, without the chat template.")
+    ] = False,
+    interactive: Annotated[
+        bool, typer.Option("-i", "--interactive", help="Chat, even with piped stdin.")
+    ] = False,
     system: System = None,
     n_predict: NPredict = -1,
     temp: Temp = 0.8,
@@ -74,9 +80,19 @@ def run(
     """Run a model on a prompt and stream the reply (the chat template is applied if the model has one)."""
     with user_errors():
         params = sampling_params(
-            n_predict, temp, top_k, top_p, min_p, repeat_penalty, presence_penalty, frequency_penalty, seed, stop,
+            n_predict,
+            temp,
+            top_k,
+            top_p,
+            min_p,
+            repeat_penalty,
+            presence_penalty,
+            frequency_penalty,
+            seed,
+            stop,
             ignore_eos,
-        )  # fmt: skip
+        )
+        model = str(model_or_default(model))
         if prompt is None and not interactive and not sys.stdin.isatty():
             prompt = sys.stdin.read()
         if prompt is not None and not prompt.strip() and not interactive:

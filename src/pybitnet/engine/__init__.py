@@ -1,4 +1,4 @@
-"""Generation: tokenizer and chat template, sampler, KV-cache model runner, continuous-batching engine, LLM."""
+"""Generation: tokenizer, chat templates, sampler, KV-cache model runner, continuous-batching engine, LLM."""
 
 from .engine import Engine
 from .llm import LLM, TextStream

@@ -2,12 +2,12 @@
 
 Inputs:
 - .txt: one prompt per non-empty line; its id is the line number.
-- .jsonl: one JSON object per non-empty line with "prompt" (text) or "messages" (a chat), an optional "id", and
-  optional sampling fields named as in SamplingParams ("max_tokens", "temperature", ...).
+- .jsonl: one JSON object per non-empty line with "prompt" (text) or "messages" (a chat), an optional
+  "id", and optional sampling fields named as in SamplingParams ("max_tokens", "temperature", ...).
 - .csv: a header row with a "prompt" column and optionally an "id" column.
 Outputs hold one record per prompt: id, prompt (or messages), text, finish_reason, prompt_tokens,
-completion_tokens. Records are written as each prompt finishes, so an interrupted run resumes where it stopped:
-ids already in the output are skipped. A malformed line is reported with its line number and skipped.
+completion_tokens. Records are written as each prompt finishes, so an interrupted run resumes where it
+stopped: ids already in the output are skipped. A malformed line is reported with its line number and skipped.
 """
 
 from __future__ import annotations
@@ -61,7 +61,9 @@ class BatchSummary:
 def _kind(path: Path, kinds: tuple[str, ...], what: str) -> str:
     suffix = path.suffix.lower()
     if suffix not in kinds:
-        raise InputFileError(f"{path}: unknown {what} file kind {suffix or '(none)'!r}; use one of {', '.join(kinds)}")
+        raise InputFileError(
+            f"{path}: unknown {what} file kind {suffix or '(none)'!r}; use one of {', '.join(kinds)}"
+        )
     return suffix
 
 
@@ -115,7 +117,9 @@ def _jsonl_record(n: int, line: str) -> PromptRecord | BadLine:
     if prompt is not None and not isinstance(prompt, str):
         return BadLine(n, f'"prompt" must be a string, got {type(prompt).__name__}')
     if messages is not None and not isinstance(messages, list):
-        return BadLine(n, f'"messages" must be a list of {{"role", "content"}} objects, got {type(messages).__name__}')
+        return BadLine(
+            n, f'"messages" must be a list of {{"role", "content"}} objects, got {type(messages).__name__}'
+        )
     rid = obj.get("id", n)
     if not isinstance(rid, (str, int)) or isinstance(rid, bool):
         return BadLine(n, f'"id" must be a string or an integer, got {type(rid).__name__}')
@@ -128,13 +132,20 @@ def _csv_records(f) -> Iterator[PromptRecord | BadLine]:
     if reader.fieldnames is None or "prompt" not in reader.fieldnames:
         yield BadLine(1, f'the header row needs a "prompt" column, got {reader.fieldnames}')
         return
+    width = len(reader.fieldnames)
     try:
         for row in reader:
             n = reader.line_num
             if None in row:
-                yield BadLine(n, f"{len(reader.fieldnames) + len(row[None])} fields, the header has {len(reader.fieldnames)}")
+                yield BadLine(
+                    n,
+                    f"{width + len(row[None])} fields, the header has {width}",
+                )
             elif row.get("prompt") is None:
-                yield BadLine(n, f"{sum(v is not None for v in row.values())} fields, the header has {len(reader.fieldnames)}")
+                yield BadLine(
+                    n,
+                    f"{sum(v is not None for v in row.values())} fields, the header has {width}",
+                )
             elif row["prompt"].strip():
                 yield PromptRecord(n, row.get("id") or str(n), prompt=row["prompt"])
     except csv.Error as e:
@@ -190,9 +201,13 @@ class ResultWriter:
         try:
             data = json.loads(text) if text.strip() else []
         except json.JSONDecodeError as e:
-            raise InputFileError(f"the existing output {self.path} is not valid JSON ({e}); move it away or use --overwrite") from None
+            raise InputFileError(
+                f"the existing output {self.path} is not valid JSON ({e}); move it away or use --overwrite"
+            ) from None
         if not isinstance(data, list):
-            raise InputFileError(f"the existing output {self.path} is not a JSON list; move it away or use --overwrite")
+            raise InputFileError(
+                f"the existing output {self.path} is not a JSON list; move it away or use --overwrite"
+            )
         return [r for r in data if isinstance(r, dict)]
 
     def write(self, record: dict[str, Any]) -> None:
@@ -201,7 +216,12 @@ class ResultWriter:
         if self.kind == ".json":
             self._write_json()
         elif self.kind == ".csv":
-            self._csv.writerow({k: record[k] if k != "prompt" or isinstance(record[k], str) else json.dumps(record[k]) for k in OUTPUT_FIELDS})
+            self._csv.writerow(
+                {
+                    k: record[k] if k != "prompt" or isinstance(record[k], str) else json.dumps(record[k])
+                    for k in OUTPUT_FIELDS
+                }
+            )
             self._file.flush()
         else:
             self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
@@ -236,8 +256,8 @@ def run_batch(
     on_bad_line: Callable[[BadLine], None],
     on_progress: Callable[[], None] = lambda: None,
 ) -> BatchSummary:
-    """Generate for every record not already in the output, keeping the engine's batch full; results are written
-    as they finish. Lines that are malformed (or whose prompt or parameters the engine rejects) go to
+    """Generate for every record not already in the output, keeping the engine's batch full; results are
+    written as they finish. Lines that are malformed (or whose prompt or parameters the engine rejects) go to
     `on_bad_line` and the rest continue."""
     summary = BatchSummary()
     engine = llm.engine
@@ -286,4 +306,3 @@ def run_batch(
         collect()
     summary.seconds = time.perf_counter() - start
     return summary
-

@@ -89,8 +89,8 @@ class ChatSession:
         return f"Set {field} to {parsed}."
 
     def reply(self, text: str) -> Iterator[str]:
-        """Send a user message and yield the reply's text deltas. The turn joins the history only when the reply
-        completes; an interrupted or failed turn leaves the history as it was."""
+        """Send a user message and yield the reply's text deltas. The turn joins the history only when the
+        reply completes; an interrupted or failed turn leaves the history as it was."""
         messages = [*self.messages, {"role": "user", "content": text}]
         stream = self.llm.stream_chat(messages, self.params)
         try:
@@ -99,4 +99,7 @@ class ChatSession:
             stream.close()
         self.last_output = stream.output
         if stream.output is not None:
-            self.history += [{"role": "user", "content": text}, {"role": "assistant", "content": stream.output.text}]
+            self.history += [
+                {"role": "user", "content": text},
+                {"role": "assistant", "content": stream.output.text},
+            ]

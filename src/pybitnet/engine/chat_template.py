@@ -1,9 +1,9 @@
 """Chat templates rendered with jinja2 the way transformers' `apply_chat_template` renders them.
 
 The environment matches transformers': a sandbox (templates come from downloaded files), trim_blocks and
-lstrip_blocks, the loopcontrols extension, a `generation` block tag, a `tojson` that does not escape HTML, and the
-globals `raise_exception` and `strftime_now`. The template sees `messages`, `add_generation_prompt`, `tools`,
-`documents` and the tokenizer's named special tokens (bos_token, eos_token, ...).
+lstrip_blocks, the loopcontrols extension, a `generation` block tag, a `tojson` that does not escape HTML,
+and the globals `raise_exception` and `strftime_now`. The template sees `messages`, `add_generation_prompt`,
+`tools`, `documents` and the tokenizer's named special tokens (bos_token, eos_token, ...).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ Message = dict[str, Any]
 
 
 class _GenerationBlock(Extension):
-    """`{% generation %}...{% endgeneration %}` marks assistant text for training masks; rendering keeps its body."""
+    """`{% generation %}...{% endgeneration %}` marks assistant text; it renders its body."""
 
     tags = {"generation"}  # noqa: RUF012 (jinja2 reads this class attribute)
 
@@ -41,7 +41,9 @@ def _raise_exception(message: str) -> None:
     raise jinja2.exceptions.TemplateError(message)
 
 
-def _tojson(x: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None, sort_keys: bool = False):
+def _tojson(
+    x: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None, sort_keys: bool = False
+):
     return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
@@ -51,7 +53,9 @@ def _strftime_now(fmt: str) -> str:
 
 @lru_cache(maxsize=16)
 def compile_template(source: str) -> jinja2.Template:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationBlock, loopcontrols])
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationBlock, loopcontrols]
+    )
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
@@ -68,7 +72,9 @@ def validate_messages(messages: Any) -> list[Message]:
     out = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or "content" not in m:
-            raise InvalidRequestError(f"message {i} must be a dict with a string 'role' and a 'content', got {m!r}")
+            raise InvalidRequestError(
+                f"message {i} must be a dict with a string 'role' and a 'content', got {m!r}"
+            )
         out.append({k: v for k, v in m.items() if v is not None})
     return out
 

@@ -4,9 +4,9 @@ decode step captured once per batch size in a CUDA graph (sampling included), so
 `GpuForward` holds the fused weights (q/k/v stacked, gate/up stacked, per-row scales) packed once in the
 "triton_i2" layout, and runs prefill and decode with fused kernels: at batch 1 every projection is one launch
 (RMSNorm + int8 quantization + W2A8 GEMV + epilogue); at larger batches a norm + quantize launch feeds the
-tensor-core GEMM. `weights="bf16"` runs the same engine on dequantized bf16 weights through cuBLAS (the baseline
-the benchmarks compare against). `CudaGraphEngine.generate` decodes many sequences with no host round trip per
-token; `CudaGraphRunner` offers the same graphs behind the engine's ModelRunner interface.
+tensor-core GEMM. `weights="bf16"` runs the same engine on dequantized bf16 weights through cuBLAS (the
+baseline the benchmarks compare against). `CudaGraphEngine.generate` decodes many sequences with no host round
+trip per token; `CudaGraphRunner` offers the same graphs behind the engine's ModelRunner interface.
 """
 
 from __future__ import annotations
@@ -63,6 +63,7 @@ class GpuForward:
         lm_head: str = "int8",
         decode_gemv: bool = True,
         max_len: int | None = None,
+        fuse_norm: bool = True,
     ) -> None:
         if weights not in ("ternary", "bf16"):
             raise InvalidRequestError(f"weights must be 'ternary' or 'bf16', got {weights!r}")
@@ -74,6 +75,7 @@ class GpuForward:
         self.dtype = model.compute_dtype
         self.dense = weights == "bf16"
         self.decode_gemv = decode_gemv
+        self.fuse_norm = fuse_norm
         self.act = c.hidden_act
         self.eps = c.rms_norm_eps
         self.n_heads, self.n_kv, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
@@ -91,7 +93,9 @@ class GpuForward:
 
     def _weight(self, tw: TernaryWeight) -> Weight:
         if self.dense:
-            return tw.dequantize(torch.bfloat16 if self.dtype == torch.bfloat16 else self.dtype).to(self.device)
+            return tw.dequantize(torch.bfloat16 if self.dtype == torch.bfloat16 else self.dtype).to(
+                self.device
+            )
         pw = pack(tw, "triton_i2")
         return PackedWeight(pw.layout, pw.data.to(self.device), pw.scale.to(self.device), pw.shape)
 
@@ -126,9 +130,11 @@ class GpuForward:
         """residual + [act-gated] (norm(x) @ W.T) through the ternary kernels."""
         rows = x.shape[0]
         cfg = self.configs.get((name, rows))
-        if rows == 1 and self.decode_gemv:
+        if rows == 1 and self.decode_gemv and self.fuse_norm:
             return ternary_gemv(x, w, gain=gain, eps=self.eps, residual=residual, act=act, config=cfg)
         xq, a, _ = norm_quant(x, gain, self.eps)
+        if rows == 1 and self.decode_gemv:
+            return ternary_gemv(xq, w, a=a, out_dtype=x.dtype, residual=residual, act=act, config=cfg)
         return ternary_mm(xq, a, w, x.dtype, residual=residual, act=act, config=cfg)
 
     def _dense_norm(self, x: torch.Tensor, gain: torch.Tensor | None, act: str | None = None) -> torch.Tensor:
@@ -157,7 +163,9 @@ class GpuForward:
         """Final norm and lm_head on hidden states [B, H] -> float32 logits [B, V]."""
         if self.lm_int8 is not None:
             xq, a, _ = norm_quant(x, self.norm, self.eps)
-            return ternary_mm(xq, a, self.lm_int8, torch.float32, config=self.configs.get(("lm_head", x.shape[0])))
+            return ternary_mm(
+                xq, a, self.lm_int8, torch.float32, config=self.configs.get(("lm_head", x.shape[0]))
+            )
         xn = self._dense_norm(x, self.norm)
         return (xn.to(self.lm_weight.dtype) @ self.lm_weight.T).float()
 
@@ -168,14 +176,18 @@ class GpuForward:
         x = F.embedding(tokens, self.embed)
         for i, layer in enumerate(self.layers):
             qkv = self._attention_in(x, layer)
-            attn = decode_attention(qkv, self.cos, self.sin, positions, cache.k[i], cache.v[i], self.n_heads, self.n_kv)
+            attn = decode_attention(
+                qkv, self.cos, self.sin, positions, cache.k[i], cache.v[i], self.n_heads, self.n_kv
+            )
             x = self._attention_out(attn, x, layer)
             x = self._mlp(x, layer)
         return self.logits(x)
 
-    def prefill(self, ids: torch.Tensor, lengths: torch.Tensor, cache: KVCache, row0: int = 0) -> torch.Tensor:
-        """Prompts ids [B, T] (right-padded, real lengths [B]) into cache rows row0.. -> logits [B, V] after each
-        prompt's last token."""
+    def prefill(
+        self, ids: torch.Tensor, lengths: torch.Tensor, cache: KVCache, row0: int = 0
+    ) -> torch.Tensor:
+        """Prompts ids [B, T] (right-padded, real lengths [B]) into cache rows row0.. -> logits [B, V] after
+        each prompt's last token."""
         b, t = ids.shape
         h, kv, d = self.n_heads, self.n_kv, self.head_dim
         x = F.embedding(ids.reshape(-1), self.embed)
@@ -196,8 +208,8 @@ class GpuForward:
 def sample_tokens(
     logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
 ) -> torch.Tensor:
-    """Token ids [B] from logits [B, V] with per-row temperature (0: greedy), top-k (>= V: off), top-p, without
-    host synchronization (so it can be captured in a CUDA graph): argmax(p / E), E ~ Exp(1)."""
+    """Token ids [B] from logits [B, V] with per-row temperature (0: greedy), top-k (>= V: off), top-p,
+    without host synchronization (so it can be captured in a CUDA graph): argmax(p / E), E ~ Exp(1)."""
     greedy = logits.argmax(dim=-1)
     probs = torch.softmax(logits / temperature.clamp(min=1e-5)[:, None], dim=-1)
     sorted_p, order = probs.sort(dim=-1, descending=True)
@@ -212,7 +224,7 @@ def sample_tokens(
 
 
 class _DecodeLoop:
-    """Static buffers of a decode step for `n` rows; the step feeds each sampled token back as the next input."""
+    """Static buffers of a decode step for `n` rows; the step feeds each sampled token back as next input."""
 
     def __init__(self, engine: CudaGraphEngine, n: int, sampling: bool) -> None:
         dev = engine.device
@@ -248,8 +260,8 @@ class CudaGraphEngine:
     """Batched generation on one GPU: prefill, then decode steps replayed from a CUDA graph.
 
     `generate` takes up to `max_batch_size` prompts of token ids and returns each one's new tokens (up to and
-    including a stop token). `weights`, `lm_head`, `decode_gemv`: see GpuForward. `use_graph=False` runs the same
-    step eagerly (for debugging, and on CPU under TRITON_INTERPRET=1).
+    including a stop token). `weights`, `lm_head`, `decode_gemv`, `fuse_norm`: see GpuForward.
+    `use_graph=False` runs the same step eagerly (for debugging, and on CPU under TRITON_INTERPRET=1).
     """
 
     def __init__(
@@ -261,13 +273,14 @@ class CudaGraphEngine:
         lm_head: str = "int8",
         decode_gemv: bool = True,
         use_graph: bool = True,
+        fuse_norm: bool = True,
     ) -> None:
         c = model.config
         self.max_len = max_len or c.max_position_embeddings
         self.max_batch_size = max_batch_size
         self.device = model.device
         self.use_graph = use_graph and self.device.type == "cuda"
-        self.forward = GpuForward(model, weights, lm_head, decode_gemv, self.max_len)
+        self.forward = GpuForward(model, weights, lm_head, decode_gemv, self.max_len, fuse_norm)
         self.cache = KVCache(
             c.num_hidden_layers, max_batch_size, c.num_key_value_heads, self.max_len, c.head_dim,
             self.forward.dtype, self.device,
@@ -325,7 +338,8 @@ class CudaGraphEngine:
         longest = max(len(p) for p in prompts) + max_new_tokens
         if longest > self.max_len:
             raise ContextLengthError(
-                f"prompt plus {max_new_tokens} new tokens needs {longest} positions; the engine has {self.max_len}"
+                f"prompt plus {max_new_tokens} new tokens needs {longest} positions; "
+                f"the engine has {self.max_len}"
             )
         sampling = temperature > 0
         loop = self._loop(n, sampling)
@@ -335,7 +349,9 @@ class CudaGraphEngine:
             loop.top_p.fill_(top_p)
         logits = self.prefill(prompts)
         first = (
-            sample_tokens(logits, loop.temperature, loop.top_k, loop.top_p) if sampling else logits.argmax(dim=-1)
+            sample_tokens(logits, loop.temperature, loop.top_k, loop.top_p)
+            if sampling
+            else logits.argmax(dim=-1)
         )
         loop.tokens.copy_(first)
         loop.history[:, 0] = first
@@ -363,8 +379,8 @@ class CudaGraphEngine:
 
 
 class CudaGraphRunner:
-    """The engine's ModelRunner interface (reserve / prefill(slot, ids) / decode(tokens, positions)) on the GPU
-    kernels, each decode batch size captured once in a CUDA graph."""
+    """The engine's ModelRunner interface (reserve / prefill(slot, ids) / decode(tokens, positions)) on the
+    GPU kernels, each decode batch size captured once in a CUDA graph."""
 
     def __init__(self, model: Transformer, max_model_len: int, **kwargs) -> None:
         self.model = model
@@ -407,18 +423,20 @@ class CudaGraphRunner:
     def decode(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
         assert self.cache is not None and len(tokens) <= self.num_slots
         n = len(tokens)
+        tok = torch.tensor(tokens).to(self.device)
+        pos = torch.tensor(positions, dtype=torch.int32).to(self.device)
         if n not in self._graphs:
-            self._graphs[n] = self._capture(n)
+            self._graphs[n] = self._capture(tok, pos)
         graph, tok_buf, pos_buf, out = self._graphs[n]
-        tok_buf.copy_(torch.tensor(tokens))
-        pos_buf.copy_(torch.tensor(positions, dtype=torch.int32))
+        tok_buf.copy_(tok)
+        pos_buf.copy_(pos)
         graph.replay()
         return out.clone()
 
-    def _capture(self, n: int):
-        tok_buf = torch.zeros(n, dtype=torch.long, device=self.device)
-        pos_buf = torch.zeros(n, dtype=torch.int32, device=self.device)
-        out = torch.empty((n, self.model.config.vocab_size), device=self.device)
+    def _capture(self, tokens: torch.Tensor, positions: torch.Tensor):
+        # the warm-up run computes the real step (it writes the cache), so the buffers hold the real inputs
+        tok_buf, pos_buf = tokens.clone(), positions.clone()
+        out = torch.empty((len(tokens), self.model.config.vocab_size), device=self.device)
 
         def step() -> None:
             out.copy_(self.forward.decode(tok_buf, pos_buf, self.cache))

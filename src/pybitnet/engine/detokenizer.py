@@ -1,4 +1,5 @@
-"""Incremental detokenization: token ids arrive one at a time, text leaves in deltas that never split a character.
+"""Incremental detokenization: token ids come in one at a time, text goes out in deltas that never split a
+character.
 
 Decoding one token alone is wrong twice over: a byte-level token may hold part of a UTF-8 character, and
 SentencePiece-style decoders drop the leading space of the first token they see. So each new token is decoded
@@ -18,7 +19,9 @@ REPLACEMENT_CHAR = "\ufffd"
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int], skip_special_tokens: bool = True) -> None:
+    def __init__(
+        self, tokenizer: Tokenizer, prompt_ids: Sequence[int], skip_special_tokens: bool = True
+    ) -> None:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         self.ids = list(prompt_ids[-PROMPT_CONTEXT:])

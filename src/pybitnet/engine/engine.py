@@ -6,10 +6,11 @@ Callers (the Python API, the CLI, the server) add requests at any time and from 
 1. takes in new requests and cancellations,
 2. admits waiting requests into free cache slots (first come, first served): each prompt is prefilled in one
    forward pass and its first token sampled,
-3. runs one decode step for every other running sequence together ([n, 1] tokens) and samples their next tokens,
+3. runs one decode step for every other running sequence together ([n, 1] tokens) and samples their next
+   tokens,
 
-and returns a StepOutput per request that made progress. A sequence that finishes or is cancelled frees its slot
-for the next step, so new requests join the running batch between decode steps.
+and returns a StepOutput per request that made progress. A sequence that finishes or is cancelled frees its
+slot for the next step, so new requests join the running batch between decode steps.
 """
 
 from __future__ import annotations
@@ -75,19 +76,26 @@ class Engine:
             if not prompt:
                 raise InvalidRequestError("the prompt is empty")
             ids = self.tokenizer.encode(prompt)
-        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        elif isinstance(prompt, (list, tuple)) and all(
+            isinstance(t, int) and not isinstance(t, bool) for t in prompt
+        ):
             ids = list(prompt)
             if not ids:
                 raise InvalidRequestError("the prompt is empty (no token ids)")
             bad = [t for t in ids if not 0 <= t < self.vocab_size]
             if bad:
-                raise InvalidRequestError(f"token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
+                raise InvalidRequestError(
+                    f"token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})"
+                )
         else:
-            raise InvalidRequestError(f"a prompt must be a string or a list of token ids, not {type(prompt).__name__}")
+            raise InvalidRequestError(
+                f"a prompt must be a string or a list of token ids, not {type(prompt).__name__}"
+            )
         if len(ids) >= self.max_model_len:
             raise ContextLengthError(
                 f"the prompt has {len(ids)} tokens but the context holds {self.max_model_len} "
-                "(prompt plus at least one new token); shorten the prompt or raise the context size (-c/--ctx-size)"
+                "(prompt plus at least one new token); shorten the prompt or raise the context size "
+                "(-c/--ctx-size)"
             )
         return ids
 
@@ -112,7 +120,7 @@ class Engine:
         return request_id
 
     def abort(self, request_id: str) -> None:
-        """Cancel a request; its slot is freed at the next step, which reports it with finish_reason "abort"."""
+        """Cancel a request: the next step frees its slot and reports it with finish_reason "abort"."""
         with self._lock:
             if request_id in self._live:
                 self._aborts.add(request_id)
@@ -181,8 +189,8 @@ class Engine:
         return admitted
 
     def _decode(self, decoding: list[Sequence], outputs: list[StepOutput]) -> None:
-        # Rows 0..n-1 of the cache run together. A row whose sequence is not decoding now is fed a dummy token at
-        # the position its next real token will overwrite (or 0 for a free slot), so nothing it holds is lost.
+        # Rows 0..n-1 of the cache run together. A row whose sequence is not decoding now is fed a dummy
+        # token at the position its next real token will overwrite (or 0 for a free slot): it loses nothing.
         n = max(self.running) + 1
         tokens, positions = [0] * n, [0] * n
         for slot, seq in self.running.items():
@@ -220,7 +228,9 @@ class Engine:
         for j, i in enumerate(wanted):
             token = int(tokens[i])
             entry = {token: Logprob(float(chosen[j]), int(ranks[j]), text(token))}
-            for rank, (tid, value) in enumerate(zip(top_ids[j].tolist(), top_values[j].tolist(), strict=True)):
+            for rank, (tid, value) in enumerate(
+                zip(top_ids[j].tolist(), top_values[j].tolist(), strict=True)
+            ):
                 if rank >= (seqs[i].params.logprobs or 0):
                     break
                 entry.setdefault(tid, Logprob(value, rank + 1, text(tid)))

@@ -6,6 +6,7 @@ batch, and each call reads only its own requests' outputs.
 
 from __future__ import annotations
 
+import contextlib
 from collections import deque
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -18,6 +19,7 @@ from ..models import Transformer
 from .chat_template import Message
 from .default_model import model_or_default
 from .engine import Engine
+from .gguf_tokenizer import tokenizer_from_gguf
 from .outputs import RequestOutput, StepOutput
 from .params import SamplingParams
 from .tokenizer import Tokenizer
@@ -52,6 +54,7 @@ class TextStream:
 
     def __init__(self, llm: LLM, request_id: str) -> None:
         self.output: RequestOutput | None = None
+        self._llm, self._request_id = llm, request_id
         self._iter = self._deltas(llm, request_id)
 
     def _deltas(self, llm: LLM, request_id: str) -> Iterator[str]:
@@ -73,12 +76,21 @@ class TextStream:
 
     def close(self) -> None:
         self._iter.close()
+        if self.output is None:  # also when iteration never started
+            self._llm._cancel(self._request_id)
+
+    def __del__(self) -> None:
+        if self.output is None:
+            with contextlib.suppress(Exception):
+                self._llm._cancel(self._request_id)
 
 
 class LLM:
     """A loaded model ready to generate.
 
-    model: hub id (org/name), local directory, or None for the default model. device: "auto", "cpu", "cuda"...
+    model: hub id (org/name), local directory, .gguf file, or None for the default model.
+    tokenizer: a directory of tokenizer files, if not beside the weights (a .gguf carries its own).
+    device: "auto", "cpu", "cuda"...
     threads: CPU threads for torch. kernel: ternary kernel name (None picks the best for the device).
     max_model_len: context size (default: the model's). max_num_seqs: sequences decoded together at most.
     seed: seed of the sampling of requests that have no seed of their own.
@@ -108,7 +120,10 @@ class LLM:
         dev = pick_device(device)
         path = resolve_model(model_or_default(model), revision=revision)
         loaded = load_model(path, device=dev, dtype=pick_dtype(dtype, dev), kernel=kernel)
-        tok = Tokenizer.from_dir(tokenizer or path, loaded.config.eos_token_id)
+        if tokenizer is None and path.is_file() and path.suffix == ".gguf":
+            tok = tokenizer_from_gguf(path)
+        else:
+            tok = Tokenizer.from_dir(tokenizer or path, loaded.config.eos_token_id)
         self._setup(loaded, tok, max_model_len, max_num_seqs, seed)
         self.model_path = path
 
@@ -144,7 +159,12 @@ class LLM:
         batch = _as_prompt_list(prompts)
         all_params = _as_params_list(params, len(batch))
         ids = self._submit(batch, all_params)
-        return [self._wait(i) for i in ids]
+        try:
+            return [self._wait(i) for i in ids]
+        except BaseException:  # an interrupted call (Ctrl+C) must not leave its requests running
+            for request_id in ids:
+                self._cancel(request_id)
+            raise
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> TextStream:
         """Text deltas of one completion as they are generated; they concatenate to generate()'s text."""
@@ -162,7 +182,8 @@ class LLM:
         """Reply to one conversation ([{"role", "content"}, ...]) or to each of a list of conversations."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         prompts = [
-            self.chat_prompt(c, chat_template, add_generation_prompt, **template_kwargs) for c in conversations
+            self.chat_prompt(c, chat_template, add_generation_prompt, **template_kwargs)
+            for c in conversations
         ]
         return self.generate(prompts, params)
 
@@ -203,15 +224,17 @@ class LLM:
     def _updates(self, request_id: str) -> Iterator[StepOutput]:
         """The step outputs of one request, stepping the engine while its mailbox is empty."""
         box = self._mailboxes[request_id]
+        finished = False
         try:
-            while True:
+            while not finished:
                 while not box:
                     self._step()
                 update = box.popleft()
+                finished = update.finished
                 yield update
-                if update.finished:
-                    return
         finally:
+            if not finished:
+                self.engine.abort(request_id)
             self._mailboxes.pop(request_id, None)
 
     def _step(self) -> None:
@@ -240,7 +263,9 @@ def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
         if all(isinstance(t, int) and not isinstance(t, bool) for t in prompts):
             return [list(prompts)]  # one prompt of token ids
         return [list(p) if isinstance(p, tuple) else p for p in prompts]
-    raise InvalidRequestError(f"prompts must be a string, token ids, or a list of those; got {type(prompts).__name__}")
+    raise InvalidRequestError(
+        f"prompts must be a string, token ids, or a list of those; got {type(prompts).__name__}"
+    )
 
 
 def _as_params_list(params: SamplingParams | Sequence[SamplingParams] | None, n: int) -> list[SamplingParams]:

@@ -1,4 +1,4 @@
-"""What generation returns: plain dataclasses (as vLLM's), shared by the Python API, the CLI and the server."""
+"""What generation returns: plain dataclasses (as vLLM's) shared by the Python API, CLI and server."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 
 @dataclass
 class Logprob:
-    """Log-probability of one token under the model (before penalties, temperature and filters), its rank among
-    all tokens (1 = most likely) and its text."""
+    """Log-probability of one token under the model (before penalties, temperature and filters), its rank
+    among all tokens (1 = most likely) and its text."""
 
     logprob: float
     rank: int

@@ -59,9 +59,19 @@ class SamplingParams:
 
     def validate(self) -> None:
         """Raise InvalidRequestError naming the first field that is out of range."""
-        _check(_is_number(self.temperature) and self.temperature >= 0, "temperature", "must be >= 0", self.temperature)
+        _check(
+            _is_number(self.temperature) and self.temperature >= 0,
+            "temperature",
+            "must be >= 0",
+            self.temperature,
+        )
         _check(_is_number(self.top_p) and 0 < self.top_p <= 1, "top_p", "must be in (0, 1]", self.top_p)
-        _check(_is_int(self.top_k) and self.top_k >= -1, "top_k", "must be -1, 0 (off) or a positive integer", self.top_k)
+        _check(
+            _is_int(self.top_k) and self.top_k >= -1,
+            "top_k",
+            "must be -1, 0 (off) or a positive integer",
+            self.top_k,
+        )
         _check(_is_number(self.min_p) and 0 <= self.min_p <= 1, "min_p", "must be in [0, 1]", self.min_p)
         _check(
             _is_number(self.repetition_penalty) and self.repetition_penalty > 0,
@@ -78,9 +88,16 @@ class SamplingParams:
             "must be a positive integer or None",
             self.max_tokens,
         )
-        _check(_is_int(self.min_tokens) and self.min_tokens >= 0, "min_tokens", "must be >= 0", self.min_tokens)
+        _check(
+            _is_int(self.min_tokens) and self.min_tokens >= 0, "min_tokens", "must be >= 0", self.min_tokens
+        )
         if self.max_tokens is not None:
-            _check(self.min_tokens <= self.max_tokens, "min_tokens", "must not exceed max_tokens", self.min_tokens)
+            _check(
+                self.min_tokens <= self.max_tokens,
+                "min_tokens",
+                "must not exceed max_tokens",
+                self.min_tokens,
+            )
         _check(self.seed is None or _is_int(self.seed), "seed", "must be an integer or None", self.seed)
         _check(
             self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
@@ -89,7 +106,10 @@ class SamplingParams:
             self.logprobs,
         )
         _check(
-            all(isinstance(s, str) and s for s in self.stop_strings), "stop", "must be non-empty strings", self.stop
+            all(isinstance(s, str) and s for s in self.stop_strings),
+            "stop",
+            "must be non-empty strings",
+            self.stop,
         )
         _check(
             all(_is_int(t) and t >= 0 for t in self.stop_token_ids or []),

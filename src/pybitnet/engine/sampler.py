@@ -86,7 +86,10 @@ def filtered_probs(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
 
 
 def exponential_noise(
-    shape: tuple[int, int], generators: Sequence[torch.Generator | None], default: torch.Generator | None, device
+    shape: tuple[int, int],
+    generators: Sequence[torch.Generator | None],
+    default: torch.Generator | None,
+    device,
 ) -> torch.Tensor:
     """Exp(1) noise [n, V]: rows with their own generator draw from it, the others from `default`."""
     noise = torch.empty(shape, device=device)
@@ -100,7 +103,9 @@ def exponential_noise(
     return noise
 
 
-def sample(logits: torch.Tensor, batch: SamplingBatch, default: torch.Generator | None = None) -> torch.Tensor:
+def sample(
+    logits: torch.Tensor, batch: SamplingBatch, default: torch.Generator | None = None
+) -> torch.Tensor:
     """Token ids [n] for logits [n, V] (already penalized)."""
     greedy_tokens = logits.argmax(dim=-1)
     if bool(batch.greedy.all()):
@@ -114,8 +119,8 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, default: torch.Generator 
 def top_logprobs(
     logits: torch.Tensor, tokens: torch.Tensor, n: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """For rows of raw logits [m, V] and their sampled tokens [m]: the sampled tokens' log-probabilities and ranks
-    (1 = most likely), and the `n` most likely tokens' ids and log-probabilities ([m, n] each)."""
+    """For rows of raw logits [m, V] and their sampled tokens [m]: the sampled tokens' log-probabilities and
+    ranks (1 = most likely), and the `n` most likely tokens' ids and log-probabilities ([m, n] each)."""
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     chosen = logprobs.gather(-1, tokens[:, None])
     ranks = (logprobs > chosen).sum(dim=-1) + 1

@@ -99,9 +99,10 @@ class Sequence:
         self._add_text(self.detokenizer.add(token))
         if self.finished:
             return
-        if self.params.max_tokens is not None and len(self.output_ids) >= self.params.max_tokens:
-            self.finish("length")
-        elif self.num_tokens >= self.max_model_len:
+        max_tokens = self.params.max_tokens
+        if (
+            max_tokens is not None and len(self.output_ids) >= max_tokens
+        ) or self.num_tokens >= self.max_model_len:
             self.finish("length")
 
     def _add_text(self, delta: str) -> None:

@@ -18,7 +18,15 @@ from tokenizers import Tokenizer as FastTokenizer
 from ..errors import TokenizerError
 from .chat_template import Message, render_chat
 
-NAMED_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+NAMED_SPECIAL_TOKENS = (
+    "bos_token",
+    "eos_token",
+    "unk_token",
+    "sep_token",
+    "pad_token",
+    "cls_token",
+    "mask_token",
+)
 
 # End-of-turn tokens of common chat formats: generation stops on them when the vocabulary has them as special
 # tokens, even if a config forgets to list them (Llama 3's <|eot_id|> is the usual case).
@@ -53,7 +61,7 @@ def _ids(value: Any) -> list[int]:
 
 
 def _pick_template(value: Any) -> str | None:
-    """tokenizer_config's chat_template: a string, or a list of {"name", "template"} whose "default" is used."""
+    """tokenizer_config's chat_template: a string, or a list of {"name", "template"} (the "default" one)."""
     if isinstance(value, str):
         return value
     if isinstance(value, list):
@@ -86,7 +94,7 @@ class Tokenizer:
 
     @classmethod
     def from_dir(cls, path: str | Path, model_eos_token_id: int | list[int] | None = None) -> Tokenizer:
-        """Load the tokenizer files of a model directory; `model_eos_token_id` is config.json's eos_token_id."""
+        """Load a model directory's tokenizer files; `model_eos_token_id` is config.json's eos_token_id."""
         path = Path(path)
         tok_file = path / "tokenizer.json"
         if not tok_file.is_file():
@@ -122,7 +130,7 @@ class Tokenizer:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids of `text`; add_special_tokens applies the tokenizer's post-processor (e.g. Llama 3's BOS)."""
+        """Token ids of `text`; add_special_tokens runs the tokenizer's post-processor (Llama 3's BOS)."""
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
@@ -140,8 +148,8 @@ class Tokenizer:
         chat_template: str | None = None,
         **kwargs: Any,
     ) -> str | list[int]:
-        """The chat prompt for `messages`, as transformers' apply_chat_template renders it; with tokenize=True its
-        ids (encoded without adding special tokens: the template writes them)."""
+        """The chat prompt for `messages`, as transformers' apply_chat_template renders it; with tokenize=True
+        its ids (encoded without adding special tokens: the template writes them)."""
         source = chat_template or self.chat_template
         if source is None:
             raise TokenizerError(

@@ -7,6 +7,7 @@ WeightsError naming the file. Tensor data are views of one read-only memory map,
 
 from __future__ import annotations
 
+import mmap
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,7 +75,7 @@ def tensor_nbytes(name: str, shape: tuple[int, ...], type_id: int) -> int:
 class _Cursor:
     """Sequential little-endian reads from the mapped file, each checked against its end."""
 
-    def __init__(self, buf: np.ndarray, path: Path) -> None:
+    def __init__(self, buf: mmap.mmap, path: Path) -> None:
         self.buf, self.pos, self.path = buf, 0, path
 
     def take(self, n: int, what: str) -> bytes:
@@ -83,7 +84,7 @@ class _Cursor:
                 f"{self.path} is truncated or corrupt: reading {what} at byte {self.pos} needs {n} bytes, "
                 f"the file has {len(self.buf)}"
             )
-        out = self.buf[self.pos : self.pos + n].tobytes()
+        out = self.buf[self.pos : self.pos + n]
         self.pos += n
         return out
 
@@ -126,10 +127,12 @@ class GGUFFile:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         try:
-            self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
+            with open(self.path, "rb") as fh:
+                self._mmap = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
         except (OSError, ValueError) as e:
             raise WeightsError(f"cannot open GGUF file {self.path}: {e}") from None
-        cur = _Cursor(self._map, self.path)
+        self._map = np.frombuffer(self._mmap, dtype=np.uint8)
+        cur = _Cursor(self._mmap, self.path)
         if cur.take(4, "the magic number") != GGUF_MAGIC:
             raise WeightsError(f"{self.path} is not a GGUF file (it does not start with 'GGUF')")
         version = cur.scalar("I", "the version")

@@ -17,7 +17,7 @@ from ..kernels import Kernel
 from ..models import ModelConfig, Transformer
 from ..models.transformer import rope_inv_freq
 from ..nn import PackedBitLinear
-from ..quant import TernaryWeight, quantize_weight
+from ..quant import TernaryWeight, pack, quantize_weight
 from ..quant.layouts.gguf_tq import unpack_tq_bytes
 from ..quant.layouts.i2s import unpack_i2s_bytes
 from .gguf_arch import ARCH_LLAMA, BITNET_ARCHES, gguf_tensor_name, rope_permuted, unpermute_rows
@@ -133,9 +133,9 @@ def read_ternary(f: GGUFFile, name: str, shape: tuple[int, int]) -> TernaryWeigh
         )
     try:
         if t.type in _TQ_LAYOUTS:
-            return unpack_tq_bytes(torch.from_numpy(np.array(f.raw(name))), shape, _TQ_LAYOUTS[t.type])
+            return unpack_tq_bytes(f.raw(name), shape, _TQ_LAYOUTS[t.type])
         if t.type == I2_S:
-            return unpack_i2s_bytes(torch.from_numpy(np.array(f.raw(name))), shape)
+            return unpack_i2s_bytes(f.raw(name), shape)
     except LayoutError as e:
         raise WeightsError(f"{name} in {f.path}: {e}") from None
     if t.type in _FLOAT_TYPES:
@@ -154,7 +154,9 @@ def _read_float(f: GGUFFile, name: str, shape: tuple[int, ...], dtype: torch.dty
     values = f.floats(name)
     if not np.isfinite(values).all():
         raise WeightsError(f"{name} in {f.path} holds non-finite values (corrupt data?)")
-    return torch.from_numpy(np.array(values, dtype=np.float32)).to(dtype)
+    if not values.flags.writeable:  # a view of the read-only map (F32): parameters get their own memory
+        values = values.copy()
+    return torch.from_numpy(values).to(dtype)
 
 
 def _inv_freq(f: GGUFFile, config: ModelConfig) -> torch.Tensor:
@@ -187,7 +189,8 @@ def load_gguf_model(path: str | Path, kernel: Kernel, dtype: torch.dtype = torch
                     unpermute_rows(tw.codes, n),
                     tw.scale if tw.scale.ndim == 0 else unpermute_rows(tw.scale, n),
                 )
-            model.set_submodule(name, PackedBitLinear.from_ternary(tw, kernel))
+            # straight into the kernel's layout: no detour through another packed form
+            model.set_submodule(name, PackedBitLinear.from_packed(pack(tw, kernel.layout), kernel))
     for name, param in list(model.named_parameters()):
         if name == "lm_head.weight" and config.tie_word_embeddings:
             continue

@@ -1,8 +1,8 @@
 """HF checkpoints (config.json + safetensors) <-> Transformer.
 
 Ternary linears are read in whichever form the file holds them: packed uint8 (quant_method "bitnet", either
-weight_scale convention), unpacked ternary floats with a weight_scale (what transformers itself saves), or latent
-float weights (ternarized here with the absmean rule).
+weight_scale convention), unpacked ternary floats with a weight_scale (what transformers itself saves), or
+latent float weights (ternarized here with the absmean rule).
 """
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ..errors import WeightsError
+from ..errors import ConfigError, ModelNotFoundError, WeightsError
 from ..kernels import Kernel
 from ..models import ModelConfig, Transformer
+from ..models.summary import ModelSummary, parameter_counts, ternary_linear_names
 from ..models.transformer import rope_inv_freq
 from ..nn import BitLinear, PackedBitLinear, RMSNorm
 from ..quant import PackedWeight, TernaryWeight, pack, quantize_weight, repack
@@ -33,7 +34,10 @@ TOKENIZER_FILES = (
 )
 
 # legacy 1bitLLM names -> ours
-LEGACY_RENAMES = {".self_attn.inner_attn_ln.": ".self_attn.attn_sub_norm.", ".mlp.ffn_layernorm.": ".mlp.ffn_sub_norm."}
+LEGACY_RENAMES = {
+    ".self_attn.inner_attn_ln.": ".self_attn.attn_sub_norm.",
+    ".mlp.ffn_layernorm.": ".mlp.ffn_sub_norm.",
+}
 
 
 def _checkpoint_name(name: str, config: ModelConfig) -> str:
@@ -43,8 +47,10 @@ def _checkpoint_name(name: str, config: ModelConfig) -> str:
     return name if name.startswith("lm_head.") else f"model.{name}"
 
 
-def read_ternary(reader: TensorReader, name: str, shape: tuple[int, int], config: ModelConfig) -> PackedWeight:
-    """The ternary weight `name` ([out, in]) from the checkpoint, as a PackedWeight (zero-copy when packed)."""
+def read_ternary(
+    reader: TensorReader, name: str, shape: tuple[int, int], config: ModelConfig
+) -> PackedWeight:
+    """The ternary weight `name` ([out, in]) of the checkpoint as a PackedWeight (zero-copy when packed)."""
     out, cols = shape
     w = reader.get(f"{name}.weight")
     scale_name = f"{name}.weight_scale"
@@ -79,7 +85,9 @@ def _as_hf(tw: TernaryWeight) -> PackedWeight:
 def _weight_scale(reader: TensorReader, name: str) -> torch.Tensor:
     scale = reader.get(name)
     if scale.numel() != 1 or not scale.is_floating_point():
-        raise WeightsError(f"{name}: expected one floating-point value, got {scale.dtype} {tuple(scale.shape)}")
+        raise WeightsError(
+            f"{name}: expected one floating-point value, got {scale.dtype} {tuple(scale.shape)}"
+        )
     if not torch.isfinite(scale).all() or scale.item() == 0:
         raise WeightsError(f"{name}: scale {scale.item()} is not a finite non-zero number")
     return scale.reshape(1)
@@ -94,9 +102,27 @@ def _read_float(reader: TensorReader, name: str, shape: tuple[int, ...], dtype: 
     return t.to(dtype)
 
 
+def read_config(model_dir: Path) -> tuple[ModelConfig, dict]:
+    """The ModelConfig of an HF model directory, and its config.json as read."""
+    if not model_dir.is_dir():
+        raise ModelNotFoundError(
+            f"{model_dir} is not a model directory: pybitnet loads a Hugging Face model directory "
+            "(config.json + *.safetensors), a .gguf file, or a hub id"
+        )
+    path = model_dir / "config.json"
+    if not path.is_file():
+        raise ConfigError(
+            f"no config.json in {model_dir}: is this a Hugging Face model directory? Download the complete "
+            "model (`pybitnet pull ORG/NAME`) or write one with `pybitnet create-dummy`"
+        )
+    raw = read_json(path)
+    return ModelConfig.from_hf(raw), raw
+
+
 def load_hf_model(model_dir: Path, kernel: Kernel, dtype: torch.dtype = torch.float32) -> Transformer:
     """Build the Transformer for `model_dir` with every ternary linear packed once for `kernel`."""
-    config = ModelConfig.from_hf(read_json(model_dir / "config.json"))
+    model_dir = Path(model_dir)
+    config, _ = read_config(model_dir)
     reader = TensorReader(model_dir)
     with torch.device("meta"):
         model = Transformer(config, lambda i, o: nn.Linear(i, o, bias=False))
@@ -108,7 +134,9 @@ def load_hf_model(model_dir: Path, kernel: Kernel, dtype: torch.dtype = torch.fl
             if config.use_rms_norm:
                 norm = RMSNorm(module.in_features, config.linear_norm_eps)
                 norm.weight = nn.Parameter(
-                    _read_float(reader, _checkpoint_name(f"{name}.rms_norm.weight", config), (shape[1],), dtype),
+                    _read_float(
+                        reader, _checkpoint_name(f"{name}.rms_norm.weight", config), (shape[1],), dtype
+                    ),
                     requires_grad=False,
                 )
             model.set_submodule(name, PackedBitLinear.from_packed(packed, kernel, input_norm=norm))
@@ -135,10 +163,12 @@ def save_hf_model(
     """Write an HF checkpoint (config.json + safetensors + tokenizer files) that both pybitnet and
     transformers load.
 
-    Packed (inference-form) linears are stored in the HF packed layout in the config's weight_scale convention.
+    Packed (inference-form) linears are stored in the HF packed layout, in the config's weight_scale
+    convention.
     Training-form `BitLinear`s are stored as their latent float weights with a config that quantizes online;
     a legacy-family model in training form is written as a 1bitLLM checkpoint (its names and config).
-    `max_shard_bytes` splits the weights into shards with a model.safetensors.index.json, as transformers does.
+    `max_shard_bytes` splits the weights into shards with a model.safetensors.index.json (as transformers
+    does).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     config = model.config
@@ -179,7 +209,9 @@ def _is_latent(model: Transformer) -> bool:
     return kinds == {BitLinear}
 
 
-def write_safetensors(tensors: dict[str, torch.Tensor], out_dir: Path, max_shard_bytes: int | None = None) -> None:
+def write_safetensors(
+    tensors: dict[str, torch.Tensor], out_dir: Path, max_shard_bytes: int | None = None
+) -> None:
     """model.safetensors, or shards model-0000i-of-0000n.safetensors plus model.safetensors.index.json."""
     meta = {"format": "pt"}
     shards: list[dict[str, torch.Tensor]] = [{}]
@@ -214,3 +246,69 @@ def _packed_tensors(prefix: str, pw: PackedWeight, config: ModelConfig) -> dict[
     if pw.scale.numel() != 1:
         raise WeightsError(f"{prefix}: HF checkpoints hold one scale per tensor; split fused layers first")
     return {f"{prefix}.weight": pw.data, f"{prefix}.weight_scale": pw.scale.float().reshape(1)}
+
+
+# bytes per element of safetensors' dtype names
+_DTYPE_BYTES = {
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+}
+_DTYPE_BYTES |= {"I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+
+
+def summarize_hf(model_dir: Path) -> ModelSummary:
+    """Architecture, parameter counts, ternary layout and bytes of an HF checkpoint, from its config and the
+    safetensors headers (no tensor data is read)."""
+    model_dir = Path(model_dir)
+    config, raw = read_config(model_dir)
+    reader = TensorReader(model_dir)
+    ternary, floating = parameter_counts(config)
+    linears = {_checkpoint_name(name, config) for name in ternary_linear_names(config)}
+    kinds: set[str] = set()
+    tensor_bytes: dict[str, int] = {}
+    for name in reader.names():
+        dtype, shape = reader.header(name)
+        module = name.removesuffix(".weight_scale").removesuffix(".weight")
+        role = "float"
+        if module in linears:
+            role = "scales" if name.endswith(".weight_scale") else "ternary"
+        if role == "ternary":
+            kinds.add(_ternary_form(dtype, f"{module}.weight_scale" in reader, config))
+        key = f"{role} {dtype}"
+        tensor_bytes[key] = tensor_bytes.get(key, 0) + _DTYPE_BYTES.get(dtype, 0) * _numel(shape)
+    files = {p.name: p.stat().st_size for p in sorted(model_dir.iterdir()) if p.is_file()}
+    return ModelSummary(
+        path=model_dir,
+        file_format="safetensors",
+        architecture=", ".join(raw.get("architectures") or [str(raw.get("model_type"))]),
+        config=config,
+        ternary_params=ternary,
+        float_params=floating,
+        layout="; ".join(sorted(kinds)) or "no ternary weights found",
+        files=files,
+        weight_bytes=sum(p.stat().st_size for p in set(reader.files.values())),
+        tensor_bytes=tensor_bytes,
+    )
+
+
+def _ternary_form(dtype: str, has_scale: bool, config: ModelConfig) -> str:
+    if dtype == "U8":
+        direction = "multiplies" if config.weight_layout == "hf" else "divides"
+        return f"HF packed 2-bit (uint8, 4 per byte), weight_scale {direction} ({config.linear_class})"
+    if has_scale:
+        return f"unpacked ternary {dtype} values with weight_scale"
+    return f"latent {dtype} weights, ternarized at load (absmean)"
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n

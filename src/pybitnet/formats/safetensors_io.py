@@ -34,16 +34,20 @@ def weight_files(model_dir: Path) -> dict[str, Path]:
     shards = sorted(model_dir.glob("*.safetensors"))
     if not shards:
         raise WeightsError(
-            f"no weights in {model_dir}: expected {SINGLE_NAME}, {INDEX_NAME} with its shards, or *.safetensors"
+            f"no weights in {model_dir}: expected {SINGLE_NAME}, {INDEX_NAME} with its shards, "
+            "or *.safetensors"
         )
-    return {name: path for path in shards for name in _open(path).keys()}
+    return {name: path for path in shards for name in _open(path).keys()}  # noqa: SIM118 (not a dict)
 
 
 def _open(path: Path):
     try:
         return safe_open(str(path), framework="pt", device="cpu")
     except (SafetensorError, OSError, ValueError) as e:
-        raise WeightsError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from None
+        raise WeightsError(
+            f"{path} is not a readable safetensors file ({e}); it is truncated or corrupt: "
+            "download or write it again"
+        ) from None
 
 
 class TensorReader:
@@ -58,6 +62,13 @@ class TensorReader:
 
     def names(self) -> list[str]:
         return list(self.files)
+
+    def header(self, name: str) -> tuple[str, tuple[int, ...]]:
+        """(safetensors dtype name such as "U8" or "BF16", shape) of a tensor, without reading its data."""
+        if name not in self.files:
+            raise WeightsError(f"tensor {name!r} is missing from the checkpoint")
+        info = self._handles[self.files[name]].get_slice(name)
+        return info.get_dtype(), tuple(info.get_shape())
 
     def get(self, name: str) -> torch.Tensor:
         if name not in self.files:

@@ -1,7 +1,7 @@
 """The reference kernel: integer-exact ternary linear in plain torch, valid on any device. It defines truth.
 
-Weights stay in the 2-bit HF packed layout and are unpacked per call, a quarter at a time, so a loaded model costs
-little more memory than its checkpoint.
+Weights stay in the 2-bit HF packed layout and are unpacked per call, a quarter at a time, so a loaded model
+costs little more memory than its checkpoint.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from ..quant.activations import quantize_activations
 from ..quant.layouts import PackedWeight
 from .registry import Kernel, register_kernel
 
-# An int8 x ternary dot product over K terms is an integer of magnitude <= 128 * K; with the stored codes w + 1
-# in {0, 1, 2} it is <= 256 * K. Every partial sum is exact in float32 while that stays below 2**24, i.e. for
-# K <= 65536, whatever order the matmul sums in.
+# An int8 x ternary dot product over K terms is an integer of magnitude <= 128 * K; with the stored codes
+# w + 1 in {0, 1, 2} it is <= 256 * K. Every partial sum is exact in float32 while that stays below 2**24,
+# i.e. for K <= 65536, whatever order the matmul sums in.
 MAX_EXACT_FP32_K = 2**24 // 256
 
 
@@ -51,7 +51,9 @@ def packed_matmul_int(xq: torch.Tensor, packed: torch.Tensor, out_features: int)
     return (acc - xf.sum(-1, keepdim=True)).to(torch.int32)
 
 
-def scale_output(acc: torch.Tensor, w_scale: torch.Tensor, a: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def scale_output(
+    acc: torch.Tensor, w_scale: torch.Tensor, a: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
     """y = acc * s / a in float32, then cast; `w_scale` is per tensor or per output row."""
     return (acc.to(torch.float32) * (w_scale.to(torch.float32) / a)).to(dtype)
 
@@ -61,7 +63,8 @@ def reference_linear(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
     if w.data.dtype != torch.uint8 or tuple(w.data.shape) != (-(-out // 4), cols):
         raise LayoutError(
             f"the reference kernel takes HF packed uint8 [{-(-out // 4)}, {cols}] for a {out}x{cols} weight, "
-            f"got {w.data.dtype} {tuple(w.data.shape)} (layout {w.layout!r}); prepare the weight with the kernel"
+            f"got {w.data.dtype} {tuple(w.data.shape)} (layout {w.layout!r}); "
+            "prepare the weight with the kernel"
         )
     if x.shape[-1] != cols:
         raise LayoutError(f"input has {x.shape[-1]} features but the weight expects {cols}")

@@ -24,6 +24,8 @@ class Kernel:
 
     `device_type` is "cpu", "cuda" or "any"; `isa` names the instruction set for native kernels.
     `prepare` turns a weight from any layout into what `linear` takes; it runs once, at load.
+    `linear_many(x, weights, norm)`, where a kernel has it, computes x' @ W_i.T for several weights that share
+    their input, quantizing x' once; x' = rms_norm(x) * weight for norm = (weight, eps), else x.
     """
 
     name: str
@@ -34,6 +36,7 @@ class Kernel:
     isa: str = "torch"
     is_available: Callable[[], bool] = lambda: True
     description: str = ""
+    linear_many: Callable[..., list[torch.Tensor]] | None = None
 
     def prepare(self, w: PackedWeight) -> PackedWeight:
         return repack(w, self.layout)

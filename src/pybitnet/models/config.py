@@ -135,12 +135,16 @@ class ModelConfig:
             family = "llama"
         else:
             raise UnsupportedModelError(
-                f"model_type {model_type!r} (architectures {architectures}) is not a BitNet model pybitnet can "
-                "load: expected model_type 'bitnet', a BitnetForCausalLM (1bitLLM) checkpoint, or a llama model "
-                "with quantization_config.quant_method 'bitnet'"
+                f"model_type {model_type!r} (architectures {architectures}) is not a BitNet model pybitnet "
+                "can load: expected model_type 'bitnet', a BitnetForCausalLM (1bitLLM) checkpoint, or a "
+                "llama model with quantization_config.quant_method 'bitnet'"
             )
-        rope_theta = rope.get("rope_theta", cfg.get("rope_theta", 500000.0 if family == "bitnet" else 10000.0))
-        rope_scaling = cfg.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+        rope_theta = rope.get(
+            "rope_theta", cfg.get("rope_theta", 500000.0 if family == "bitnet" else 10000.0)
+        )
+        rope_scaling = cfg.get("rope_scaling") or (
+            rope if rope.get("rope_type", "default") != "default" else None
+        )
         try:
             return cls(
                 family=family,

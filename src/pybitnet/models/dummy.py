@@ -36,7 +36,8 @@ CHAT_TEMPLATE_2B4T = (
 # Training text for the BPE merges: plain English on varied topics, so common words become single tokens.
 TRAINING_TEXT = """\
 The quick brown fox jumps over the lazy dog. A small language model learns to predict the next word in a
-sentence, one token at a time. It reads a prompt, builds a cache of keys and values, and then writes an answer.
+sentence, one token at a time. It reads a prompt, builds a cache of keys and values, and then writes an
+answer.
 Weights that take only three values, minus one, zero and plus one, need less than two bits each. The model
 multiplies small integers and adds them up, which is cheap on an ordinary processor.
 
@@ -45,13 +46,14 @@ and the children ran to school. In the evening the people sat together, talked a
 stories about the river, the mountains and the sea. Nobody knew where the river began, but everyone agreed
 that the water was cold and clear.
 
-Hello! How are you today? I am fine, thank you. What would you like to do this afternoon? We could go for a walk
-in the park, read a book, or cook dinner for our friends. Please tell me what you think, and I will help you
-plan the day. The weather is nice, so let us go outside while the sun is shining.
+Hello! How are you today? I am fine, thank you. What would you like to do this afternoon? We could go for a
+walk in the park, read a book, or cook dinner for our friends. Please tell me what you think, and I will
+help you plan the day. The weather is nice, so let us go outside while the sun is shining.
 
-Computers store numbers as bits. Eight bits make a byte, and a byte can hold two hundred and fifty six different
-values. Programs read data from memory, compute a result and write it back. Good software is tested: every
-function has a test that checks its answer against a known value, and the tests run on every change.
+Computers store numbers as bits. Eight bits make a byte, and a byte can hold two hundred and fifty six
+different values. Programs read data from memory, compute a result and write it back. Good software is
+tested: every function has a test that checks its answer against a known value, and the tests run on every
+change.
 
 The history of science is a history of questions. Why does the apple fall? Why is the sky blue? How far away
 are the stars? People measured, wrote down what they saw and shared their results with each other. Over many
@@ -81,10 +83,12 @@ def special_token_ids(
         eot_id = bos_id + 9 if high else max(bos_id, eos_id) + 1
     ids = [bos_id, eos_id, eot_id] + ([] if pad_id is None else [pad_id])
     if len(set(ids)) != len(ids):
-        raise ConfigError(f"special token ids collide: bos {bos_id}, eos {eos_id}, eot {eot_id}, pad {pad_id}")
+        raise ConfigError(
+            f"special token ids collide: bos {bos_id}, eos {eos_id}, eot {eot_id}, pad {pad_id}"
+        )
     if any(i < 0 or i >= vocab_size for i in ids):
         raise ConfigError(f"special token ids {ids} must lie inside the vocabulary (size {vocab_size})")
-    named = dict(zip(ids, (BOS, EOS, EOT, "<|pad|>")))
+    named = dict(zip(ids, (BOS, EOS, EOT, "<|pad|>")[: len(ids)], strict=True))
     if high:
         named.setdefault(bos_id + 6, "<|start_header_id|>")
         named.setdefault(bos_id + 7, "<|end_header_id|>")
@@ -120,7 +124,7 @@ def _filler_tokens(n: int, taken: set[str]) -> list[str]:
 
 
 def _train_bpe(text: str, vocab_size: int) -> tuple[list[str], list[tuple[str, str]]]:
-    """(tokens in training order, merges) of a byte-level BPE trained on `text`, at most `vocab_size` tokens."""
+    """(tokens in training order, merges) of a byte-level BPE trained on `text`: at most `vocab_size`."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = _pre_tokenizer()
     trainer = trainers.BpeTrainer(
@@ -194,7 +198,8 @@ def write_tokenizer_files(tok: Tokenizer, config: ModelConfig, out_dir: Path) ->
     tok.save(str(out_dir / "tokenizer.json"))
     eot_id = tok.token_to_id(EOT)
     added = {
-        str(i): {**_token_entry(t.content), "special": True} for i, t in sorted(tok.get_added_tokens_decoder().items())
+        str(i): {**_token_entry(t.content), "special": True}
+        for i, t in sorted(tok.get_added_tokens_decoder().items())
     }
     tokenizer_config = {
         "added_tokens_decoder": added,
@@ -243,8 +248,9 @@ def create_dummy(
 ) -> Path:
     """Write a random-ternary checkpoint of a preset (or config) to `out_dir` and return the directory.
 
-    Ternary families get the HF packed format; the legacy family gets 1bitLLM's latent float weights. Either way
-    the directory also holds the tokenizer files, so `pybitnet.load_model` and transformers' Auto classes load it.
+    Ternary families get the HF packed format; the legacy family gets 1bitLLM's latent float weights. Either
+    way the directory also holds the tokenizer files, so `pybitnet.load_model` and transformers' Auto classes
+    load it.
     """
     from ..formats.hf import save_hf_model
     from .random_init import random_latent_model, random_model

@@ -1,8 +1,8 @@
 """A preallocated KV cache, one per model: [layers, batch, kv_heads, max_len, head_dim] for keys and values.
 
-Each sequence (batch row) has its own positions, so prompts of different lengths share one batch: a row writes
-its keys at its own positions and a query at position p sees keys 0..p of its row. Entries past p (padding, or a
-sequence that was reset) are never visible, so no clearing is needed between uses of a row.
+Each sequence (batch row) has its own positions, so prompts of different lengths share one batch: a row
+writes its keys at its own positions and a query at position p sees keys 0..p of its row. Entries past p
+(padding, or a sequence that was reset) are never visible, so no clearing is needed between uses of a row.
 """
 
 from __future__ import annotations

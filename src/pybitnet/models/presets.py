@@ -1,4 +1,4 @@
-"""Named model shapes. `bitnet-2b-4t` is microsoft/bitnet-b1.58-2B-4T; the small ones are for tests and demos."""
+"""Named model shapes: `bitnet-2b-4t` is microsoft/bitnet-b1.58-2B-4T; the tiny ones serve tests and demos."""
 
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ def random_ternary(out: int, cols: int, generator: torch.Generator) -> TernaryWe
 
 
 def _init_float_params(model: Transformer, g: torch.Generator) -> None:
-    """Norm gains near 1, unit-variance embeddings, a small untied head; latent BitLinear weights ~ N(0, 1/in)."""
+    """Norm gains near 1, unit-variance embeddings, a small untied head, latent weights ~ N(0, 1/in)."""
     for name, p in model.named_parameters():
         if name.endswith("norm.weight"):
             p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
@@ -35,7 +35,7 @@ def _init_float_params(model: Transformer, g: torch.Generator) -> None:
 def random_model(
     config: ModelConfig, seed: int = 0, dtype: torch.dtype = torch.float32, kernel: Kernel | str | None = None
 ) -> Transformer:
-    """A Transformer with random packed ternary linears and random norms / embeddings of realistic magnitude."""
+    """A Transformer with random packed ternary linears, and norms / embeddings of realistic magnitude."""
     kernel = kernel if isinstance(kernel, Kernel) else select_kernel("cpu", kernel)
     g = torch.Generator().manual_seed(seed)
 
@@ -48,7 +48,9 @@ def random_model(
     return model.to(dtype).eval().requires_grad_(False)
 
 
-def random_latent_model(config: ModelConfig, seed: int = 0, dtype: torch.dtype = torch.float32) -> Transformer:
+def random_latent_model(
+    config: ModelConfig, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> Transformer:
     """A Transformer in training form: BitLinear layers with random latent float weights (as 1bitLLM
     checkpoints and bf16 master weights hold them)."""
     g = torch.Generator().manual_seed(seed)

@@ -7,18 +7,29 @@ batch may hold prompts of different lengths.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..nn import RMSNorm
+from ..errors import ConfigError
+from ..kernels import cpu as cpu_kernels
+from ..kernels.cpu_head import Int8Head
+from ..nn import PackedBitLinear, RMSNorm
+from ..nn.bitlinear import fused_linears
 from .config import ModelConfig
 from .kv_cache import KVCache
 
 # (in_features, out_features) -> a ternary linear module (training BitLinear or inference PackedBitLinear)
 LinearFactory = Callable[[int, int], nn.Module]
+HEAD_ENV = "PYBITNET_LM_HEAD"  # auto | int8 | float: the output head's default mode
+
+
+def _runs_native_cpu_kernels(model: nn.Module) -> bool:
+    layer = next((m for m in model.modules() if isinstance(m, PackedBitLinear)), None)
+    return layer is not None and layer.kernel.layout == "cpu_i2"
 
 
 def rope_inv_freq(config: ModelConfig, device: torch.device | str | None = None) -> torch.Tensor:
@@ -55,7 +66,11 @@ class Attention(nn.Module):
             config.num_key_value_heads,
             config.head_dim,
         )
-        hidden, q_dim, kv_dim = config.hidden_size, self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        hidden, q_dim, kv_dim = (
+            config.hidden_size,
+            self.n_heads * self.head_dim,
+            self.n_kv_heads * self.head_dim,
+        )
         self.q_proj = linear(hidden, q_dim)
         self.k_proj = linear(hidden, kv_dim)
         self.v_proj = linear(hidden, kv_dim)
@@ -69,11 +84,14 @@ class Attention(nn.Module):
         sin: torch.Tensor,
         positions: torch.Tensor,
         cache: KVCache | None,
+        norm: RMSNorm | None = None,
     ) -> torch.Tensor:
+        """`norm`, when given, is applied to x first (fused with the projections' activation quantization)."""
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = fused_linears(x, (self.q_proj, self.k_proj, self.v_proj), norm)
+        q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:
             key_pos = positions
@@ -83,9 +101,7 @@ class Attention(nn.Module):
         mask = key_pos[:, None, None, :] <= positions[:, None, :, None]  # [B, 1, T, S]: causal per sequence
         y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, enable_gqa=True)
         y = y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)
-        if self.attn_sub_norm is not None:
-            y = self.attn_sub_norm(y)
-        return self.o_proj(y)
+        return fused_linears(y, (self.o_proj,), self.attn_sub_norm)[0]
 
 
 class FeedForward(nn.Module):
@@ -94,15 +110,16 @@ class FeedForward(nn.Module):
         self.gate_proj = linear(config.hidden_size, config.intermediate_size)
         self.up_proj = linear(config.hidden_size, config.intermediate_size)
         self.down_proj = linear(config.intermediate_size, config.hidden_size)
-        self.ffn_sub_norm = RMSNorm(config.intermediate_size, config.rms_norm_eps) if config.sub_norms else None
+        self.ffn_sub_norm = (
+            RMSNorm(config.intermediate_size, config.rms_norm_eps) if config.sub_norms else None
+        )
         self.relu2 = config.hidden_act == "relu2"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate = self.gate_proj(x)
-        h = (F.relu(gate).square() if self.relu2 else F.silu(gate)) * self.up_proj(x)
-        if self.ffn_sub_norm is not None:
-            h = self.ffn_sub_norm(h)
-        return self.down_proj(h)
+    def forward(self, x: torch.Tensor, norm: RMSNorm | None = None) -> torch.Tensor:
+        """`norm`, when given, is applied to x first (fused with gate/up's activation quantization)."""
+        gate, up = fused_linears(x, (self.gate_proj, self.up_proj), norm)
+        h = (F.relu(gate).square() if self.relu2 else F.silu(gate)) * up
+        return fused_linears(h, (self.down_proj,), self.ffn_sub_norm)[0]
 
 
 class Block(nn.Module):
@@ -114,8 +131,8 @@ class Block(nn.Module):
         self.mlp = FeedForward(config, linear)
 
     def forward(self, x, cos, sin, positions, cache):
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, cache)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        h = x + self.self_attn(x, cos, sin, positions, cache, norm=self.input_layernorm)
+        return h + self.mlp(h, norm=self.post_attention_layernorm)
 
 
 def _building_on_meta() -> bool:
@@ -147,6 +164,8 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, device=head_device)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        self.head_mode: str | None = None  # None: $PYBITNET_LM_HEAD, else "auto"; see int8_head()
+        self.lm_head_int8: Int8Head | None = None
         self.register_buffer("inv_freq", rope_inv_freq(config, _real_device()), persistent=False)
 
     @property
@@ -157,7 +176,9 @@ class Transformer(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.embed_tokens.weight.dtype
 
-    def new_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
+    def new_cache(
+        self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None
+    ) -> KVCache:
         c = self.config
         max_len = max_len or c.max_position_embeddings
         return KVCache(
@@ -190,12 +211,32 @@ class Transformer(nn.Module):
         """input_ids [B, T] -> logits [B, T, vocab] (float32). Without a cache, positions default to 0..T-1.
         `last_only` computes logits for the last position of each row only ([B, 1, vocab])."""
         if positions is None:
-            positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand(input_ids.shape[0], -1)
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand(
+                input_ids.shape[0], -1
+            )
         x = self.embed_tokens(input_ids).to(self.compute_dtype)
         cos, sin = self.rope(positions)
         for block in self.layers:
             x = block(x, cos, sin, positions, cache)
-        x = self.norm(x)
         if last_only:
             x = x[:, -1:]
+        head = self.int8_head()
+        if head is not None:
+            return head(x, self.norm)
+        x = self.norm(x)
         return F.linear(x.to(self.lm_head.weight.dtype), self.lm_head.weight).float()
+
+    def int8_head(self) -> Int8Head | None:
+        """The int8 per-row copy of the output head, made on first use, when `head_mode` is "int8", or "auto"
+        (the default, also set by $PYBITNET_LM_HEAD) on CPU with the C kernels; None means the float head."""
+        mode = self.head_mode or os.environ.get(HEAD_ENV, "auto")
+        if mode not in ("auto", "int8", "float"):
+            raise ConfigError(f"lm_head mode must be auto, int8 or float, got {mode!r}")
+        if mode == "float" or self.lm_head.weight.device.type != "cpu" or not cpu_kernels.native_available():
+            self.lm_head_int8 = None
+            return None
+        if mode == "auto" and not _runs_native_cpu_kernels(self):
+            return None
+        if self.lm_head_int8 is None:
+            self.lm_head_int8 = Int8Head.from_float(self.lm_head.weight)
+        return self.lm_head_int8

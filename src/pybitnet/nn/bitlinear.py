@@ -9,10 +9,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import LayoutError
 from ..kernels import Kernel, select_kernel
 from ..quant import PackedWeight, TernaryWeight, pack, quantize_weight, unpack
 from ..quant.ste import ste_activations, ste_weight
@@ -62,7 +65,8 @@ class BitLinear(nn.Linear):
 
 
 class PackedBitLinear(nn.Module):
-    """Inference-only ternary linear: buffers `packed` (uint8) and `scale` (float32) in the kernel's layout."""
+    """Inference-only ternary linear: buffers `packed` (uint8) and `scale` (float32), in the kernel's
+    layout."""
 
     def __init__(
         self,
@@ -116,7 +120,9 @@ class PackedBitLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
     def to_latent(self, dtype: torch.dtype = torch.float32) -> BitLinear:
-        """A training-form BitLinear whose latent weights are the dequantized ternary weights."""
+        """A training-form BitLinear computing what this layer computes: latent weights
+        codes * s / mean|codes|, whose absmean ternarization gives back exactly these codes and (up to
+        rounding) the scale s. (Plain codes * s would ternarize to the scale s * mean|codes|.)"""
         layer = BitLinear(
             self.in_features,
             self.out_features,
@@ -125,8 +131,12 @@ class PackedBitLinear(nn.Module):
             device=self.packed.device,
             dtype=dtype,
         )
+        tw = self.ternary()
+        if tw.scale.numel() != 1:
+            raise LayoutError("to_latent needs one scale per tensor (absmean training has no per-row scales)")
+        density = tw.codes.float().abs().mean().clamp(min=1.0 / tw.codes.numel())
         with torch.no_grad():
-            layer.weight.copy_(self.ternary().dequantize(dtype))
+            layer.weight.copy_(TernaryWeight(tw.codes, tw.scale / density).dequantize(dtype))
             if self.bias is not None:
                 layer.bias.copy_(self.bias)
             if self.input_norm is not None:
@@ -138,3 +148,32 @@ class PackedBitLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"layout={self.layout}, kernel={self.kernel.name}"
         )
+
+
+def fused_linears(
+    x: torch.Tensor, layers: Sequence[nn.Module], norm: RMSNorm | None = None
+) -> list[torch.Tensor]:
+    """[layer(norm(x)) for layer in layers], for layers that read the same input (q/k/v, gate/up).
+
+    When every layer is a bias-free PackedBitLinear on one kernel with `linear_many` (the C kernels), this is
+    one call: the RMSNorm is fused with the activation quantization, which runs once for all layers, and
+    every layer's rows share one parallel region. Otherwise (the reference kernel, training) the layers run
+    one by one.
+    """
+    kernel = getattr(layers[0], "kernel", None)
+    fusable = (
+        kernel is not None
+        and kernel.linear_many is not None
+        and x.device.type == "cpu"
+        and (norm is None or type(norm) is RMSNorm)
+        and all(
+            isinstance(m, PackedBitLinear) and m.kernel is kernel and m.bias is None and m.input_norm is None
+            for m in layers
+        )
+    )
+    if fusable:
+        spec = None if norm is None else (norm.weight, norm.eps)
+        return kernel.linear_many(x, [m.weight() for m in layers], spec)
+    if norm is not None:
+        x = norm(x)
+    return [m(x) for m in layers]

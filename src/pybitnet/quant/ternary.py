@@ -41,8 +41,8 @@ def absmean_scale(w: torch.Tensor) -> torch.Tensor:
 def ternarize(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """clamp(round(W / s), -1, 1) as float32, round half to even.
 
-    Multiplies by 1/s (as transformers and the BitNet reference code do) so latent checkpoints ternarize to the
-    same codes they do, bit for bit, even at rounding ties.
+    Multiplies by 1/s (as transformers and the BitNet reference code do) so latent checkpoints ternarize to
+    the same codes they do, bit for bit, even at rounding ties.
     """
     return (w.float() * (1.0 / scale)).round().clamp(-1, 1)
 

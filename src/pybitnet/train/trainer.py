@@ -30,6 +30,7 @@ from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import TokenDataset
 from .errors import CheckpointError
+from .fused import set_fused, use_fused_kernels
 from .model import export, init_model, load_model_for_training, model_config
 from .monitor import Monitor
 from .schedules import lr_at, quant_strength_at, weight_decay_at
@@ -184,10 +185,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     model, source_dir = build_model(cfg)
     freeze(model, cfg.freeze)
     model.to(device)
-    if cfg.quantize and cfg.fused_kernels and device.type == "cuda":
-        from .fused import use_fused_kernels
-
-        use_fused_kernels(model)
+    fused = cfg.quantize and cfg.fused_kernels and device.type == "cuda" and use_fused_kernels(model) > 0
     skeleton = copy.deepcopy(model).to("meta") if info.mode == "fsdp" else None
     raw_model = model
     model = distributed.wrap(model, info, device)
@@ -234,6 +232,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         set_hyperparameters(optimizer, lr, wd)
         lam_w, lam_a = quant_strength_at(step, cfg.quant_warmup_steps), quant_strength_at(step, cfg.act_warmup)
         set_quant_strength(raw_model, lam_w, lam_a)
+        if fused:
+            set_fused(raw_model, lam_w == 1.0 and lam_a == 1.0)
 
         ids, labels = train_data.next_batch(global_batch)
         n_targets = (labels[:, 1:] != IGNORE_INDEX).sum().clamp(min=1).item()  # known on the host: no sync

@@ -25,7 +25,8 @@ def available() -> bool:
 
 
 def triton_linear(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
-    """y = x @ W.T with per-token int8 activations: one fused launch for one row, else quantize + tensor cores."""
+    """y = x @ W.T with per-token int8 activations: one fused launch for one row, else quantize, then the
+    tensor-core GEMM."""
     from .matmul import ternary_gemv, ternary_mm
     from .quant import norm_quant
 
@@ -49,6 +50,6 @@ TRITON = register_kernel(
         priority=20,
         isa="triton",
         is_available=available,
-        description="Triton: W2A8 GEMV (dp4a) and int8 tensor-core GEMM, integer-exact; needs CUDA and triton",
+        description="Triton: W2A8 GEMV (dp4a), int8 tensor-core GEMM, integer-exact; needs CUDA and triton",
     )
 )

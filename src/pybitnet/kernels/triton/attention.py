@@ -13,6 +13,13 @@ import triton.language as tl
 
 from .common import LAUNCH_OPTS, on_gpu, round_to
 
+# launch shape by batch (rows <= 8: "small", else "large"): cache positions per loop step, warps, stages;
+# the GPU benchmark measures the choices
+DECODE_CONFIGS = {
+    "small": {"block": 64, "num_warps": 4, "num_stages": 2},
+    "large": {"block": 64, "num_warps": 4, "num_stages": 2},
+}
+
 
 @triton.jit
 def _rope(ptrs, rot_ptrs, sign, cos, sin, mask, XDT: tl.constexpr, NATIVE: tl.constexpr):
@@ -63,8 +70,8 @@ def _decode_attention_kernel(
         s_ok = sp <= pos
         kt = tl.load(k_base + sp[:, None] * stride_cs + d[None, :], mask=s_ok[:, None], other=0.0).to(xdt)
         vt = tl.load(v_base + sp[:, None] * stride_cs + d[None, :], mask=s_ok[:, None], other=0.0).to(xdt)
-        if IEEE:
-            scores = tl.dot(q, tl.trans(kt), input_precision="ieee")
+        if IEEE or not NATIVE:  # float32 products; the interpreter's dot mishandles bfloat16
+            scores = tl.dot(q.to(tl.float32), tl.trans(kt.to(tl.float32)), input_precision="ieee")
         else:
             scores = tl.dot(q, tl.trans(kt))
         scores = tl.where(s_ok[None, :], scores * sm_scale, float("-inf"))
@@ -72,8 +79,8 @@ def _decode_attention_kernel(
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(scores - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        if IEEE:
-            pv = tl.dot(p.to(xdt), vt, input_precision="ieee")
+        if IEEE or not NATIVE:
+            pv = tl.dot(p.to(xdt).to(tl.float32), vt.to(tl.float32), input_precision="ieee")
         else:
             pv = tl.dot(p.to(xdt), vt)
         acc = acc * alpha[:, None] + pv
@@ -93,18 +100,20 @@ def decode_attention(
     num_heads: int,
     num_kv_heads: int,
     out: torch.Tensor | None = None,
-    block: int = 64,
+    block: int | None = None,
 ) -> torch.Tensor:
     """qkv [B, (H + 2 KVH) D] (q, k, v of one new token per row, before RoPE); cos, sin [max_len, D];
     positions [B] int32 (where each row's token goes); k_cache, v_cache [B', KVH, max_len, D] (one layer).
     Writes the roped key and the value into the caches and returns attention [B, H D] in qkv's dtype."""
     b = qkv.shape[0]
     d = cos.shape[-1]
+    cfg = DECODE_CONFIGS["small" if b <= 8 else "large"]
     out = torch.empty((b, num_heads * d), dtype=qkv.dtype, device=qkv.device) if out is None else out
     _decode_attention_kernel[(b, num_kv_heads)](
         qkv, cos, sin, positions, k_cache, v_cache, out,
         qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0), d**-0.5,
         H=num_heads, KVH=num_kv_heads, D=d, GP=max(16, triton.next_power_of_2(num_heads // num_kv_heads)),
-        BS=block, IEEE=qkv.dtype == torch.float32, NATIVE=on_gpu(qkv), num_warps=4, num_stages=2, **LAUNCH_OPTS,
+        BS=block or cfg["block"], IEEE=qkv.dtype == torch.float32, NATIVE=on_gpu(qkv),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **LAUNCH_OPTS,
     )  # fmt: skip
     return out

@@ -28,20 +28,16 @@ LAUNCH_OPTS = {"enable_fp_fusion": False}
 def round_half_even(v, NATIVE: tl.constexpr):
     """torch.round on float32 (ties to even). The add-subtract of 1.5 * 2**23 rounds the same way in IEEE
     arithmetic for |v| < 2**22; the interpreter has no libdevice."""
-    if NATIVE:
-        r = libdevice.rint(v)
-    else:
-        r = (v + 12582912.0) - 12582912.0
-    return r
+    return libdevice.rint(v) if NATIVE else (v + 12582912.0) - 12582912.0
 
 
 @triton.jit
 def round_to(x, DT: tl.constexpr, NATIVE: tl.constexpr):
     """float32 x rounded to dtype DT (to nearest, ties to even) and returned as float32, as a torch cast.
     The interpreter's own float32 -> bfloat16 cast truncates, so it gets the integer form of the rounding."""
-    if DT == tl.float32:
+    if DT == tl.float32:  # noqa: SIM300 (DT is a compile-time argument, not a constant)
         r = x
-    elif NATIVE or DT != tl.bfloat16:
+    elif NATIVE or DT != tl.bfloat16:  # noqa: SIM300
         r = x.to(DT).to(tl.float32)
     else:
         bits = x.to(tl.uint32, bitcast=True)
@@ -59,25 +55,27 @@ def quantize_i8(y, a, NATIVE: tl.constexpr):
 
 @triton.jit
 def absmax_scale(amax):
-    """a = 127 / max(amax, 1e-5) as torch evaluates `127 / tensor`: a rounded reciprocal, then a rounded product."""
+    """a = 127 / max(amax, 1e-5) as torch evaluates `127 / tensor`: a rounded reciprocal, then a rounded
+    product."""
     return tl.math.div_rn(tl.zeros_like(amax) + 1.0, tl.maximum(amax, 1e-5)) * 127.0
 
 
-_WORKSPACES: dict[tuple[torch.device, str], torch.Tensor] = {}
+_SCRATCH: dict[tuple[torch.device, str], torch.Tensor] = {}
 
 
-def split_k_workspace(device: torch.device, numel: int, kind: str) -> torch.Tensor:
-    """A zeroed int32 buffer of at least `numel` values, kept per device.
+def scratch_buffer(device: torch.device, numel: int, kind: str) -> torch.Tensor:
+    """A zero-initialized int32 buffer of at least `numel` values per (device, kind), allocated once.
 
-    Split-K kernels add partial sums into it and count arrivals per output tile; the last program of a tile reads
-    and zeroes its part again, so the buffer is zero between launches and the launch needs no memset (it can
-    live in a CUDA graph). Kernels on one device share it: launch them on one stream.
+    "acc" / "count": split-K kernels add partial sums into it and count arrivals per output tile; the last
+    program of a tile reads and zeroes its part again, so the buffer is zero between launches and a launch
+    needs no memset (it can live in a CUDA graph). "row": the quantized activation row of a fused GEMV.
+    Kernels on one device share these buffers: launch them on one stream.
     """
     key = (torch.device(device), kind)
-    buf = _WORKSPACES.get(key)
+    buf = _SCRATCH.get(key)
     if buf is None or buf.numel() < numel:
         buf = torch.zeros(max(numel, 1024), dtype=torch.int32, device=device)
-        _WORKSPACES[key] = buf
+        _SCRATCH[key] = buf
     return buf
 
 

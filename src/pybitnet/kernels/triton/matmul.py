@@ -1,9 +1,9 @@
 """Ternary (W2A8) and int8 (W8A8) matrix products in Triton, integer-exact, with fused epilogues.
 
 Two kernels:
-- `_mm_kernel`: any number of rows on int8 tensor cores (`tl.dot`); the 2-bit codes of a weight tile are expanded
-  to int8 {-1, 0, 1} in registers, four 32-column slices per byte column (the "triton_i2" layout). Also takes
-  int8 weights (the int8 lm_head).
+- `_mm_kernel`: any number of rows on int8 tensor cores (`tl.dot`); the 2-bit codes of a weight tile are
+  expanded to int8 {-1, 0, 1} in registers, four 32-column slices per byte column (the "triton_i2" layout).
+  Also takes int8 weights (the int8 lm_head).
 - `_gemv_kernel`: one row (decode at batch 1) on the integer ALUs. Each 32-bit register holds 16 codes; on the
   GPU one inline-PTX block per register expands them with shifts and masks and multiplies with `dp4a`, four
   products per instruction, against codes w+1 in {0,1,2}; the row sum of the activations is subtracted once.
@@ -35,27 +35,9 @@ from .common import (
     on_gpu,
     quantize_i8,
     round_to,
-    split_k_workspace,
+    scratch_buffer,
 )
 from .quant import rms_apply, rms_inverse
-
-# Shifts to the code of element s*32 + j of a 128-block in byte j, slice s = 0..3 ("triton_i2").
-_DP4A_CODES = """
-{
-.reg .b32 t<4>;
-shr.u32 t0, $4, 6;
-shr.u32 t1, $4, 4;
-shr.u32 t2, $4, 2;
-and.b32 t0, t0, 0x03030303;
-and.b32 t1, t1, 0x03030303;
-and.b32 t2, t2, 0x03030303;
-and.b32 t3, $4, 0x03030303;
-dp4a.u32.s32 $0, t0, $5, $9;
-dp4a.u32.s32 $1, t1, $6, $10;
-dp4a.u32.s32 $2, t2, $7, $11;
-dp4a.u32.s32 $3, t3, $8, $12;
-}
-"""
 
 
 @triton.jit
@@ -72,16 +54,10 @@ def _epilogue(
 ):  # fmt: skip
     """Scale (a [BM] per row, s per output or per tensor), gated activation, residual; store."""
     odt = o_ptr.dtype.element_ty
-    if ROW_SCALE:
-        s = tl.load(s_ptr + rn, mask=n_ok, other=0.0)
-    else:
-        s = tl.load(s_ptr + rn * 0)
+    s = tl.load(s_ptr + rn, mask=n_ok, other=0.0) if ROW_SCALE else tl.load(s_ptr + rn * 0)
     y = round_to(_scale_rows(acc, s, a), odt, NATIVE)
     if ACT != 0:
-        if ROW_SCALE:
-            su = tl.load(s_ptr + N + rn, mask=n_ok, other=0.0)
-        else:
-            su = s
+        su = tl.load(s_ptr + N + rn, mask=n_ok, other=0.0) if ROW_SCALE else s
         y = gated_activation(y, round_to(_scale_rows(acc_u, su, a), odt, NATIVE), ACT, odt, NATIVE)
     mask = m_ok[:, None] & n_ok[None, :]
     if RESIDUAL:
@@ -120,6 +96,61 @@ def _finish(
 
 
 @triton.jit
+def _signed_codes(wt, NATIVE: tl.constexpr):
+    """The four int8 {-1, 0, 1} slices of a byte tile of codes w+1 (slice s: bits 7-2s .. 6-2s). On the GPU a
+    few 32-bit operations decode four bytes at once: ((c | 0x80) - 1) ^ 0x80 maps 0, 1, 2 to -1, 0, 1 bytewise
+    without borrows."""
+    if NATIVE:
+        c0, c1, c2, c3 = tl.inline_asm_elementwise(
+            """
+            {
+            .reg .b32 t<4>;
+            shr.u32 t0, $4, 6;
+            shr.u32 t1, $4, 4;
+            shr.u32 t2, $4, 2;
+            and.b32 t0, t0, 0x03030303;
+            and.b32 t1, t1, 0x03030303;
+            and.b32 t2, t2, 0x03030303;
+            and.b32 t3, $4, 0x03030303;
+            or.b32 t0, t0, 0x80808080;
+            or.b32 t1, t1, 0x80808080;
+            or.b32 t2, t2, 0x80808080;
+            or.b32 t3, t3, 0x80808080;
+            sub.u32 t0, t0, 0x01010101;
+            sub.u32 t1, t1, 0x01010101;
+            sub.u32 t2, t2, 0x01010101;
+            sub.u32 t3, t3, 0x01010101;
+            xor.b32 $0, t0, 0x80808080;
+            xor.b32 $1, t1, 0x80808080;
+            xor.b32 $2, t2, 0x80808080;
+            xor.b32 $3, t3, 0x80808080;
+            }
+            """,
+            "=r,=r,=r,=r,r",
+            [wt],
+            dtype=(tl.int8, tl.int8, tl.int8, tl.int8),
+            is_pure=True,
+            pack=4,
+        )
+    else:
+        c0 = ((wt >> 6) & 3).to(tl.int8) - 1
+        c1 = ((wt >> 4) & 3).to(tl.int8) - 1
+        c2 = ((wt >> 2) & 3).to(tl.int8) - 1
+        c3 = (wt & 3).to(tl.int8) - 1
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _dot_slices(x0, x1, x2, x3, wt, acc, NATIVE: tl.constexpr):
+    """acc += x @ W.T for one K block: x0..x3 [BM, BK/4] the activations of the four slices, wt [BN, BK/4]."""
+    c0, c1, c2, c3 = _signed_codes(wt, NATIVE)
+    acc = tl.dot(x0, tl.trans(c0), acc, out_dtype=tl.int32)
+    acc = tl.dot(x1, tl.trans(c1), acc, out_dtype=tl.int32)
+    acc = tl.dot(x2, tl.trans(c2), acc, out_dtype=tl.int32)
+    return tl.dot(x3, tl.trans(c3), acc, out_dtype=tl.int32)
+
+
+@triton.jit
 def _mm_kernel(
     x_ptr, a_ptr, w_ptr, s_ptr, o_ptr, r_ptr, ws_ptr, cnt_ptr,
     M, N, K, KW, stride_x, stride_o, stride_r,
@@ -127,7 +158,8 @@ def _mm_kernel(
     ACT: tl.constexpr, RESIDUAL: tl.constexpr, ROW_SCALE: tl.constexpr, NATIVE: tl.constexpr,
 ):  # fmt: skip
     """out[M, N] = epilogue(xq[M, K] @ W[N, K].T): int8 activations, W ternary ("triton_i2", KW bytes a row)
-    or int8 (W8, KW = row stride). ACT (1 relu², 2 silu): W holds 2N rows, gate then up, out = act(gate)*up."""
+    or int8 (W8, KW = row stride). ACT (1 relu², 2 silu): W holds 2N rows, gate then up; out = act(gate) * up.
+    """
     rm = tl.program_id(1) * BM + tl.arange(0, BM)
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
     m_ok = rm < M
@@ -142,7 +174,7 @@ def _mm_kernel(
             ks = kb * BK + tl.arange(0, BK)
             xt = tl.load(x_rows + ks[None, :], mask=m_ok[:, None] & (ks < K)[None, :], other=0)
             wt = tl.load(w_rows + ks[None, :], mask=n_ok[:, None] & (ks < K)[None, :], other=0)
-            acc = tl.dot(xt, tl.trans(wt), acc)
+            acc = tl.dot(xt, tl.trans(wt), acc, out_dtype=tl.int32)
         else:
             j = tl.arange(0, BK // 4)
             cols = kb * (BK // 4) + j
@@ -152,106 +184,135 @@ def _mm_kernel(
             if ACT != 0:
                 wu = tl.load(u_rows + cols[None, :], mask=w_mask, other=0)
             kbase = kb * BK + (j // 32) * 128 + (j % 32)
-            for s in tl.static_range(4):
-                ks = kbase + s * 32
-                xt = tl.load(x_rows + ks[None, :], mask=m_ok[:, None] & (ks < K)[None, :], other=0)
-                acc = tl.dot(xt, tl.trans(((wt >> (6 - 2 * s)) & 3).to(tl.int8) - 1), acc)
-                if ACT != 0:
-                    acc_u = tl.dot(xt, tl.trans(((wu >> (6 - 2 * s)) & 3).to(tl.int8) - 1), acc_u)
+            x0 = tl.load(x_rows + kbase[None, :], mask=m_ok[:, None] & (kbase < K)[None, :], other=0)
+            x1 = tl.load(
+                x_rows + kbase[None, :] + 32, mask=m_ok[:, None] & (kbase + 32 < K)[None, :], other=0
+            )
+            x2 = tl.load(
+                x_rows + kbase[None, :] + 64, mask=m_ok[:, None] & (kbase + 64 < K)[None, :], other=0
+            )
+            x3 = tl.load(
+                x_rows + kbase[None, :] + 96, mask=m_ok[:, None] & (kbase + 96 < K)[None, :], other=0
+            )
+            acc = _dot_slices(x0, x1, x2, x3, wt, acc, NATIVE)
+            if ACT != 0:
+                acc_u = _dot_slices(x0, x1, x2, x3, wu, acc_u, NATIVE)
     a = tl.load(a_ptr + rm, mask=m_ok, other=1.0)
     tile = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
-    _finish(acc, acc_u, rm, rn, m_ok, n_ok, a, s_ptr, o_ptr, r_ptr, ws_ptr, cnt_ptr, tile, N, stride_o, stride_r,
-            SPLIT_K, ACT, RESIDUAL, ROW_SCALE, NATIVE)  # fmt: skip
-
-
-@triton.jit
-def _x_slice(x_ptr, g_ptr, ks, K, r, a, X_FLOAT: tl.constexpr, NORM: tl.constexpr, NATIVE: tl.constexpr):
-    """int8 activations at columns ks: loaded, or normalized and quantized from the float row."""
-    km = ks < K
-    if X_FLOAT:
-        raw = tl.load(x_ptr + ks, mask=km, other=0.0)
-        y = raw.to(tl.float32)
-        if NORM:
-            g = tl.load(g_ptr + ks, mask=km, other=0.0).to(tl.float32)
-            y = rms_apply(y, r, g, raw.dtype, NATIVE)
-        q = quantize_i8(y, a, NATIVE)
-    else:
-        q = tl.load(x_ptr + ks, mask=km, other=0)
-    return q
+    _finish(acc, acc_u, rm, rn, m_ok, n_ok, a, s_ptr, o_ptr, r_ptr, ws_ptr, cnt_ptr, tile, N,
+            stride_o, stride_r, SPLIT_K, ACT, RESIDUAL, ROW_SCALE, NATIVE)  # fmt: skip
 
 
 @triton.jit
 def _dot_codes(wt, x0, x1, x2, x3, acc, USE_ASM: tl.constexpr):
-    """acc [BN, BK/4] += codes(w+1) . x over the four slices of each byte column."""
-    if USE_ASM:
+    """acc [BN, BK/4] += codes(w+1) . x over the four slices of each byte column (x0..x3 [BN, BK/4])."""
+    if USE_ASM:  # byte j of a register holds the codes of elements j, j+32, j+64, j+96 at bits 7-6 .. 1-0
         acc = tl.inline_asm_elementwise(
-            _DP4A_CODES,
+            """
+            {
+            .reg .b32 t<4>;
+            shr.u32 t0, $4, 6;
+            shr.u32 t1, $4, 4;
+            shr.u32 t2, $4, 2;
+            and.b32 t0, t0, 0x03030303;
+            and.b32 t1, t1, 0x03030303;
+            and.b32 t2, t2, 0x03030303;
+            and.b32 t3, $4, 0x03030303;
+            dp4a.u32.s32 $0, t0, $5, $9;
+            dp4a.u32.s32 $1, t1, $6, $10;
+            dp4a.u32.s32 $2, t2, $7, $11;
+            dp4a.u32.s32 $3, t3, $8, $12;
+            }
+            """,
             "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r",
-            [wt, x0[None, :], x1[None, :], x2[None, :], x3[None, :], acc],
+            [wt, x0, x1, x2, x3, acc],
             dtype=tl.int32,
             is_pure=True,
             pack=4,
         )
     else:
-        acc += ((wt >> 6) & 3).to(tl.int32) * x0[None, :].to(tl.int32)
-        acc += ((wt >> 4) & 3).to(tl.int32) * x1[None, :].to(tl.int32)
-        acc += ((wt >> 2) & 3).to(tl.int32) * x2[None, :].to(tl.int32)
-        acc += (wt & 3).to(tl.int32) * x3[None, :].to(tl.int32)
+        acc += ((wt >> 6) & 3).to(tl.int32) * x0.to(tl.int32)
+        acc += ((wt >> 4) & 3).to(tl.int32) * x1.to(tl.int32)
+        acc += ((wt >> 2) & 3).to(tl.int32) * x2.to(tl.int32)
+        acc += (wt & 3).to(tl.int32) * x3.to(tl.int32)
     return acc
 
 
 @triton.jit
 def _gemv_kernel(
-    x_ptr, g_ptr, a_ptr, w_ptr, s_ptr, o_ptr, r_ptr, ws_ptr, cnt_ptr,
+    x_ptr, g_ptr, a_ptr, q_ptr, w_ptr, s_ptr, o_ptr, r_ptr, ws_ptr, cnt_ptr,
     N, K, KW, eps,
     BN: tl.constexpr, BK: tl.constexpr, KB: tl.constexpr, SPLIT_K: tl.constexpr, X_FLOAT: tl.constexpr,
     NORM: tl.constexpr, ACT: tl.constexpr, RESIDUAL: tl.constexpr, ROW_SCALE: tl.constexpr,
     USE_ASM: tl.constexpr, NATIVE: tl.constexpr,
 ):  # fmt: skip
-    """out[N] = epilogue(x[K] @ W[N, K].T) for ternary W ("triton_i2"). x is int8 with its scale at a_ptr, or
-    (X_FLOAT) a float row, RMS-normalized with gain g (NORM) and quantized here; KB >= K is a power of two."""
+    """out[N] = epilogue(x[K] @ W[N, K].T) for ternary W ("triton_i2"); KB >= K is a power of two.
+
+    x is int8 (q_ptr = x_ptr) with its scale at a_ptr, or (X_FLOAT) a float row, RMS-normalized with gain g
+    (NORM) and quantized here, once per program, into the int8 row at q_ptr: every program writes the same
+    bytes there, then reads its slices back like pre-quantized ones."""
+    pid_k = tl.program_id(1)
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
     n_ok = rn < N
-    r = 1.0
-    if X_FLOAT:
-        offs = tl.arange(0, KB)
-        raw = tl.load(x_ptr + offs, mask=offs < K, other=0.0)
-        y = raw.to(tl.float32)
-        if NORM:
-            gv = tl.load(g_ptr + offs, mask=offs < K, other=0.0).to(tl.float32)
-            r = rms_inverse(y, K, eps)
-            y = rms_apply(y, r, gv, raw.dtype, NATIVE)
-        a = absmax_scale(tl.max(tl.abs(y), axis=0))
-    else:
-        a = tl.load(a_ptr)
     j = tl.arange(0, BK // 4)
     w_rows = w_ptr + rn.to(tl.int64)[:, None] * KW
     u_rows = w_rows + N * KW
+    # the first weight tile is requested before the activation row is ready, so its latency overlaps the
+    # prologue; in the loop each iteration requests the next tile before it computes on the current one
+    cols = pid_k * (BK // 4) + j
+    w_mask = n_ok[:, None] & (cols < KW)[None, :]
+    wt = tl.load(w_rows + cols[None, :], mask=w_mask, other=0)
+    wu = wt
+    if ACT != 0:
+        wu = tl.load(u_rows + cols[None, :], mask=w_mask, other=0)
+
+    offs = tl.arange(0, KB)
+    k_ok = offs < K
+    if X_FLOAT:
+        raw = tl.load(x_ptr + offs, mask=k_ok, other=0.0)
+        y = raw.to(tl.float32)
+        if NORM:
+            gv = tl.load(g_ptr + offs, mask=k_ok, other=0.0).to(tl.float32)
+            y = rms_apply(y, rms_inverse(y, K, eps), gv, raw.dtype, NATIVE)
+        a = absmax_scale(tl.max(tl.abs(y), axis=0))
+        q = quantize_i8(y, a, NATIVE)
+        tl.store(q_ptr + offs, q, mask=k_ok)
+        tl.debug_barrier()  # the row is in memory before any thread of the program reads a slice of it
+    else:
+        a = tl.load(a_ptr)
+        q = tl.load(x_ptr + offs, mask=k_ok, other=0)
+    # codes are w + 1: sum(x) over this program's K blocks is subtracted at the end
+    mine = ((offs // BK) % SPLIT_K) == pid_k
+    total_x = tl.sum(tl.where(mine, q.to(tl.int32), 0), axis=0)
+
+    row0 = (
+        rn[:, None] * 0
+    )  # x slices are loaded as [BN, BK/4] tiles (every row the same) in the weights' layout
     acc = tl.zeros((BN, BK // 4), tl.int32)
     acc_u = tl.zeros((BN, BK // 4), tl.int32)
-    xsum = tl.zeros((BK // 4,), tl.int32)
-    for kb in range(tl.program_id(1), tl.cdiv(K, BK), SPLIT_K):
-        cols = kb * (BK // 4) + j
-        w_mask = n_ok[:, None] & (cols < KW)[None, :]
-        wt = tl.load(w_rows + cols[None, :], mask=w_mask, other=0)
-        kbase = kb * BK + (j // 32) * 128 + (j % 32)
-        x0 = _x_slice(x_ptr, g_ptr, kbase, K, r, a, X_FLOAT, NORM, NATIVE)
-        x1 = _x_slice(x_ptr, g_ptr, kbase + 32, K, r, a, X_FLOAT, NORM, NATIVE)
-        x2 = _x_slice(x_ptr, g_ptr, kbase + 64, K, r, a, X_FLOAT, NORM, NATIVE)
-        x3 = _x_slice(x_ptr, g_ptr, kbase + 96, K, r, a, X_FLOAT, NORM, NATIVE)
-        xsum += x0.to(tl.int32) + x1.to(tl.int32) + x2.to(tl.int32) + x3.to(tl.int32)
+    for kb in range(pid_k, tl.cdiv(K, BK), SPLIT_K):
+        next_cols = (kb + SPLIT_K) * (BK // 4) + j
+        next_mask = n_ok[:, None] & (next_cols < KW)[None, :]
+        wt_next = tl.load(w_rows + next_cols[None, :], mask=next_mask, other=0)
+        wu_next = wt_next
+        if ACT != 0:
+            wu_next = tl.load(u_rows + next_cols[None, :], mask=next_mask, other=0)
+        ks = (kb * BK + (j // 32) * 128 + (j % 32))[None, :] + row0
+        x0 = tl.load(q_ptr + ks, mask=ks < K, other=0)
+        x1 = tl.load(q_ptr + ks + 32, mask=ks + 32 < K, other=0)
+        x2 = tl.load(q_ptr + ks + 64, mask=ks + 64 < K, other=0)
+        x3 = tl.load(q_ptr + ks + 96, mask=ks + 96 < K, other=0)
         acc = _dot_codes(wt, x0, x1, x2, x3, acc, USE_ASM)
         if ACT != 0:
-            wu = tl.load(u_rows + cols[None, :], mask=w_mask, other=0)
             acc_u = _dot_codes(wu, x0, x1, x2, x3, acc_u, USE_ASM)
-    # codes are w + 1: subtract sum(x) once per output
-    total_x = tl.sum(xsum, axis=0)
+        wt = wt_next
+        wu = wu_next
     out = (tl.sum(acc, axis=1) - total_x)[None, :]
     out_u = (tl.sum(acc_u, axis=1) - total_x)[None, :]
     rm = tl.arange(0, 1)
     a_row = tl.zeros((1,), tl.float32) + a
-    _finish(out, out_u, rm, rn, rm < 1, n_ok, a_row, s_ptr, o_ptr, r_ptr, ws_ptr, cnt_ptr, tl.program_id(0), N, 0, 0,
-            SPLIT_K, ACT, RESIDUAL, ROW_SCALE, NATIVE)  # fmt: skip
+    _finish(out, out_u, rm, rn, rm < 1, n_ok, a_row, s_ptr, o_ptr, r_ptr, ws_ptr, cnt_ptr,
+            tl.program_id(0), N, 0, 0, SPLIT_K, ACT, RESIDUAL, ROW_SCALE, NATIVE)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -276,9 +337,9 @@ def rows_bucket(m: int) -> int:
 
 
 def default_config(m: int, n: int, k: int, w8: bool = False, gated: bool = False) -> MMConfig:
-    """Tiles by problem size: one row runs on the ALU kernel with small N tiles and many programs (split K when
-    the N tiles alone cannot fill the GPU); many rows use tensor-core tiles. The interpreter pays per program,
-    so it gets few large tiles."""
+    """Tiles by problem size: one row runs on the ALU kernel with small N tiles and many programs (split K
+    when the N tiles alone cannot fill the GPU); many rows use tensor-core tiles. The interpreter pays per
+    program, so it gets few large tiles."""
     if interpreting():
         return MMConfig(bm=16 if m <= 16 else 64, bn=128, bk=256, gemv=m == 1 and not w8)
     tuned = TUNED.get((rows_bucket(m), n, k, gated))
@@ -309,7 +370,7 @@ def _check(x: torch.Tensor, w: PackedWeight, act: str | None) -> tuple[int, int,
 def _split_buffers(device: torch.device, m: int, n_cols: int, tiles: int, split_k: int):
     if split_k == 1:
         return None, None
-    return split_k_workspace(device, m * n_cols, "acc"), split_k_workspace(device, tiles, "count")
+    return scratch_buffer(device, m * n_cols, "acc"), scratch_buffer(device, tiles, "count")
 
 
 def ternary_mm(
@@ -360,8 +421,10 @@ def ternary_gemv(
     config: MMConfig | None = None,
     use_asm: bool | None = None,
 ) -> torch.Tensor:
-    """epilogue(x [1, K] @ W.T) for one row on the integer ALUs (`act`: see ternary_mm). With `a`, x is int8 already quantized with
-    scale a [1]; without, x is float and is quantized here (after RMSNorm with `gain` when given)."""
+    """epilogue(x [1, K] @ W.T) for one row on the integer ALUs (`act`, `residual`: see ternary_mm). With `a`,
+    x is int8 already quantized with scale a [1]; without, x is float and is quantized here (after RMSNorm
+    with `gain` when given). `use_asm=False` replaces the inline PTX by plain Triton (the interpreter's
+    path)."""
     if x.shape[0] != 1:
         raise ValueError(f"ternary_gemv takes one row, got {x.shape[0]}")
     if w.layout != "triton_i2":
@@ -373,11 +436,13 @@ def ternary_gemv(
     out = torch.empty((1, n), dtype=out_dtype, device=x.device) if out is None else out
     grid = (triton.cdiv(n, cfg.bn), cfg.split_k)
     ws, cnt = _split_buffers(x.device, 1, 2 * n if act_code else n, grid[0], cfg.split_k)
+    q = scratch_buffer(x.device, k, "row").view(torch.int8) if x_float else x
     _gemv_kernel[grid](
-        x, gain if gain is not None else x, a if a is not None else x, w.data, w.scale, out,
-        residual if residual is not None else out, ws if ws is not None else out, cnt if cnt is not None else out,
+        x, gain if gain is not None else x, a if a is not None else x, q, w.data, w.scale, out,
+        residual if residual is not None else out,
+        ws if ws is not None else out, cnt if cnt is not None else out,
         n, k, w.data.shape[1], eps,
-        BN=cfg.bn, BK=cfg.bk, KB=triton.next_power_of_2(k) if x_float else 1, SPLIT_K=cfg.split_k, X_FLOAT=x_float,
+        BN=cfg.bn, BK=cfg.bk, KB=triton.next_power_of_2(k), SPLIT_K=cfg.split_k, X_FLOAT=x_float,
         NORM=gain is not None, ACT=act_code, RESIDUAL=residual is not None, ROW_SCALE=w.scale.numel() > 1,
         USE_ASM=on_gpu(x) if use_asm is None else use_asm, NATIVE=on_gpu(x),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **LAUNCH_OPTS,

@@ -1,7 +1,8 @@
 """Fused RMSNorm + per-token int8 activation quantization, one row per program.
 
-Matches, value for value, `RMSNorm` (float32 statistics, the normalized row cast to the activation dtype, times
-the gain in that dtype) followed by `quantize_activations` (a = 127 / max|y|, round half to even, clamp).
+Matches `RMSNorm` (float32 statistics, the normalized row cast to the activation dtype, times the gain in that
+dtype; the sum of squares is added in another order than torch's, so a last bit may differ) followed by
+`quantize_activations` (a = 127 / max|y|, round half to even, clamp) value for value.
 """
 
 from __future__ import annotations

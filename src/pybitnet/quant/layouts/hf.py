@@ -1,6 +1,7 @@
 """HF packed layout (transformers' quant_method "bitnet").
 
-uint8 [ceil(out/4), in]; codes w+1 in {0,1,2}; bits 2i..2i+1 of packed row r hold original row i*ceil(out/4)+r.
+uint8 [ceil(out/4), in]; codes w+1 in {0,1,2}; bits 2i..2i+1 of packed row r hold original row
+i*ceil(out/4)+r.
 Two scale conventions share the bits: "hf" (linear_class autobitlinear, real = codes * weight_scale) and
 "hf_inv" (linear_class bitlinear, real = codes / weight_scale).
 """
@@ -53,7 +54,8 @@ def _canonical_scale(pw: PackedWeight) -> torch.Tensor:
 
 
 def _pack(tw: TernaryWeight) -> PackedWeight:
-    return PackedWeight("hf", pack_rows(tw.codes), _stored_scale(tw), tw.shape)
+    scale = _stored_scale(tw)
+    return PackedWeight("hf", pack_rows(tw.codes), scale, tw.shape)
 
 
 def _unpack(pw: PackedWeight) -> TernaryWeight:
@@ -61,7 +63,8 @@ def _unpack(pw: PackedWeight) -> TernaryWeight:
 
 
 def _pack_inv(tw: TernaryWeight) -> PackedWeight:
-    return PackedWeight("hf_inv", pack_rows(tw.codes), 1.0 / _stored_scale(tw), tw.shape)
+    scale = 1.0 / _stored_scale(tw)
+    return PackedWeight("hf_inv", pack_rows(tw.codes), scale, tw.shape)
 
 
 def _unpack_inv(pw: PackedWeight) -> TernaryWeight:

@@ -12,6 +12,7 @@ PackedWeight for this layout: `data` is the flat uint8 tensor of n / 4 + 32 byte
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ...errors import LayoutError
@@ -38,39 +39,44 @@ def check_i2s_shape(shape: tuple[int, int]) -> None:
 def pack_i2s(tw: TernaryWeight) -> PackedWeight:
     check_codes(tw)
     check_i2s_shape(tw.shape)
-    scale = tw.scale.detach().float().reshape(-1).cpu()
-    if scale.numel() > 1 and not torch.all(scale == scale[0]):
+    scale = tw.scale.detach().float().cpu().numpy().reshape(-1)
+    if scale.size > 1 and not (scale == scale[0]).all():
         raise LayoutError("I2_S holds one scale per tensor; this weight has a different scale per row")
     s = scale[0]
-    if not torch.isfinite(s):
+    if not np.isfinite(s):
         raise LayoutError("I2_S cannot store a non-finite scale")
     # as bitnet.cpp quantizes codes * s: scale = max|W| >= 0, any sign moved into the codes
-    codes = tw.codes.cpu().to(torch.int8) * torch.sign(s).to(torch.int8)
-    q = (codes.reshape(-1, 4, 32) + 1).to(torch.uint8)
+    codes = tw.codes.detach().cpu().numpy().astype(np.int8, copy=False)
+    if s < 0:
+        codes = -codes
+    q = (np.ascontiguousarray(codes).view(np.uint8) + np.uint8(1)).reshape(-1, 4, 32)  # uint8 wraps -1 to 0
     qs = (q[:, 0] << 6) | (q[:, 1] << 4) | (q[:, 2] << 2) | q[:, 3]
-    tail = torch.zeros(TAIL_BYTES, dtype=torch.uint8)
-    tail[:4] = s.abs().reshape(1).view(torch.uint8)
-    return PackedWeight("i2s", torch.cat((qs.reshape(-1), tail)), s.abs().reshape(1), tw.shape)
+    tail = np.zeros(TAIL_BYTES, dtype=np.uint8)
+    tail[:4] = np.array([abs(s)], dtype="<f4").view(np.uint8)
+    data = torch.from_numpy(np.concatenate((qs.reshape(-1), tail)))
+    return PackedWeight("i2s", data, torch.tensor([abs(s)], dtype=torch.float32), tw.shape)
 
 
-def unpack_i2s_bytes(data: torch.Tensor, shape: tuple[int, int]) -> TernaryWeight:
+def unpack_i2s_bytes(data: torch.Tensor | np.ndarray, shape: tuple[int, int]) -> TernaryWeight:
     """Canonical ternary weight from the n / 4 + 32 I2_S bytes of a [out, in] weight."""
     check_i2s_shape(shape)
     n = shape[0] * shape[1]
-    if data.dtype != torch.uint8 or data.numel() != i2s_nbytes(n):
+    raw = data.detach().cpu().numpy() if isinstance(data, torch.Tensor) else np.asarray(data)
+    if raw.dtype != np.uint8 or raw.size != i2s_nbytes(n):
         raise LayoutError(
             f"I2_S data for a {shape[0]}x{shape[1]} weight must be {i2s_nbytes(n)} uint8 bytes, "
-            f"got {data.numel()} of {data.dtype}"
+            f"got {raw.size} of {raw.dtype}"
         )
-    flat = data.reshape(-1)
-    shifts = torch.tensor([6, 4, 2, 0], dtype=torch.uint8).view(1, 4, 1)
-    q = (flat[: n // 4].reshape(-1, 1, 32) >> shifts) & 3
+    flat = raw.reshape(-1)
+    shifts = np.array([6, 4, 2, 0], dtype=np.uint8).reshape(1, 4, 1)
+    q = (flat[: n // 4].reshape(-1, 1, 32) >> shifts) & np.uint8(3)
     if (q == 3).any():
         raise LayoutError("I2_S data holds the 2-bit code 3, which is not a ternary value (corrupt data?)")
-    scale = flat[n // 4 : n // 4 + 4].clone().view(torch.float32).reshape(())
-    if not torch.isfinite(scale):
-        raise LayoutError(f"I2_S scale {scale.item()} is not a finite number (corrupt data?)")
-    return TernaryWeight((q.to(torch.int8) - 1).reshape(shape), scale)
+    scale = np.ascontiguousarray(flat[n // 4 : n // 4 + 4]).view("<f4")[0]
+    if not np.isfinite(scale):
+        raise LayoutError(f"I2_S scale {scale} is not a finite number (corrupt data?)")
+    codes = (q - np.uint8(1)).view(np.int8).reshape(shape)  # uint8 wraps 0 to -1
+    return TernaryWeight(torch.from_numpy(codes), torch.tensor(float(scale), dtype=torch.float32))
 
 
 I2S = register_layout(

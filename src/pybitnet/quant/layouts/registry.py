@@ -66,7 +66,8 @@ def unpack(pw: PackedWeight) -> TernaryWeight:
 
 
 def register_direct_conversion(src: str, dst: str, fn: Callable[[PackedWeight], PackedWeight]) -> None:
-    """Declare a cheap conversion from layout `src` to `dst` that `repack` uses instead of the canonical form."""
+    """Declare a cheap conversion from layout `src` to `dst`, used by `repack` instead of the canonical
+    form."""
     _DIRECT[(src, dst)] = fn
 
 

@@ -1,10 +1,10 @@
 """GPU layout of the Triton kernels ("triton_i2"): 2-bit codes, row-major, interleaved in 128-element blocks.
 
-uint8 [out, Kp/4] with Kp = in rounded up to a multiple of 128 (padding holds weight 0). Codes are w+1 in {0,1,2}.
-In each 128-element block of a row, byte j (0..31) holds elements j, j+32, j+64, j+96 at bits 7-6, 5-4, 3-2, 1-0:
-the byte order of bitnet.cpp's I2_S blocks, kept per output row. A kernel reads a tile of bytes with wide
-coalesced loads and gets four contiguous 32-element slices of activations per byte column from two shifts and a
-mask, so no reshuffle is needed in registers. Rows can be concatenated (fused projections) by `torch.cat`.
+uint8 [out, Kp/4] with Kp = in rounded up to a multiple of 128 (padding holds weight 0). Codes are w+1 in
+{0,1,2}. In each 128-element block of a row, byte j (0..31) holds elements j, j+32, j+64, j+96 at bits 7-6,
+5-4, 3-2, 1-0: the byte order of bitnet.cpp's I2_S blocks, kept per output row. A kernel reads a tile of bytes
+with wide coalesced loads and gets four contiguous 32-element slices of activations per byte column from a
+shift and a mask, so no reshuffle is needed in registers. Rows concatenate (fused projections) by `torch.cat`.
 
 Scale as in "hf": real weight = codes * scale, float32 [1] per tensor or [out] per output row.
 """

@@ -1,0 +1,42 @@
+/* Single-thread timing of the ternary kernels (CPU time, so other load on the machine matters less):
+ * bench_kernels [isa] [m] [n] [k] [reps]. Also the program to run under valgrind --tool=callgrind or perf. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "bitnet_cpu.h"
+#include "ops.h"
+#include "threadpool.h"
+
+int main(int argc, char **argv) {
+    int isa = argc > 1 ? atoi(argv[1]) : bn_isa_best();
+    int64_t m = argc > 2 ? atoll(argv[2]) : 1, n = argc > 3 ? atoll(argv[3]) : 6912, k = argc > 4 ? atoll(argv[4]) : 2560;
+    int reps = argc > 5 ? atoi(argv[5]) : 20;
+    const bn_isa_ops *ops = bn_isa_get(isa);
+    if (!ops) {
+        fprintf(stderr, "ISA %d not available\n", isa);
+        return 1;
+    }
+    int64_t k_pad = (k + BN_KBLOCK - 1) / BN_KBLOCK * BN_KBLOCK, tiles = (n + BN_ROWS - 1) / BN_ROWS;
+    size_t wbytes = (size_t)(tiles * (k_pad / BN_KBLOCK) * BN_TILE_KBLOCK_BYTES);
+    uint8_t *w = malloc(wbytes);
+    float *x = malloc(sizeof(float) * (size_t)(m * k)), *y = malloc(sizeof(float) * (size_t)(m * n));
+    for (size_t i = 0; i < wbytes; i++) w[i] = (uint8_t)(rand() & 0xff) & 0xaa; /* codes 0 or 2 */
+    for (int64_t i = 0; i < m * k; i++) x[i] = (float)(rand() % 2001 - 1000);
+    float scale = 1.0f;
+    bn_tmat mat = {w, n, &scale, 0, y, n};
+    bn_input in = {x, m, k, k, NULL, 0.0f};
+    bn_act act;
+    bn_pool_lock();
+    bn_quantize_input(ops, &in, &act);
+    ops->ternary(&act, &mat, 0, tiles);
+    clock_t t = clock();
+    for (int r = 0; r < reps; r++) ops->ternary(&act, &mat, 0, tiles);
+    double s = (double)(clock() - t) / CLOCKS_PER_SEC / reps;
+    bn_pool_unlock();
+    printf("%s m=%lld n=%lld k=%lld: %.3f ms, %.1f GMAC/s, %.1f GB/s of weights\n", ops->name, (long long)m,
+           (long long)n, (long long)k, s * 1e3, (double)(m * n * k) / s / 1e9, (double)wbytes / s / 1e9);
+    free(w), free(x), free(y);
+    return 0;
+}

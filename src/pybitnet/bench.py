@@ -1,0 +1,163 @@
+"""Throughput benchmark in the manner of llama-bench: prompt processing (ppN) and token generation (tgN).
+
+The model is driven directly through forward(input_ids, positions, cache): ppN runs one forward over N
+tokens into an empty cache (logits of the last position only, as llama-bench); tgN decodes N tokens one at a
+time from an empty context, greedily. Each test runs once untimed (warm-up), then `reps` times; t/s = tokens /
+seconds.
+Peak RSS is the high-water mark of the timed runs (reset after loading where the OS allows it).
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from .kernels.cpu_head import Int8Head
+from .nn import PackedBitLinear
+
+
+@dataclass
+class BenchResult:
+    model: str
+    size_bytes: int
+    params: int
+    backend: str
+    threads: int
+    test: str
+    ts_mean: float
+    ts_sd: float
+    samples: list[float]
+    peak_rss_bytes: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def weight_bytes_and_params(model: nn.Module) -> tuple[int, int]:
+    """Bytes of every weight as the model holds it for inference (packed ternary, int8 head when in use, float
+    tensors otherwise, shared tensors once) and the parameter count of the architecture."""
+    seen: set[int] = set()
+    size = params = 0
+    head = getattr(model, "lm_head_int8", None)
+    for module in model.modules():
+        if isinstance(module, PackedBitLinear):
+            size += module.packed.numel() * module.packed.element_size() + module.scale.numel() * 4
+            params += module.in_features * module.out_features
+            continue
+        if isinstance(module, Int8Head):
+            size += module.q.numel() + module.scale.numel() * 4
+            continue
+        for p in module.parameters(recurse=False):
+            key = p.data_ptr()
+            if key in seen:
+                continue
+            seen.add(key)
+            params += p.numel()
+            is_float_head = head is not None and module is getattr(model, "lm_head", None)
+            if not is_float_head:
+                size += p.numel() * p.element_size()
+    return size, params
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _prompt(model: nn.Module, n: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, model.config.vocab_size, (1, n), generator=g)
+
+
+def run_pp(model: nn.Module, n: int) -> float:
+    ids = _prompt(model, n)
+    cache = model.new_cache(1, n)
+    t = time.perf_counter()
+    model(ids, torch.arange(n)[None], cache, last_only=True)
+    return time.perf_counter() - t
+
+
+def run_tg(model: nn.Module, n: int) -> float:
+    cache = model.new_cache(1, n)
+    token = _prompt(model, 1)
+    t = time.perf_counter()
+    for pos in range(n):
+        logits = model(token, torch.tensor([[pos]]), cache, last_only=True)
+        token = logits[:, -1].argmax(-1, keepdim=True)
+    return time.perf_counter() - t
+
+
+def bench(
+    model: nn.Module, name: str, backend: str, threads: int, tests: list[tuple[str, int]], reps: int
+) -> list[BenchResult]:
+    """Run each (kind, n) test, kind "pp" or "tg", with the kernels and torch set to `threads` threads."""
+    from .kernels import cpu
+
+    if cpu.native_available():
+        cpu.set_num_threads(threads)
+    results = []
+    with torch.inference_mode():
+        for kind, n in tests:
+            run = run_pp if kind == "pp" else run_tg
+            # Decode's torch ops are too small to split; torch's idle OpenMP workers would only spin on the
+            # cores the kernels' threads need. Prefill's attention is large enough to use them.
+            torch.set_num_threads(threads if kind == "pp" else 1)
+            run(model, n)  # warm-up (also builds the int8 head on first use)
+            _reset_peak_rss()
+            seconds = [run(model, n) for _ in range(reps)]
+            rates = [n / s for s in seconds]
+            size, params = weight_bytes_and_params(model)
+            results.append(
+                BenchResult(
+                    model=name,
+                    size_bytes=size,
+                    params=params,
+                    backend=backend,
+                    threads=threads,
+                    test=f"{kind}{n}",
+                    ts_mean=statistics.fmean(rates),
+                    ts_sd=statistics.stdev(rates) if len(rates) > 1 else 0.0,
+                    samples=rates,
+                    peak_rss_bytes=peak_rss_bytes(),
+                )
+            )
+    return results
+
+
+def backend_name(model: nn.Module) -> str:
+    layer = next((m for m in model.modules() if isinstance(m, PackedBitLinear)), None)
+    kernel = "none" if layer is None else layer.kernel.name
+    if kernel == "cpu":
+        from .kernels import cpu
+
+        kernel = f"cpu ({cpu.best_isa()})"
+    head = model.int8_head() if hasattr(model, "int8_head") else None
+    return f"{kernel}, {'int8' if head is not None else 'float'} head"
+
+
+def default_threads() -> int:
+    from .kernels import cpu
+
+    env = os.environ.get(cpu.THREADS_ENV)
+    return int(env) if env else cpu.physical_cores()

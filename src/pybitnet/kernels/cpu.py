@@ -1,0 +1,272 @@
+"""Native CPU kernels: the C extension `pybitnet.kernels._cpu`, one registry entry per instruction set.
+
+"cpu" runs the best instruction set this CPU has (AVX-512 VNNI, AVX2, NEON dotprod, else portable C) and is
+the default on CPU; "cpu-avx512vnni", "cpu-avx2", "cpu-neondot" and "cpu-scalar" force one path. All take the
+"cpu_i2" layout and give results identical, bit for bit, to the reference kernel.
+
+Threads: $PYBITNET_THREADS, else the number of physical cores; `set_num_threads` changes it at run time.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Sequence
+
+import torch
+
+from ..errors import KernelError, LayoutError
+from ..quant.layouts import PackedWeight
+from ..quant.layouts.cpu_i2 import padded_cols, tiled_shape
+from .registry import Kernel, register_kernel
+
+try:
+    from . import _cpu as _native
+except ImportError:  # a source checkout without a build: the reference kernel still runs
+    _native = None
+
+THREADS_ENV = "PYBITNET_THREADS"
+ISAS = {"scalar": 0, "avx2": 1, "avx512vnni": 2, "neondot": 3}
+MAX_K = 2**16  # keeps |sum| < 2**24, so the int32 -> float32 conversion is exact as in the reference
+
+
+def native_available() -> bool:
+    return _native is not None
+
+
+def isa_available(isa: str) -> bool:
+    return _native is not None and _native.isa_available(ISAS[isa])
+
+
+@functools.cache
+def best_isa() -> str:
+    if _native is None:
+        raise KernelError("the C kernels are not built; reinstall pybitnet (pip install .) with a C compiler")
+    best = _native.best_isa()
+    return next(name for name, i in ISAS.items() if i == best)
+
+
+def physical_cores() -> int:
+    """Physical cores this process may run on (SMT siblings counted once)."""
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except AttributeError:
+        return max(1, (os.cpu_count() or 2) // 2)
+    cores = set()
+    for cpu in cpus:
+        try:
+            with open(f"/sys/devices/system/cpu/cpu{cpu}/topology/core_cpus_list") as f:
+                cores.add(f.read().strip())
+        except OSError:
+            cores.add(str(cpu))
+    return max(1, len(cores))
+
+
+_threads_set = False
+
+
+def set_num_threads(n: int | None = None) -> int:
+    """Threads the kernels use (None: $PYBITNET_THREADS or the physical cores); returns the number set."""
+    global _threads_set
+    if _native is None:
+        raise KernelError("the C kernels are not built; reinstall pybitnet (pip install .) with a C compiler")
+    if n is None:
+        env = os.environ.get(THREADS_ENV)
+        n = int(env) if env else physical_cores()
+    if n < 1:
+        raise KernelError(f"thread count must be >= 1, got {n}")
+    _threads_set = True
+    return _native.set_num_threads(n)
+
+
+def get_num_threads() -> int:
+    _ensure_threads()
+    return 1 if _native is None else _native.get_num_threads()
+
+
+def _ensure_threads() -> None:
+    if not _threads_set and _native is not None:
+        set_num_threads()
+
+
+def _rows(x: torch.Tensor, k: int) -> torch.Tensor:
+    if x.shape[-1] != k:
+        raise LayoutError(f"input has {x.shape[-1]} features but the weight expects {k}")
+    if x.device.type != "cpu":
+        raise KernelError(f"the CPU kernels take CPU tensors, got one on {x.device}")
+    return x.reshape(-1, k).to(torch.float32).contiguous()
+
+
+def _check(w: PackedWeight) -> None:
+    out, cols = w.shape
+    d = w.data
+    if w.layout != "cpu_i2" or d.dtype != torch.uint8 or tuple(d.shape) != tiled_shape(out, cols):
+        raise LayoutError(
+            f"the CPU kernels take cpu_i2 uint8 {list(tiled_shape(out, cols))} for a {out}x{cols} weight, "
+            f"got {w.layout!r} {d.dtype} {tuple(d.shape)}; prepare the weight with the kernel"
+        )
+    if not d.is_contiguous() or d.device.type != "cpu":
+        raise LayoutError("cpu_i2 weights must be contiguous CPU tensors")
+    if w.scale.dtype != torch.float32 or not w.scale.is_contiguous() or w.scale.numel() not in (1, out):
+        raise LayoutError(f"cpu_i2 scale must be contiguous float32 with 1 or {out} values")
+    if cols > MAX_K:
+        raise KernelError(f"the CPU kernels take at most {MAX_K} input features, got {cols}")
+
+
+def linear_many(
+    isa: int, x: torch.Tensor, weights: Sequence[PackedWeight], norm: tuple[torch.Tensor, float] | None = None
+) -> list[torch.Tensor]:
+    """x' @ W_i.T for each weight; x' = rms_norm(x) * weight for `norm` = (weight, eps), else x.
+
+    One native call: the activations are normalized and quantized once and every weight's rows are spread over
+    the threads in one parallel region. Outputs are views of one [.., sum(out)] buffer, in x's dtype.
+    """
+    _ensure_threads()
+    k = weights[0].shape[1]
+    for w in weights:
+        _check(w)
+        if w.shape[1] != k:
+            raise LayoutError("weights fused in one call must share their input size")
+    x2 = _rows(x, k)
+    m = x2.shape[0]
+    total = sum(w.shape[0] for w in weights)
+    y = torch.empty((m, total), dtype=torch.float32)
+    mats, col = [], 0
+    for w in weights:
+        n = w.shape[0]
+        mats.append(
+            (
+                w.data.data_ptr(),
+                n,
+                w.scale.data_ptr(),
+                int(w.scale.numel() > 1),
+                y.data_ptr() + 4 * col,
+                total,
+            )
+        )
+        col += n
+    norm_ptr, eps = 0, 0.0
+    if norm is not None:
+        nw = norm[0].detach().to(torch.float32).contiguous()
+        if nw.numel() != k:
+            raise LayoutError(f"norm weight has {nw.numel()} values, expected {k}")
+        norm_ptr, eps = nw.data_ptr(), float(norm[1])
+    if m:
+        _native.ternary(isa, x2.data_ptr(), m, k, k, norm_ptr, eps, mats)
+    y = y.to(x.dtype).view(*x.shape[:-1], total)
+    return list(y.split([w.shape[0] for w in weights], dim=-1))
+
+
+def run_int8(
+    x: torch.Tensor, norm_ptr: int, eps: float, q: torch.Tensor, scale: torch.Tensor, y: torch.Tensor
+) -> None:
+    """y = quant(rms_norm?(x)) @ (q * scale).T on the best instruction set; x float32 [M, K] contiguous,
+    q int8 [N, Kp] with Kp = K rounded up to 128, scale float32 [N], y float32 [M, N]."""
+    _ensure_threads()
+    m, k = x.shape
+    n = q.shape[0]
+    if q.dtype != torch.int8 or q.shape[1] != padded_cols(k) or not q.is_contiguous():
+        raise LayoutError(f"int8 head must be contiguous int8 [N, {padded_cols(k)}]")
+    if (
+        scale.dtype != torch.float32
+        or scale.numel() != n
+        or tuple(y.shape) != (m, n)
+        or y.dtype != torch.float32
+    ):
+        raise LayoutError("int8 head: scale must be float32 [N] and y float32 [M, N]")
+    if k > MAX_K // 2:
+        raise KernelError(f"the int8 head takes at most {MAX_K // 2} input features, got {k}")
+    isa = ISAS[best_isa()]
+    _native.int8(
+        isa,
+        x.data_ptr(),
+        m,
+        k,
+        k,
+        norm_ptr,
+        eps,
+        q.data_ptr(),
+        n,
+        q.shape[1],
+        scale.data_ptr(),
+        y.data_ptr(),
+        n,
+    )
+
+
+def linear(isa: int, x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
+    return linear_many(isa, x, [w])[0]
+
+
+def linear_quantized(isa: str, xq: torch.Tensor, a: torch.Tensor, w: PackedWeight) -> torch.Tensor:
+    """The integer core on given int8 activations [M, K] and factors a [M]: y = acc * s / a, float32 [M, N].
+
+    For tests of the integer path with any int8 values, -128 included."""
+    _check(w)
+    out, cols = w.shape
+    m = xq.shape[0]
+    kp = padded_cols(cols)
+    if xq.dtype != torch.int8 or tuple(xq.shape) != (m, cols):
+        raise LayoutError(f"xq must be int8 [M, {cols}]")
+    ldq = -(-kp // 64) * 64
+    buf = torch.zeros((m, ldq), dtype=torch.int8)
+    buf[:, :cols] = xq
+    rowsum = xq.to(torch.int32).sum(-1, dtype=torch.int32).contiguous()
+    a = a.reshape(m).to(torch.float32).contiguous()
+    y = torch.empty((m, out), dtype=torch.float32)
+    mats = [(w.data.data_ptr(), out, w.scale.data_ptr(), int(w.scale.numel() > 1), y.data_ptr(), out)]
+    _native.ternary_q(ISAS[isa], buf.data_ptr(), ldq, a.data_ptr(), rowsum.data_ptr(), m, kp, mats)
+    return y
+
+
+def quantize(isa: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Native per-row activation quantization: (xq int8 [M, K], a float32 [M, 1]) as quantize_activations."""
+    x2 = _rows(x, x.shape[-1])
+    m, k = x2.shape
+    kp = padded_cols(k)
+    xq = torch.empty((m, kp), dtype=torch.int8)
+    a = torch.empty(m, dtype=torch.float32)
+    rowsum = torch.empty(m, dtype=torch.int32)
+    _native.quantize(
+        ISAS[isa], x2.data_ptr(), m, k, k, xq.data_ptr(), kp, kp, a.data_ptr(), rowsum.data_ptr()
+    )
+    return xq[:, :k], a[:, None]
+
+
+def _register(name: str, isa: str | None, priority: int, description: str) -> Kernel:
+    if isa is None:  # "cpu": the best instruction set, chosen when first called
+
+        def run(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
+            return linear(ISAS[best_isa()], x, w)
+
+        def run_many(x, ws, norm=None):
+            return linear_many(ISAS[best_isa()], x, ws, norm)
+
+        available = native_available
+    else:
+        run = functools.partial(linear, ISAS[isa])
+        run_many = functools.partial(linear_many, ISAS[isa])
+
+        def available() -> bool:
+            return isa_available(isa)
+
+    return register_kernel(
+        Kernel(
+            name=name,
+            device_type="cpu",
+            layout="cpu_i2",
+            linear=run,
+            linear_many=run_many,
+            priority=priority,
+            isa=isa or "native",
+            is_available=available,
+            description=description,
+        )
+    )
+
+
+CPU = _register("cpu", None, 50, "C kernels, the best instruction set of this CPU")
+CPU_AVX512VNNI = _register("cpu-avx512vnni", "avx512vnni", 40, "C kernels, AVX-512 VNNI (x86-64)")
+CPU_AVX2 = _register("cpu-avx2", "avx2", 30, "C kernels, AVX2 (x86-64)")
+CPU_NEONDOT = _register("cpu-neondot", "neondot", 30, "C kernels, NEON with dot product (arm64)")
+CPU_SCALAR = _register("cpu-scalar", "scalar", 10, "C kernels, portable scalar code")

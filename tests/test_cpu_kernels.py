@@ -1,0 +1,167 @@
+"""The C kernels against the reference kernel: bit-exact outputs on every instruction set this CPU runs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from pybitnet.errors import KernelError, LayoutError
+from pybitnet.kernels import cpu, get_kernel, select_kernel
+from pybitnet.kernels.reference import reference_linear
+from pybitnet.quant import TernaryWeight, pack, quantize_activations, unpack
+
+pytestmark = pytest.mark.skipif(not cpu.native_available(), reason="the C kernels are not built")
+
+ROOT = Path(__file__).resolve().parents[1]
+PATHS = [name for name in ("scalar", "avx2", "avx512vnni", "neondot") if cpu.isa_available(name)]
+FAST_PATHS = [p for p in PATHS if p != "scalar"] or ["scalar"]
+# (out, in, tokens): the 2B-4T and 3B shapes, sizes that are not multiples of 4 rows or 128 columns, odd M
+SHAPES = [
+    (2560, 2560, 1),
+    (6912, 2560, 3),
+    (2560, 6912, 1),
+    (3200, 8640, 5),
+    (8640, 3200, 1),
+    (37, 3200, 67),
+    (101, 2560, 9),
+    (5, 129, 4),
+    (1, 1, 1),
+    (7, 200, 130),
+]
+
+
+def random_weight(out: int, cols: int, seed: int, per_row: bool = False) -> TernaryWeight:
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(-1, 2, (out, cols), generator=g, dtype=torch.int8)
+    scale = torch.rand(out if per_row else (), generator=g) * 0.1 + 0.01
+    return TernaryWeight(codes, scale)
+
+
+def test_cpu_is_the_default_on_cpu():
+    assert select_kernel("cpu").name == "cpu"
+    assert get_kernel("cpu").layout == "cpu_i2"
+
+
+def test_layout_round_trip():
+    for out, cols in [(1, 1), (5, 129), (6912, 2560), (37, 3200)]:
+        tw = random_weight(out, cols, 1, per_row=out == 37)
+        pw = pack(tw, "cpu_i2")
+        back = unpack(pw)
+        assert torch.equal(back.codes, tw.codes)
+        assert torch.equal(back.scale, tw.scale.float())
+
+
+@pytest.mark.parametrize("isa", PATHS)
+@pytest.mark.parametrize(("out", "cols", "tokens"), SHAPES)
+def test_exact_vs_reference(isa, out, cols, tokens):
+    if isa == "scalar" and out * cols * tokens > 3_000_000:
+        pytest.skip("the portable path is slow; large shapes run on the vector paths and in csrc/tests")
+    tw = random_weight(out, cols, out + cols + tokens, per_row=out % 2 == 1)
+    hf = pack(tw, "hf")
+    x = torch.randn(tokens, cols, generator=torch.Generator().manual_seed(tokens)) * 3
+    kernel = get_kernel(f"cpu-{isa}")
+    y = kernel.linear(x, kernel.prepare(hf))
+    assert torch.equal(y, reference_linear(x, hf))
+
+
+@pytest.mark.parametrize("isa", FAST_PATHS)
+def test_saturating_activations(isa):
+    """Rows of +-127 against all-(+1) / all-(-1) weights: the largest sums the int16 stages can see."""
+    cols = 8640
+    codes = torch.ones((8, cols), dtype=torch.int8)
+    codes[1::2] = -1
+    hf = pack(TernaryWeight(codes, torch.tensor(1.0)), "hf")
+    x = torch.ones((6, cols))
+    x[1::2] = -1
+    xq, _ = quantize_activations(x)
+    assert xq.abs().min() == 127
+    kernel = get_kernel(f"cpu-{isa}")
+    y = kernel.linear(x, kernel.prepare(hf))
+    assert torch.equal(y, reference_linear(x, hf))
+    assert y.abs().max() == pytest.approx(cols, rel=1e-6)
+
+
+@pytest.mark.parametrize("isa", PATHS)
+def test_integer_core_with_minus_128(isa):
+    cols, out = 2560, 12
+    tw = TernaryWeight(torch.ones((out, cols), dtype=torch.int8), torch.tensor(1.0))
+    w = pack(tw, "cpu_i2")
+    for value in (-128, 127):
+        xq = torch.full((3, cols), value, dtype=torch.int8)
+        y = cpu.linear_quantized(isa, xq, torch.ones(3), w)
+        assert torch.equal(y, torch.full((3, out), float(value * cols)))
+
+
+@pytest.mark.parametrize("isa", PATHS)
+def test_quantization_matches_torch(isa):
+    x = torch.randn(9, 1000, generator=torch.Generator().manual_seed(3)) * 5
+    x[0] = 0  # all-zero row: the 1e-5 clamp
+    x[1, ::7] = 0.5 / 127  # ties at .5 round to even
+    xq, a = cpu.quantize(isa, x)
+    ref_q, ref_a = quantize_activations(x)
+    assert torch.equal(xq, ref_q)
+    assert torch.equal(a, ref_a)
+
+
+def test_fused_projections_share_one_quantization():
+    """linear_many equals separate calls, and with a norm equals RMSNorm then linear (to float rounding)."""
+    kernel = get_kernel("cpu")
+    ws = [kernel.prepare(pack(random_weight(n, 2560, n), "hf")) for n in (2560, 640, 640)]
+    x = torch.randn(3, 2560)
+    fused = kernel.linear_many(x, ws)
+    for w, y in zip(ws, fused, strict=True):
+        assert torch.equal(y, kernel.linear(x, w))
+    norm_w = torch.rand(2560) + 0.5
+    normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * norm_w
+    with_norm = kernel.linear_many(x, ws, (norm_w, 1e-5))
+    for w, y in zip(ws, with_norm, strict=True):
+        ref = kernel.linear(normed, w)
+        assert torch.allclose(y, ref, rtol=0, atol=2e-2 * ref.abs().max().item())
+
+
+def test_threads_do_not_change_results():
+    kernel = get_kernel("cpu")
+    w = kernel.prepare(pack(random_weight(1000, 2560, 5), "hf"))
+    x = torch.randn(17, 2560)
+    before = cpu.get_num_threads()
+    try:
+        cpu.set_num_threads(1)
+        one = kernel.linear(x, w)
+        cpu.set_num_threads(3)
+        three = kernel.linear(x, w)
+    finally:
+        cpu.set_num_threads(before)
+    assert torch.equal(one, three)
+
+
+def test_bad_inputs_raise_typed_errors():
+    kernel = get_kernel("cpu")
+    w = kernel.prepare(pack(random_weight(8, 256, 0), "hf"))
+    with pytest.raises(LayoutError):
+        kernel.linear(torch.randn(2, 255), w)
+    with pytest.raises(LayoutError):
+        kernel.linear(torch.randn(2, 256), pack(random_weight(8, 256, 0), "hf"))
+    with pytest.raises(KernelError):
+        cpu.set_num_threads(0)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("cmake") is None, reason="needs cmake")
+def test_c_kernels_under_sanitizers(tmp_path):
+    """Builds csrc/ with AddressSanitizer + UBSan and runs the standalone C kernel test (every ISA path)."""
+    if os.environ.get("PYBITNET_SKIP_SANITIZE"):
+        pytest.skip("PYBITNET_SKIP_SANITIZE is set")
+    cfg = ["cmake", "-S", str(ROOT), "-B", str(tmp_path), "-DCMAKE_BUILD_TYPE=Debug"]
+    cfg += ["-DPYBITNET_SANITIZE=ON", "-DPYBITNET_KERNEL_TESTS=ON"]
+    subprocess.run(cfg, check=True, capture_output=True)
+    subprocess.run(
+        ["cmake", "--build", str(tmp_path), "--target", "test_kernels"], check=True, capture_output=True
+    )
+    run = subprocess.run([str(tmp_path / "test_kernels")], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert " 0 failed" in run.stdout

@@ -1,0 +1,169 @@
+"""HF checkpoints on disk: the packed format byte for byte, latent and legacy forms, mmap, round trips."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import pybitnet
+from conftest import rel_err
+from pybitnet.formats.hf import save_hf_model, summarize_hf
+from pybitnet.models import ModelConfig
+from pybitnet.models.presets import preset
+from pybitnet.models.random_init import random_latent_model, random_model
+from pybitnet.nn import BitLinear, PackedBitLinear
+from pybitnet.quant.layouts.hf import unpack_rows
+
+
+def _ids(length=9, seed=0):
+    return torch.randint(0, 512, (2, length), generator=torch.Generator().manual_seed(seed))
+
+
+def test_packed_file_holds_the_hub_layout(dummy_dir):
+    """uint8 [out/4, in] weights and a [1] weight_scale per linear; its direction follows linear_class."""
+    for name, multiplies in (("tiny-bitnet", True), ("tiny-llama", False)):
+        path = dummy_dir(name)
+        cfg = json.loads((path / "config.json").read_text())
+        assert cfg["quantization_config"]["quant_method"] == "bitnet"
+        assert cfg["quantization_config"]["linear_class"] == ("autobitlinear" if multiplies else "bitlinear")
+        tensors = load_file(path / "model.safetensors")
+        w, s = (
+            tensors["model.layers.1.mlp.gate_proj.weight"],
+            tensors["model.layers.1.mlp.gate_proj.weight_scale"],
+        )
+        out, cols = cfg["intermediate_size"], cfg["hidden_size"]
+        assert w.dtype == torch.uint8 and w.shape == (out // 4, cols) and s.shape == (1,)
+        model = pybitnet.load_model(path, kernel="reference")
+        tw = model.layers[1].mlp.gate_proj.ternary()
+        assert torch.equal(unpack_rows(w, out), tw.codes)
+        stored = s.item() if multiplies else 1 / s.item()
+        assert stored == pytest.approx(tw.scale.item(), rel=1e-6)
+        assert ("lm_head.weight" in tensors) == (not cfg["tie_word_embeddings"])
+
+
+def _mapped_ranges(path: Path) -> list[tuple[int, int]]:
+    ranges = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        if line.endswith(str(path.resolve())):
+            lo, hi = line.split()[0].split("-")
+            ranges.append((int(lo, 16), int(hi, 16)))
+    return ranges
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc (Linux)")
+def test_loaded_weights_are_views_of_the_memory_mapped_file(dummy_dir):
+    """No copy: packed weights and same-dtype float tensors point into the file's mapping."""
+    path = dummy_dir("tiny-bitnet", dtype=torch.bfloat16)
+    model = pybitnet.load_model(path, dtype=torch.bfloat16, kernel="reference")
+    ranges = _mapped_ranges(path / "model.safetensors")
+    assert ranges
+
+    def mapped(t: torch.Tensor) -> bool:
+        return any(lo <= t.data_ptr() < hi for lo, hi in ranges)
+
+    packed = [m.packed for m in model.modules() if isinstance(m, PackedBitLinear)]
+    assert packed and all(mapped(p) for p in packed)
+    assert mapped(model.embed_tokens.weight) and mapped(model.layers[0].input_layernorm.weight)
+
+
+@pytest.mark.parametrize(("name", "tol"), [("tiny-bitnet", 0.0), ("tiny-llama", 1e-6)])
+def test_save_load_round_trip(tmp_path, name, tol):
+    """Exact where weight_scale multiplies; within float32 rounding of 1/(1/s) where it divides."""
+    model = random_model(preset(name, num_hidden_layers=1), seed=3, kernel="reference")
+    save_hf_model(model, tmp_path)
+    loaded = pybitnet.load_model(tmp_path, kernel="reference")
+    assert loaded.config.to_dict() == model.config.to_dict()
+    assert rel_err(loaded(_ids()), model(_ids())) <= tol
+
+
+def test_out_features_not_a_multiple_of_4_round_trip(tmp_path):
+    """transformers' BitLinear cannot hold these (it floors out/4), but the layout and pybitnet can."""
+    config = preset(
+        "tiny-bitnet", num_hidden_layers=1, intermediate_size=350, num_key_value_heads=1, head_dim=34
+    )
+    model = random_model(config, seed=4, kernel="reference")
+    save_hf_model(model, tmp_path)
+    w = load_file(tmp_path / "model.safetensors")["model.layers.0.mlp.up_proj.weight"]
+    assert w.shape == (88, 128)  # ceil(350 / 4)
+    assert rel_err(pybitnet.load_model(tmp_path, kernel="reference")(_ids()), model(_ids())) == 0.0
+
+
+def test_latent_checkpoint_round_trip(tmp_path):
+    """A training-form model saves its float master weights with a config that quantizes online; loading
+    ternarizes them with the absmean rule, which equals converting each layer with to_packed."""
+    model = random_latent_model(preset("tiny-bitnet", num_hidden_layers=1), seed=5)
+    save_hf_model(model, tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["quantization_config"]["quantization_mode"] == "online"
+    assert cfg["quantization_config"]["linear_class"] == "autobitlinear"
+    w = load_file(tmp_path / "model.safetensors")["model.layers.0.self_attn.q_proj.weight"]
+    assert w.dtype == torch.float32 and "model.layers.0.self_attn.q_proj.weight_scale" not in load_file(
+        tmp_path / "model.safetensors"
+    )
+    for name, module in list(model.named_modules()):
+        if isinstance(module, BitLinear):
+            model.set_submodule(name, module.to_packed("reference"))
+    with torch.no_grad():
+        expected = model(_ids())
+    assert rel_err(pybitnet.load_model(tmp_path, kernel="reference")(_ids()), expected) <= 1e-6
+
+
+def test_legacy_dummy_is_a_1bitllm_checkpoint(dummy_dir):
+    path = dummy_dir("tiny-legacy")
+    cfg = json.loads((path / "config.json").read_text())
+    assert cfg["architectures"] == ["BitnetForCausalLM"] and cfg["model_type"] == "llama"
+    assert "quantization_config" not in cfg and cfg["hidden_act"] == "silu"
+    with safe_open(path / "model.safetensors", "pt") as f:
+        names = set(f.keys())
+        assert f.get_slice("model.layers.0.mlp.down_proj.weight").get_dtype() == "F32"
+    assert "model.layers.1.self_attn.inner_attn_ln.weight" in names
+    assert "model.layers.1.mlp.ffn_layernorm.weight" in names
+    assert not any("sub_norm" in n or n.endswith("weight_scale") for n in names)
+    assert ModelConfig.from_hf(cfg).family == "legacy"
+
+
+def test_mixed_forms_are_refused(tmp_path):
+    from pybitnet.errors import WeightsError
+
+    model = random_latent_model(preset("tiny-bitnet", num_hidden_layers=1))
+    model.layers[0].mlp.up_proj = model.layers[0].mlp.up_proj.to_packed("reference")
+    with pytest.raises(WeightsError, match="mixes packed and training-form"):
+        save_hf_model(model, tmp_path)
+
+
+def test_tokenizer_files_travel_with_a_save(dummy_dir, tmp_path):
+    src = dummy_dir("tiny-bitnet")
+    save_hf_model(pybitnet.load_model(src), tmp_path, tokenizer_dir=src)
+    for fname in (
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "generation_config.json",
+    ):
+        assert (tmp_path / fname).read_bytes() == (src / fname).read_bytes()
+
+
+def test_bf16_load_is_close_to_fp32(dummy_dir):
+    path = dummy_dir("tiny-bitnet", dtype=torch.bfloat16)
+    fp32 = pybitnet.load_model(path, kernel="reference")
+    bf16 = pybitnet.load_model(path, dtype=torch.bfloat16, kernel="reference")
+    assert bf16.embed_tokens.weight.dtype == torch.bfloat16
+    assert rel_err(bf16(_ids()), fp32(_ids())) < 0.05
+
+
+def test_summary_reads_headers_only(dummy_dir):
+    s = summarize_hf(dummy_dir("tiny-llama"))
+    c = s.config
+    per_layer = (
+        2 * c.hidden_size * c.hidden_size + 2 * c.hidden_size * 64 + 3 * c.hidden_size * c.intermediate_size
+    )
+    assert s.ternary_params == c.num_hidden_layers * per_layer
+    assert s.float_params == 2 * c.vocab_size * c.hidden_size + (2 * c.num_hidden_layers + 1) * c.hidden_size
+    assert s.ternary_bits_per_weight == 2.0
+    assert "weight_scale divides (bitlinear)" in s.layout
+    assert s.weight_bytes == (dummy_dir("tiny-llama") / "model.safetensors").stat().st_size
