@@ -1,23 +1,26 @@
 """GPU benchmarks of the Triton ternary kernels and the CUDA-graph engine (run on the H200).
 
-    PYTHONPATH=src python benchmarks/gpu_bench.py --out results.json [--quick] [--skip-e2e]
+    PYTHONPATH=src python benchmarks/gpu_bench.py --out results.json [--quick] [--skip-e2e] [--precompile 8]
 
 1. Kernels, per 2B-4T projection shape at one row (decode): the W2A8 GEMV on int8 activations against
-   torch bf16 matmul (cuBLAS). Each is launched 100 times in one CUDA graph, cycling through enough weight copies
-   to exceed the L2 cache several times, and the graph is timed with CUDA events (median of replays). Every
-   configuration's output is checked for integer exactness before it is timed; the fastest exact one is kept.
-   Then the engine's fused variants (RMSNorm + quantization in the GEMV; gated relu² and residual epilogues), and
-   the tensor-core GEMM at 64 rows (batched decode) and 2048 rows (prefill), are tuned the same way and the
-   winners go to `matmul.TUNED`, which the engine reads.
-2. End to end on a random bitnet-2b-4t model (bf16): decode tok/s at batch 1 and 64 (decode steps replayed from a
-   CUDA graph, timed with events), and prefill tok/s for 2048 tokens, against the same engine on dequantized
-   bf16 weights (cuBLAS).
+   torch bf16 matmul (cuBLAS). Each is launched 100 times in one CUDA graph, cycling through enough weight
+   copies to exceed the L2 cache several times, and the graph is timed with CUDA events (median of replays).
+   Every configuration's output is checked for integer exactness before it is timed; the fastest exact one is
+   kept. Then the engine's fused variants (RMSNorm + quantization in the GEMV; gated relu² and residual
+   epilogues), the tensor-core GEMM at 64 rows (batched decode) and 2048 rows (prefill), and the decode
+   attention are tuned the same way; the winners go to `matmul.TUNED` / `attention.DECODE_CONFIGS`, which the
+   engine reads.
+2. End to end on a random bitnet-2b-4t model (bf16): decode tok/s at batch 1 and 64 (decode steps replayed
+   from a CUDA graph, timed with events), and prefill tok/s for 2048 tokens, against the same engine on
+   dequantized bf16 weights (cuBLAS).
 3. Greedy output of the GPU engine equals the CPU reference for 64 tokens on a random small model.
 """
 
+# ruff: noqa: B023 (each closure over a loop variable is called within the iteration that made it)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -59,7 +62,8 @@ GEMV_CONFIGS = [
 ]  # fmt: skip
 DOT1_CONFIGS = [
     MMConfig(bm=16, bn=bn, bk=bk, split_k=sk, num_warps=nw, num_stages=ns)
-    for bn, bk, sk, nw, ns in [(32, 512, 1, 4, 3), (16, 512, 1, 4, 3), (32, 256, 1, 4, 4), (16, 1024, 1, 4, 2)]
+    for bn, bk, sk, nw, ns in [(32, 512, 1, 4, 3), (16, 512, 1, 4, 3), (32, 256, 1, 4, 4),
+                               (16, 1024, 1, 4, 2)]
 ]  # fmt: skip
 M64_CONFIGS = [
     MMConfig(bm=64, bn=bn, bk=bk, split_k=sk, num_warps=nw, num_stages=ns)
@@ -135,18 +139,16 @@ def _clone(pw):
 
 
 def tune(name, run, configs, ref, copies, log, exact_only: bool = True) -> tuple[MMConfig | None, float]:
-    """Fastest correct config: run(cfg, weight_copy, out) computes into out, which must equal `ref` (or, with
-    exact_only=False, match it to 1e-2: a norm computed in another order may move a quantized value a step)."""
+    """Fastest correct config: run(cfg, weight_copy, out) computes into out, which must equal `ref` (or,
+    with exact_only=False, match it to 1e-2: a norm summed in another order may move a quantized value)."""
     best, best_t = None, float("inf")
     out = torch.empty_like(ref)
     if COMPILE_ONLY is not None:
         rank, world = COMPILE_ONLY
         for i, cfg in enumerate(configs):
             if (i + zlib.crc32(name.encode())) % world == rank:
-                try:
+                with contextlib.suppress(Exception):  # the timing pass logs it
                     run(cfg, copies[0], out)
-                except Exception:  # the timing pass logs it
-                    pass
         return None, float("nan")
     for cfg in configs:
         try:
@@ -187,7 +189,8 @@ def bench_kernels(results: dict, quick: bool) -> None:
         if name == "lm_head":
             w8 = [int8_weight(torch.randn(n, k, device="cuda")) for _ in range(copies_for(n * k, l2))]
             ref = ((xq.double() @ w8[0].data.double().T).float() * (w8[0].scale / a[:, None])).float()
-            cfg, t = tune("lm_head_int8_m1", lambda c, w, o: ternary_mm(xq, a, w, torch.float32, out=o, config=c),
+            cfg, t = tune("lm_head_int8_m1",
+                          lambda c, w, o: ternary_mm(xq, a, w, torch.float32, out=o, config=c),
                           LM_CONFIGS, ref, w8, log)  # fmt: skip
             row.update(int8_us=t, int8_config=cfg and cfg.__dict__)
             if cfg:
@@ -197,12 +200,14 @@ def bench_kernels(results: dict, quick: bool) -> None:
         tw, pw0 = random_packed(n, k, False, g)
         copies = [pw0] + [_clone(pw0) for _ in range(copies_for(pw0.data.numel(), l2) - 1)]
         ref = exact_ref(xq, a, tw, torch.bfloat16)
-        cfg, t = tune(f"{name}_gemv", lambda c, w, o: ternary_gemv(xq, w, a=a, out=o, config=c), gemv_cfgs, ref,
+        cfg, t = tune(f"{name}_gemv", lambda c, w, o: ternary_gemv(xq, w, a=a, out=o, config=c), gemv_cfgs,
+                      ref,
                       copies, log)  # fmt: skip
         row.update(gemv_us=t, gemv_config=cfg and cfg.__dict__)
         if cfg:
             row["gemv_no_asm_us"] = tune(
-                f"{name}_gemv_noasm", lambda c, w, o: ternary_gemv(xq, w, a=a, out=o, config=c, use_asm=False),
+                f"{name}_gemv_noasm",
+                lambda c, w, o: ternary_gemv(xq, w, a=a, out=o, config=c, use_asm=False),
                 [cfg], ref, copies, log)[1]  # fmt: skip
         cfg1, t1 = tune(f"{name}_dot16", lambda c, w, o: ternary_mm(xq, a, w, out=o, config=c),
                         DOT1_CONFIGS[:2] if quick else DOT1_CONFIGS, ref, copies, log)  # fmt: skip
@@ -265,7 +270,8 @@ def bench_engine_shapes(results: dict, quick: bool) -> None:
         ref = ((xq.double() @ w8.data.double().T).float() * (w8.scale / a[:, None])).float()
         cfgs = [MMConfig(bm=64, bn=bn, bk=bk, num_warps=nw, num_stages=3)
                 for bn, bk, nw in [(64, 256, 4), (128, 256, 8), (128, 128, 4)]]  # fmt: skip
-        cfg, t = tune("lm_head_int8_m64", lambda c, w, o: ternary_mm(xq, a, w, torch.float32, out=o, config=c),
+        cfg, t = tune("lm_head_int8_m64",
+                      lambda c, w, o: ternary_mm(xq, a, w, torch.float32, out=o, config=c),
                       cfgs, ref, [w8, w8], log)  # fmt: skip
         table[f"lm_head_m{m}"] = {"us": t, "config": cfg and cfg.__dict__}
         if cfg:
@@ -290,7 +296,7 @@ def _engine_ref(x, gain, tw, act, resid):
 
 
 def bench_attention(results: dict, quick: bool) -> None:
-    """Decode attention (RoPE + cache write + attention) at context 384 for the 2B-4T heads, by launch shape."""
+    """Decode attention (RoPE + cache write + attention), 2B-4T heads, context 384, by launch shape."""
     from pybitnet.kernels.triton import attention as att
 
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
@@ -411,7 +417,7 @@ def check_greedy(results: dict) -> None:
             eng = CudaGraphEngine(gpu_model, max_batch_size=2, max_len=128, lm_head=head)
             toks = eng.generate([prompt], 64)[0]
             both = eng.generate([prompt, prompt[:3]], 64)[0]
-            first_diff = next((i for i, (p, q) in enumerate(zip(toks, ref)) if p != q), None)
+            first_diff = next((i for i, (p, q) in enumerate(zip(toks, ref, strict=False)) if p != q), None)
             out[f"{str(dtype)[6:]}_{head}head"] = {
                 "equal": toks == ref,
                 "first_difference": first_diff,
@@ -433,17 +439,25 @@ def _reference_greedy(model, prompt: list[int], n: int) -> list[int]:
 
 
 def print_table(results: dict) -> None:
-    print(
-        "\n| shape | N×K | bf16 µs | W2A8 µs (best) | gemv | dot16 | no-asm | issue bf16 | issue MS | target µs |"
-    )
+    nan = float("nan")
+    print("\n| shape | N×K | bf16 µs | W2A8 µs | gemv | dot16 | no-asm | issue bf16 | issue MS | target |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name, r in results.get("kernels", {}).items():
         bf, ms = ISSUE_US[name]
-        tern = r.get("ternary_us", r.get("int8_us", float("nan")))
+        tern = r.get("ternary_us", r.get("int8_us", nan))
         tgt = f"{ms / 2:.2f}" if ms else "-"
-        print(f"| {name} | {r['N']}×{r['K']} | {r['bf16_us']:.2f} | {tern:.2f} | {r.get('gemv_us', float('nan')):.2f} "
-              f"| {r.get('dot16_us', float('nan')):.2f} | {r.get('gemv_no_asm_us', float('nan')):.2f} | {bf} | {ms} "
-              f"| {tgt} |")  # fmt: skip
+        cells = [
+            r["bf16_us"],
+            tern,
+            r.get("gemv_us", nan),
+            r.get("dot16_us", nan),
+            r.get("gemv_no_asm_us", nan),
+        ]
+        print(
+            f"| {name} | {r['N']}×{r['K']} | "
+            + " | ".join(f"{c:.2f}" for c in cells)
+            + f" | {bf} | {ms} | {tgt} |"
+        )
     for k, v in results.get("engine_tuning", {}).items():
         print(f"tuned {k}: {v['us']:.2f} us {v['config']}")
     for k, v in results.get("attention", {}).items():
@@ -464,7 +478,7 @@ def _compile_worker(rank: int, world: int, quick: bool) -> None:
 
 
 def precompile(world: int, quick: bool) -> float:
-    """Compile every tuned kernel variant in `world` processes at once (Triton's disk cache keeps them), so the
+    """Compile every tuned kernel variant in `world` processes at once (Triton's disk cache keeps them), so
     timing pass, which must run alone, compiles nothing."""
     import multiprocessing as mp
 

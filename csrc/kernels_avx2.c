@@ -161,25 +161,39 @@ static void ternary_avx2(const bn_act *x, const bn_tmat *w, int64_t t0, int64_t 
 
 /* int8 x int8 rows: vpmaddubsw(|x|, sign(w, x)) = pairwise w * x; |x| <= 128 and |w| <= 127 keep each pair
  * sum <= 32512, inside int16; vpmaddwd then widens every product pair to int32 at once. */
-static void int8_avx2(const bn_act *x, const bn_qmat *w, int64_t n0, int64_t n1) {
+static inline __m256i dot8(__m256i acc, __m256i ax, __m256i xv, const int8_t *w) {
     const __m256i ones = _mm256_set1_epi16(1);
-    for (int64_t n = n0; n < n1; n += 4) {
-        int rows = n1 - n < 4 ? (int)(n1 - n) : 4;
-        for (int64_t m = 0; m < x->m; m++) {
-            const int8_t *xr = x->xq + m * x->ldx;
-            __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
-                              _mm256_setzero_si256()};
+    __m256i p = _mm256_maddubs_epi16(ax, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)w), xv));
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(p, ones));
+}
+
+static void int8_avx2(const bn_act *x, const bn_qmat *w, int64_t n0, int64_t n1) {
+    for (int64_t m = 0; m < x->m; m++) {
+        const int8_t *xr = x->xq + m * x->ldx;
+        int64_t n = n0;
+        for (; n + 4 <= n1; n += 4) {
+            const int8_t *w0 = w->w + n * w->ldw;
+            __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
             for (int64_t k = 0; k < x->k_pad; k += 32) {
                 __m256i xv = _mm256_loadu_si256((const __m256i *)(xr + k));
                 __m256i ax = _mm256_abs_epi8(xv);
-                for (int r = 0; r < rows; r++) {
-                    __m256i wv = _mm256_loadu_si256((const __m256i *)(w->w + (n + r) * w->ldw + k));
-                    __m256i p = _mm256_maddubs_epi16(ax, _mm256_sign_epi8(wv, xv));
-                    acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(p, ones));
-                }
+                a0 = dot8(a0, ax, xv, w0 + k);
+                a1 = dot8(a1, ax, xv, w0 + w->ldw + k);
+                a2 = dot8(a2, ax, xv, w0 + 2 * w->ldw + k);
+                a3 = dot8(a3, ax, xv, w0 + 3 * w->ldw + k);
             }
-            for (int r = 0; r < rows; r++)
-                w->y[m * w->ldy + n + r] = (float)hsum_i32(acc[r]) * (w->scale[n + r] / x->a[m]);
+            w->y[m * w->ldy + n] = (float)hsum_i32(a0) * (w->scale[n] / x->a[m]);
+            w->y[m * w->ldy + n + 1] = (float)hsum_i32(a1) * (w->scale[n + 1] / x->a[m]);
+            w->y[m * w->ldy + n + 2] = (float)hsum_i32(a2) * (w->scale[n + 2] / x->a[m]);
+            w->y[m * w->ldy + n + 3] = (float)hsum_i32(a3) * (w->scale[n + 3] / x->a[m]);
+        }
+        for (; n < n1; n++) {
+            __m256i a0 = _mm256_setzero_si256();
+            for (int64_t k = 0; k < x->k_pad; k += 32) {
+                __m256i xv = _mm256_loadu_si256((const __m256i *)(xr + k));
+                a0 = dot8(a0, _mm256_abs_epi8(xv), xv, w->w + n * w->ldw + k);
+            }
+            w->y[m * w->ldy + n] = (float)hsum_i32(a0) * (w->scale[n] / x->a[m]);
         }
     }
 }

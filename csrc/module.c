@@ -162,6 +162,30 @@ static PyObject *py_read_bandwidth(PyObject *self, PyObject *args) {
     return Py_BuildValue("dK", gbps, (unsigned long long)checksum);
 }
 
+static PyObject *py_attention(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long q, k, v, out, pos;
+    Py_ssize_t batch, heads, kv_heads, queries, keys, dim, kv_stride;
+    float scale;
+    if (!PyArg_ParseTuple(args, "KKKKKnnnnnnnf", &q, &k, &v, &out, &pos, &batch, &heads, &kv_heads, &queries, &keys,
+                          &dim, &kv_stride, &scale))
+        return NULL;
+    if (batch < 1 || heads < 1 || kv_heads < 1 || heads % kv_heads || queries < 1 || keys < 1 || dim < 1 ||
+        kv_stride < kv_heads * keys * dim)
+        return PyErr_Format(PyExc_ValueError, "bad attention sizes");
+    bn_attn p = {(const float *)(uintptr_t)q, (const float *)(uintptr_t)k, (const float *)(uintptr_t)v,
+                 (float *)(uintptr_t)out, (const int64_t *)(uintptr_t)pos, batch, heads, kv_heads, queries, keys,
+                 dim, kv_stride, scale, NULL};
+    int rc;
+    Py_BEGIN_ALLOW_THREADS;
+    bn_pool_lock();
+    rc = bn_attention(&p);
+    bn_pool_unlock();
+    Py_END_ALLOW_THREADS;
+    if (rc) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_isa_available(PyObject *self, PyObject *arg) {
     (void)self;
     long isa = PyLong_AsLong(arg);
@@ -202,6 +226,9 @@ static PyMethodDef methods[] = {
      "int8(isa, x, m, k, ldx, norm_w, eps, w, n, ldw, scale, y, ldy): int8 per-row weights (the output head)"},
     {"quantize", py_quantize, METH_VARARGS,
      "quantize(isa, x, m, k, ldx, xq, ldq, k_pad, a, rowsum): per-row absmax int8 quantization"},
+    {"attention", py_attention, METH_VARARGS,
+     "attention(q, k, v, out, positions, batch, heads, kv_heads, queries, keys, dim, kv_batch_stride, scale): "
+     "causal decode attention over a KV cache"},
     {"read_bandwidth", py_read_bandwidth, METH_VARARGS,
      "read_bandwidth(ptr, nbytes, reps) -> (best GB/s, checksum) of parallel reads"},
     {"isa_available", py_isa_available, METH_O, "isa_available(isa) -> bool"},

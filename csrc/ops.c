@@ -181,3 +181,59 @@ double bn_read_bandwidth(const void *buf, size_t nbytes, int reps, uint64_t *che
     *checksum = s;
     return best;
 }
+
+/* Decode attention: a few queries per sequence against its cached keys, causal by position, grouped KV heads.
+ * Sizes are small (one query row per head), so each (batch, head, query) item is one task of the pool; dot
+ * products keep 8 partial sums so compilers vectorize them without reassociating float math. */
+typedef struct {
+    const bn_attn *p;
+    int64_t items;
+} attn_job;
+
+static float dot_f32(const float *a, const float *b, int64_t n) {
+    float s[8] = {0};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int j = 0; j < 8; j++) s[j] += a[i + j] * b[i + j];
+    for (; i < n; i++) s[0] += a[i] * b[i];
+    return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+}
+
+static void attn_task(void *arg, int tid, int nt) {
+    attn_job *j = arg;
+    const bn_attn *p = j->p;
+    int64_t i0 = j->items * tid / nt, i1 = j->items * (tid + 1) / nt, group = p->heads / p->kv_heads;
+    float *scores = p->scratch + (size_t)tid * (size_t)p->keys;
+    for (int64_t i = i0; i < i1; i++) {
+        int64_t b = i / (p->heads * p->queries), h = (i / p->queries) % p->heads, t = i % p->queries;
+        int64_t last = p->positions[b * p->queries + t];
+        if (last >= p->keys) last = p->keys - 1;
+        const float *q = p->q + ((b * p->heads + h) * p->queries + t) * p->dim;
+        const float *k = p->k + b * p->kv_batch_stride + (h / group) * p->keys * p->dim;
+        const float *v = p->v + b * p->kv_batch_stride + (h / group) * p->keys * p->dim;
+        float *out = p->out + ((b * p->queries + t) * p->heads + h) * p->dim;
+        float mx = -INFINITY, sum = 0.0f;
+        for (int64_t s = 0; s <= last; s++) {
+            scores[s] = dot_f32(q, k + s * p->dim, p->dim) * p->scale;
+            mx = scores[s] > mx ? scores[s] : mx;
+        }
+        for (int64_t d = 0; d < p->dim; d++) out[d] = 0.0f;
+        for (int64_t s = 0; s <= last; s++) {
+            float e = expf(scores[s] - mx);
+            sum += e;
+            const float *vs = v + s * p->dim;
+            for (int64_t d = 0; d < p->dim; d++) out[d] += e * vs[d];
+        }
+        float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+        for (int64_t d = 0; d < p->dim; d++) out[d] *= inv;
+    }
+}
+
+int bn_attention(bn_attn *p) {
+    int threads = bn_pool_threads();
+    p->scratch = scratch_get((size_t)threads * (size_t)p->keys * sizeof(float));
+    if (!p->scratch) return -1;
+    attn_job job = {p, p->batch * p->heads * p->queries};
+    bn_pool_run(attn_task, &job, threads);
+    return 0;
+}

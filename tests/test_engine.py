@@ -210,3 +210,65 @@ def test_cache_view_writes_through_to_the_cache(llm):
     view.update(0, torch.tensor([[5], [7]]), k, k)
     assert torch.equal(cache.k[0, 1, :, 5], k[0, :, 0]) and torch.equal(cache.v[0, 2, :, 7], k[1, :, 0])
     assert cache.k[0, 0].abs().sum() == 0
+
+
+def test_engine_driven_from_a_background_thread_with_concurrent_clients(llm):
+    """The shape of a server: one thread steps the engine, client threads add and cancel requests."""
+    import queue
+    import random
+    import threading
+    import time
+
+    alone = {i: llm.generate([p], GREEDY)[0].token_ids for i, p in enumerate(PROMPTS)}
+    engine = _engine(llm, max_num_seqs=3)
+    queues: dict[str, queue.Queue] = {}
+    lock, stop = threading.Lock(), threading.Event()
+
+    def drive():
+        while not stop.is_set():
+            for update in engine.step():
+                with lock:
+                    q = queues.get(update.request_id)
+                if q is not None:
+                    q.put(update)
+            if not engine.has_unfinished():
+                stop.wait(0.001)
+
+    results: dict[int, list] = {}
+
+    def client(i: int, cancel: bool):
+        time.sleep(random.Random(i).random() * 0.05)
+        rid = f"client-{i}"
+        q: queue.Queue = queue.Queue()
+        with lock:
+            queues[rid] = q
+        engine.add_request(PROMPTS[i % 3], GREEDY, request_id=rid)
+        tokens, text = [], ""
+        while True:
+            update = q.get(timeout=60)
+            tokens += update.delta_token_ids
+            text += update.delta_text
+            if cancel and len(tokens) >= 3:
+                engine.abort(rid)
+                cancel = False
+            if update.finished:
+                results[i] = [tokens, update.output]
+                return
+
+    driver = threading.Thread(target=drive)
+    driver.start()
+    clients = [threading.Thread(target=client, args=(i, i == 4)) for i in range(8)]
+    for t in clients:
+        t.start()
+    for t in clients:
+        t.join(timeout=120)
+    stop.set()
+    driver.join(timeout=10)
+    assert len(results) == 8
+    for i, (tokens, out) in results.items():
+        assert tokens == out.token_ids
+        if i == 4:
+            assert out.finish_reason == "abort" and tokens == alone[i % 3][: len(tokens)]
+        else:
+            assert out.finish_reason == "length" and tokens == alone[i % 3]
+    assert not engine.has_unfinished() and engine.num_running == 0

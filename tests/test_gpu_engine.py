@@ -15,6 +15,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from pybitnet.engine.cuda_graph import CudaGraphEngine, CudaGraphRunner
+from pybitnet.engine.cuda_graph_runner import make_runner
 from pybitnet.engine.runner import ModelRunner
 from pybitnet.errors import ContextLengthError, InvalidRequestError
 from pybitnet.models.presets import preset
@@ -105,3 +106,8 @@ def test_graph_runner_matches_the_model_runner():
         a, b = ours.decode(tokens, positions), theirs.decode(tokens, positions)
         assert torch.equal(a.argmax(-1), b.argmax(-1))
         assert torch.allclose(a, b, rtol=1e-3, atol=1e-3 * b.abs().max().item())
+
+
+def test_make_runner_uses_cuda_graphs_on_a_gpu_only():
+    model = _model().to(DEV)
+    assert isinstance(make_runner(model, 32), CudaGraphRunner if GPU else ModelRunner)

@@ -60,31 +60,36 @@ def llama_cpp_greedy(path, prompt: list[int], n: int, **kwargs) -> tuple[list[in
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """A GGUF TQ2_0 file of the first seed whose greedy run has a clear winner at every step, its tokens and
-    logits in pybitnet (reference kernel, weights read back from the file)."""
+    """GGUF files (TQ2_0 and TQ1_0) of the first seed whose greedy run has a clear winner at every step, and
+    its tokens and logits in pybitnet (reference kernel, weights read back from the TQ2_0 file)."""
     tmp = tmp_path_factory.mktemp("parity")
     tokenizer_dir = create_dummy(CONFIG, tmp / "tokenizer")
     kernel = get_kernel("reference")
     for seed in range(40):
-        path = save_gguf(random_model(CONFIG, seed=seed, kernel=kernel), tmp / f"m{seed}.gguf", tokenizer_dir)
+        model = random_model(CONFIG, seed=seed, kernel=kernel)
+        path = save_gguf(model, tmp / f"m{seed}.gguf", tokenizer_dir)
         tokens, logits = greedy(load_gguf_model(path, kernel), PROMPT, N_NEW)
         top2 = np.sort(logits[len(PROMPT) - 1 : -1], axis=-1)[:, -2:]
         if (top2[:, 1] - top2[:, 0]).min() > MIN_MARGIN:
-            return path, tokens, logits
+            tq1 = save_gguf(model, tmp / f"m{seed}-tq1.gguf", tokenizer_dir, weight_type="tq1_0")
+            return {"tq2_0": path, "tq1_0": tq1}, tokens, logits
     pytest.fail(f"no seed below 40 gives greedy margins above {MIN_MARGIN}; the random model init changed?")
 
 
-def test_llama_cpp_generates_the_same_16_greedy_tokens(exported):
-    path, tokens, logits = exported
-    theirs, their_logits = llama_cpp_greedy(path, PROMPT, N_NEW, type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32)
+@pytest.mark.parametrize("weight_type", ["tq2_0", "tq1_0"])
+def test_llama_cpp_generates_the_same_16_greedy_tokens(exported, weight_type):
+    paths, tokens, logits = exported
+    theirs, their_logits = llama_cpp_greedy(
+        paths[weight_type], PROMPT, N_NEW, type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32
+    )
     assert theirs == tokens
     scale = np.abs(logits).max()
     assert np.abs(their_logits - logits).max() / scale < 1e-3  # measured: 2e-4
 
 
 def test_llama_cpp_default_f16_cache_stays_close(exported):
-    path, tokens, logits = exported
-    llm = llama_cpp.Llama(str(path), n_ctx=64, n_threads=2, logits_all=True, verbose=False)
+    paths, tokens, logits = exported
+    llm = llama_cpp.Llama(str(paths["tq2_0"]), n_ctx=64, n_threads=2, logits_all=True, verbose=False)
     llm.eval(PROMPT + tokens)  # teacher-forced on pybitnet's tokens
     theirs = np.array(llm.scores[: llm.n_tokens])
     assert np.abs(theirs - logits).max() / np.abs(logits).max() < 0.05  # measured: 0.9%

@@ -1,5 +1,5 @@
-"""Helpers for the server tests: a real uvicorn server on a free loopback port, in a thread of the test process,
-over a tiny dummy model; and a small SSE reader."""
+"""Helpers for the server tests: a real uvicorn server on a free loopback port, in a thread of the test
+process, over a tiny dummy model; a small SSE reader; checks of OpenAI-style errors and of metrics."""
 
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 pytest.importorskip("prometheus_client")
 
-from pybitnet.engine import LLM  # noqa: E402
-from pybitnet.server import GracefulServer, ServerSettings, build_server  # noqa: E402
-from test_engine_helpers import model_dir  # noqa: E402
+from pybitnet.engine import LLM
+from pybitnet.server import GracefulServer, ServerSettings, build_server
+from test_engine_helpers import model_dir
 
 MODEL_NAME = "tiny-bitnet"
 # The untied tiny BitNet gives varied greedy text (a tied random model mostly repeats its input token).
@@ -65,7 +65,9 @@ def running_server(
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     loader = load or (lambda: llm or tiny_llm())
-    server = build_server(loader, ServerSettings(model_name=MODEL_NAME, **settings), port=port, log_level="warning")
+    server = build_server(
+        loader, ServerSettings(model_name=MODEL_NAME, **settings), port=port, log_level="warning"
+    )
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     running = Running(f"http://127.0.0.1:{port}", server, thread)

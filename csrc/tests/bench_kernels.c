@@ -35,8 +35,24 @@ int main(int argc, char **argv) {
     for (int r = 0; r < reps; r++) ops->ternary(&act, &mat, 0, tiles);
     double s = (double)(clock() - t) / CLOCKS_PER_SEC / reps;
     bn_pool_unlock();
-    printf("%s m=%lld n=%lld k=%lld: %.3f ms, %.1f GMAC/s, %.1f GB/s of weights\n", ops->name, (long long)m,
+    printf("%s ternary m=%lld n=%lld k=%lld: %.3f ms, %.1f GMAC/s, %.1f GB/s of weights\n", ops->name, (long long)m,
            (long long)n, (long long)k, s * 1e3, (double)(m * n * k) / s / 1e9, (double)wbytes / s / 1e9);
+    /* the int8 head shape: 128256 x k */
+    int64_t vocab = 128256;
+    int8_t *hw = malloc((size_t)(vocab * k_pad));
+    float *hs = malloc(sizeof(float) * (size_t)vocab), *hy = malloc(sizeof(float) * (size_t)(m * vocab));
+    for (int64_t i = 0; i < vocab * k_pad; i++) hw[i] = (int8_t)(rand() % 255 - 127);
+    for (int64_t i = 0; i < vocab; i++) hs[i] = 1.0f;
+    bn_qmat q = {hw, vocab, k_pad, hs, hy, vocab};
+    bn_pool_lock();
+    ops->int8(&act, &q, 0, vocab);
+    t = clock();
+    ops->int8(&act, &q, 0, vocab);
+    s = (double)(clock() - t) / CLOCKS_PER_SEC;
+    bn_pool_unlock();
+    printf("%s int8 head m=%lld n=%lld k=%lld: %.3f ms, %.1f GB/s of weights\n", ops->name, (long long)m,
+           (long long)vocab, (long long)k, s * 1e3, (double)(vocab * k_pad) / s / 1e9);
+    free(hw), free(hs), free(hy);
     free(w), free(x), free(y);
     return 0;
 }

@@ -24,7 +24,7 @@ def load_model(
     model(input_ids) -> logits."""
     device = torch.device(device)
     path = resolve_model(model)
-    load = load_gguf_model if path.is_file() and path.suffix == ".gguf" else load_hf_model
+    load = load_gguf_model if path.is_file() and path.suffix.lower() == ".gguf" else load_hf_model
     return load(path, select_kernel(device, kernel), dtype).to(device)
 
 

@@ -24,9 +24,9 @@ import torch
 
 from ..errors import ContextLengthError, InvalidRequestError
 from ..models import Transformer
+from .cuda_graph_runner import make_runner
 from .outputs import Logprob, StepOutput
 from .params import SamplingParams
-from .runner import ModelRunner
 from .sampler import SamplingBatch, sample, top_logprobs
 from .sequence import Sequence
 from .tokenizer import Tokenizer
@@ -54,7 +54,7 @@ class Engine:
         self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
         self.vocab_size = model.config.vocab_size
-        self.runner = ModelRunner(model, max_model_len)
+        self.runner = make_runner(model, max_model_len)  # CUDA graphs on a GPU, eager elsewhere
         self.generator = torch.Generator(model.device)
         if seed is None:
             self.generator.seed()

@@ -139,7 +139,10 @@ def read_ternary(f: GGUFFile, name: str, shape: tuple[int, int]) -> TernaryWeigh
     except LayoutError as e:
         raise WeightsError(f"{name} in {f.path}: {e}") from None
     if t.type in _FLOAT_TYPES:
-        return _float_ternary(torch.from_numpy(f.floats(name).copy()))
+        values = f.floats(name)
+        if not np.isfinite(values).all():
+            raise WeightsError(f"{name} in {f.path} holds non-finite values (corrupt data?)")
+        return _float_ternary(torch.from_numpy(values.copy()))
     raise WeightsError(
         f"{name} in {f.path} is {t.type_name}; ternary weights must be TQ1_0, TQ2_0, I2_S or floating point"
     )

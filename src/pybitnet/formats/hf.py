@@ -7,8 +7,11 @@ latent float weights (ternarized here with the absmean rule).
 
 from __future__ import annotations
 
+import ctypes
 import json
+import math
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -23,7 +26,7 @@ from ..models.transformer import rope_inv_freq
 from ..nn import BitLinear, PackedBitLinear, RMSNorm
 from ..quant import PackedWeight, TernaryWeight, pack, quantize_weight, repack
 from .config_json import read_json
-from .safetensors_io import INDEX_NAME, SINGLE_NAME, TensorReader
+from .safetensors_io import INDEX_NAME, SINGLE_NAME, TORCH_DTYPES, TensorReader
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -48,34 +51,43 @@ def _checkpoint_name(name: str, config: ModelConfig) -> str:
 
 
 def read_ternary(
-    reader: TensorReader, name: str, shape: tuple[int, int], config: ModelConfig
+    reader: TensorReader, name: str, shape: tuple[int, int], config: ModelConfig, keep_mapped: bool = True
 ) -> PackedWeight:
-    """The ternary weight `name` ([out, in]) of the checkpoint as a PackedWeight (zero-copy when packed)."""
+    """The ternary weight `name` ([out, in]) of the checkpoint as a PackedWeight.
+
+    Packed weights stay views of the memory-mapped file when `keep_mapped` (the kernel uses the HF bits as
+    they are). Otherwise, and for float weights (ternarized here), the file is read into private copies, so
+    after the conversion none of its pages stays resident in this process.
+    """
     out, cols = shape
-    w = reader.get(f"{name}.weight")
-    scale_name = f"{name}.weight_scale"
-    if w.dtype == torch.uint8:
-        if tuple(w.shape) != (-(-out // 4), cols):
+    weight_name, scale_name = f"{name}.weight", f"{name}.weight_scale"
+    dtype, stored = reader.header(weight_name)
+    if dtype == "U8":
+        if stored != (-(-out // 4), cols):
             raise WeightsError(
-                f"{name}.weight: packed shape {tuple(w.shape)} does not match [{-(-out // 4)}, {cols}] "
+                f"{weight_name}: packed shape {stored} does not match [{-(-out // 4)}, {cols}] "
                 f"for a {out}x{cols} layer"
             )
-        scale = _weight_scale(reader, scale_name)
-        return PackedWeight(config.weight_layout, w, scale.float(), shape)
-    if tuple(w.shape) != shape:
-        raise WeightsError(f"{name}.weight: shape {tuple(w.shape)} does not match the config's {list(shape)}")
-    if not w.is_floating_point():
-        raise WeightsError(f"{name}.weight: dtype {w.dtype} is neither packed uint8 nor floating point")
+        w = reader.get(weight_name) if keep_mapped else reader.read(weight_name)
+        return PackedWeight(config.weight_layout, w, _weight_scale(reader, scale_name), shape)
+    if stored != shape:
+        raise WeightsError(f"{weight_name}: shape {stored} does not match the config's {list(shape)}")
+    if not _is_float(dtype):
+        raise WeightsError(f"{weight_name}: dtype {dtype} is neither packed uint8 nor floating point")
+    w = reader.read(weight_name)
     if scale_name in reader:  # unpacked ternary values with their scale, as transformers saves them
         codes = w.round()
         if not torch.equal(codes, w) or codes.abs().max() > 1:
-            raise WeightsError(f"{name}.weight has a weight_scale but its values are not all in {{-1, 0, 1}}")
-        scale = _weight_scale(reader, scale_name).float()
-        tw = TernaryWeight(codes.to(torch.int8), scale.reshape(()))
+            raise WeightsError(f"{weight_name} has a weight_scale but its values are not all in {{-1, 0, 1}}")
+        tw = TernaryWeight(codes.to(torch.int8), _weight_scale(reader, scale_name).reshape(()))
         if config.weight_layout == "hf_inv":
             tw = TernaryWeight(tw.codes, 1.0 / tw.scale)
         return _as_hf(tw)
     return _as_hf(quantize_weight(w))
+
+
+def _is_float(dtype: str) -> bool:
+    return dtype in TORCH_DTYPES and TORCH_DTYPES[dtype].is_floating_point
 
 
 def _as_hf(tw: TernaryWeight) -> PackedWeight:
@@ -83,23 +95,48 @@ def _as_hf(tw: TernaryWeight) -> PackedWeight:
 
 
 def _weight_scale(reader: TensorReader, name: str) -> torch.Tensor:
-    scale = reader.get(name)
-    if scale.numel() != 1 or not scale.is_floating_point():
-        raise WeightsError(
-            f"{name}: expected one floating-point value, got {scale.dtype} {tuple(scale.shape)}"
-        )
+    """The float32 [1] scale `name` (read, not mapped: a tiny tensor in the middle of large ones)."""
+    dtype, shape = reader.header(name)
+    if math.prod(shape) != 1 or not _is_float(dtype):
+        raise WeightsError(f"{name}: expected one floating-point value, got {dtype} {list(shape)}")
+    scale = reader.read(name).float().reshape(1)
     if not torch.isfinite(scale).all() or scale.item() == 0:
         raise WeightsError(f"{name}: scale {scale.item()} is not a finite non-zero number")
-    return scale.reshape(1)
+    return scale
 
 
 def _read_float(reader: TensorReader, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    t = reader.get(name)
-    if tuple(t.shape) != shape:
-        raise WeightsError(f"{name}: shape {tuple(t.shape)} does not match the config's {list(shape)}")
-    if not t.is_floating_point():
-        raise WeightsError(f"{name}: dtype {t.dtype} is not floating point")
-    return t.to(dtype)
+    """A float tensor: a view of the mapped file when stored in `dtype`, else a converted private copy."""
+    stored_dtype, stored = reader.header(name)
+    if stored != shape:
+        raise WeightsError(f"{name}: shape {stored} does not match the config's {list(shape)}")
+    if not _is_float(stored_dtype):
+        raise WeightsError(f"{name}: dtype {stored_dtype} is not floating point")
+    if TORCH_DTYPES[stored_dtype] == dtype:
+        return reader.get(name)
+    return reader.read(name).to(dtype)
+
+
+HF_LAYOUTS = ("hf", "hf_inv")
+
+
+def _malloc_trim():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+_MALLOC_TRIM = _malloc_trim()
+
+
+def release_freed_heap() -> None:
+    """Hand freed heap pages back to the OS. Converting weights at load frees large temporaries between the
+    blocks it keeps; glibc would keep those pages resident (hundreds of MB for a 2B model)."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 def read_config(model_dir: Path) -> tuple[ModelConfig, dict]:
@@ -126,10 +163,13 @@ def load_hf_model(model_dir: Path, kernel: Kernel, dtype: torch.dtype = torch.fl
     reader = TensorReader(model_dir)
     with torch.device("meta"):
         model = Transformer(config, lambda i, o: nn.Linear(i, o, bias=False))
+    in_place = kernel.layout in HF_LAYOUTS  # the kernel runs on the file's packed bits: keep them mapped
     for name, module in list(model.named_modules()):
+        if not in_place and name.endswith(".mlp"):  # a layer's weights were converted
+            release_freed_heap()
         if isinstance(module, nn.Linear) and name != "lm_head":
             shape = (module.out_features, module.in_features)
-            packed = read_ternary(reader, _checkpoint_name(name, config), shape, config)
+            packed = read_ternary(reader, _checkpoint_name(name, config), shape, config, keep_mapped=in_place)
             norm = None
             if config.use_rms_norm:
                 norm = RMSNorm(module.in_features, config.linear_norm_eps)
@@ -151,6 +191,8 @@ def load_hf_model(model_dir: Path, kernel: Kernel, dtype: torch.dtype = torch.fl
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     model.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+    if not in_place:
+        release_freed_heap()
     return model.eval()
 
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import struct
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -50,12 +53,36 @@ def _open(path: Path):
         ) from None
 
 
+# safetensors dtype names -> torch dtypes
+TORCH_DTYPES = {
+    "BOOL": torch.bool,
+    "U8": torch.uint8,
+    "I8": torch.int8,
+    "I16": torch.int16,
+    "I32": torch.int32,
+    "I64": torch.int64,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+}
+
+
+def _data_offsets(path: Path) -> tuple[int, dict[str, Any]]:
+    """(absolute offset of the data section, the header) of a safetensors file that safe_open accepted."""
+    with path.open("rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        return 8 + size, json.loads(f.read(size))
+
+
 class TensorReader:
-    """Reads tensors by name across shards; the tensors are views of memory-mapped files, not copies."""
+    """Reads tensors by name across shards. `get` returns views of the memory-mapped files (no copy); `read`
+    returns a private copy read with file I/O, for tensors that are converted at load anyway."""
 
     def __init__(self, model_dir: Path) -> None:
         self.files = weight_files(model_dir)
         self._handles = {path: _open(path) for path in set(self.files.values())}
+        self._headers: dict[Path, tuple[int, dict[str, Any]]] = {}
 
     def __contains__(self, name: str) -> bool:
         return name in self.files
@@ -77,3 +104,28 @@ class TensorReader:
             return self._handles[self.files[name]].get_tensor(name)
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise WeightsError(f"cannot read tensor {name!r} from {self.files[name].name}: {e}") from None
+
+    def read(self, name: str) -> torch.Tensor:
+        """A private copy of tensor `name`. Its file pages are never mapped into this process, so converting
+        it (repacking, ternarizing, casting) leaves no trace in resident memory once the copy is freed."""
+        dtype, shape = self.header(name)
+        path = self.files[name]
+        if dtype not in TORCH_DTYPES:
+            raise WeightsError(
+                f"tensor {name!r} in {path.name} has dtype {dtype}, which pybitnet does not read"
+            )
+        if path not in self._headers:
+            self._headers[path] = _data_offsets(path)
+        start, header = self._headers[path]
+        begin, end = header[name]["data_offsets"]
+        out = torch.empty(shape, dtype=TORCH_DTYPES[dtype])
+        buffer = out.view(-1).view(torch.uint8).numpy() if out.numel() else bytearray()
+        if end - begin != len(buffer):
+            raise WeightsError(
+                f"tensor {name!r} in {path.name}: {end - begin} bytes do not hold {dtype} {shape}"
+            )
+        with path.open("rb") as f:
+            f.seek(start + begin)
+            if f.readinto(buffer) != len(buffer):
+                raise WeightsError(f"{path} is truncated: tensor {name!r} ends past the end of the file")
+        return out

@@ -15,13 +15,14 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, Response
+from pydantic.json_schema import models_json_schema
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
 from ..engine import LLM
 from .errors import APIError, install_error_handlers
 from .generation import router as generation_router
-from .schemas import ErrorResponse, Health, ModelCard, ModelList
+from .schemas import ChatCompletionChunk, CompletionChunk, ErrorResponse, Health, ModelCard, ModelList
 from .state import ServerSettings, ServerState
 
 COUNTED_ENDPOINTS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/models"})
@@ -107,8 +108,7 @@ def create_app(
         app.add_middleware(APIKeyCheck, api_key=settings.api_key)
     app.add_middleware(RequestCounter, state=state)
     _add_routes(app, state)
-    if settings.api_key:
-        _document_api_key(app)
+    _install_openapi(app, bool(settings.api_key))
     return app
 
 
@@ -154,22 +154,31 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         return found
 
 
-def _document_api_key(app: FastAPI) -> None:
-    """Declare the bearer key in the OpenAPI spec for the /v1/ routes (the check itself is APIKeyCheck)."""
+def _install_openapi(app: FastAPI, api_key: bool) -> None:
+    """The generated spec plus what FastAPI cannot infer: the streamed chunk schemas (referenced by the
+    text/event-stream responses) and, with an API key, the bearer scheme on the /v1/ routes (the check itself
+    is APIKeyCheck)."""
 
     def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
-            spec = get_openapi(
-                title=app.title, version=app.version, description=app.description, routes=app.routes
-            )
-            spec.setdefault("components", {})["securitySchemes"] = {
-                "apiKey": {"type": "http", "scheme": "bearer"}
-            }
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        spec = get_openapi(
+            title=app.title, version=app.version, description=app.description, routes=app.routes
+        )
+        components = spec.setdefault("components", {})
+        _, chunk_schemas = models_json_schema(
+            [(ChatCompletionChunk, "serialization"), (CompletionChunk, "serialization")],
+            ref_template="#/components/schemas/{model}",
+        )
+        for name, schema in chunk_schemas["$defs"].items():
+            components.setdefault("schemas", {}).setdefault(name, schema)
+        if api_key:
+            components["securitySchemes"] = {"apiKey": {"type": "http", "scheme": "bearer"}}
             for path, operations in spec["paths"].items():
                 if path.startswith("/v1/"):
                     for operation in operations.values():
                         operation["security"] = [{"apiKey": []}]
-            app.openapi_schema = spec
-        return app.openapi_schema
+        app.openapi_schema = spec
+        return spec
 
     app.openapi = openapi  # type: ignore[method-assign]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -26,6 +27,10 @@ ERROR_TYPES = {
     500: "server_error",
     503: "server_error",
 }
+
+# Names pydantic puts in an error's location for the member of a union that failed (str, list[int],
+# constrained-str, TextPart...): not fields, so they are left out of `param`.
+UNION_TAG = re.compile(r"^(str|int|float|bool|(list|dict|tuple)\[.*\]|constrained-.*|function-.*|[A-Z]\w*)$")
 
 # Sampling fields SamplingParams.validate names at the start of its messages.
 SAMPLING_FIELDS = frozenset(
@@ -96,7 +101,7 @@ def _validation_error(exc: RequestValidationError) -> APIError:
     if not errors:
         return APIError(400, "the request body is invalid")
     first = errors[0]
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    loc = [str(p) for p in first.get("loc", ()) if p != "body" and not UNION_TAG.match(str(p))]
     if first.get("type") == "json_invalid":
         detail = (first.get("ctx") or {}).get("error") or first.get("msg")
         return APIError(400, f"the request body is not valid JSON: {detail}", code="invalid_json")

@@ -164,7 +164,9 @@ def completion_logprobs(
         chosen = entry[token]
         result.tokens.append(chosen.decoded_token)
         result.token_logprobs.append(chosen.logprob)
-        top = {lp.decoded_token: lp.logprob for _, lp in _top(entry, n)}
+        top: dict[str, float] = {}
+        for _, lp in _top(entry, n):  # tokens whose texts coincide keep the likeliest one's value
+            top.setdefault(lp.decoded_token, lp.logprob)
         top.setdefault(chosen.decoded_token, chosen.logprob)
         result.top_logprobs.append(top)
         result.text_offset.append(offset)
