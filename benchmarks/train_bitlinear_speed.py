@@ -119,19 +119,18 @@ def loss_curve(kind: str, layers: int, x, target, steps: int) -> list[float]:
 
 
 def check_fused_on_gpu() -> dict:
-    """The fused kernels against the torch path on this GPU: codes bit-exact, outputs and grads close."""
-    from pybitnet.quant import quantize_activations, quantize_weight
-    from pybitnet.train.fused import fused_bitlinear, quantize_rows, ternarize
+    """The int8 GEMM and the fused layer against the torch path on this GPU."""
+    from pybitnet.kernels.reference import ternary_matmul_int
+    from pybitnet.train.fused import fused_bitlinear, int8_matmul
 
     torch.manual_seed(0)
+    xq = torch.randint(-128, 128, (509, 2560), dtype=torch.int8, device="cuda")
+    codes = torch.randint(-1, 2, (6912, 2560), dtype=torch.int8, device="cuda")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    exact = torch.equal(int8_matmul(xq, codes, torch.ones(509, device="cuda"), torch.float32),
+                        ternary_matmul_int(xq, codes).float())  # fmt: skip
     layer = BitLinear(2560, 6912).cuda()
     x = torch.randn(4, 509, 2560, device="cuda", requires_grad=True)
-    xq, _ = quantize_rows(x.detach().reshape(-1, 2560))
-    codes, _ = ternarize(layer.weight)
-    exact = torch.equal(xq, quantize_activations(x.detach().reshape(-1, 2560))[0]) and torch.equal(
-        codes, quantize_weight(layer.weight).codes
-    )
-    torch.backends.cuda.matmul.allow_tf32 = False
     y_ref = layer(x)
     y_ref.square().sum().backward()
     gx, gw = x.grad.clone(), layer.weight.grad.clone()
@@ -144,7 +143,7 @@ def check_fused_on_gpu() -> dict:
         return ((a - b).norm() / b.norm()).item()
 
     return {
-        "codes_exact": exact,
+        "gemm_exact": exact,
         "y_rel": rel(y, y_ref),
         "gx_rel": rel(x.grad, gx),
         "gw_rel": rel(layer.weight.grad, gw),
@@ -178,7 +177,7 @@ def main() -> None:
             torch.cuda.empty_cache()
     base = results.get("linear/compiled")
     if base:
-        for key, r in results.items():
+        for r in results.values():
             r["vs_linear_compiled"] = round(r["ms"] / base["ms"], 3)
             r["mem_vs_linear_compiled"] = round(r["peak_gib"] / base["peak_gib"], 3)
     if args.curve_steps:

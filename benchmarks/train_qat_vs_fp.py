@@ -47,8 +47,9 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    shape = dict(SHAPE, hidden_size=args.width, intermediate_size=args.width * 11 // 4, num_hidden_layers=args.layers,
-                 num_attention_heads=max(args.width // 64, 1), num_key_value_heads=max(args.width // 128, 1))  # fmt: skip
+    shape = dict(SHAPE, hidden_size=args.width, intermediate_size=args.width * 11 // 4)
+    shape.update(num_hidden_layers=args.layers, num_attention_heads=max(args.width // 64, 1))
+    shape.update(num_key_value_heads=max(args.width // 128, 1))
     files = sorted(glob.glob(args.corpus_glob))
     if len(files) <= args.val_files:
         raise SystemExit(f"need more than {args.val_files} files matching {args.corpus_glob}")
@@ -109,8 +110,8 @@ def main() -> None:
         if step % 10 == 9:
             worst = max(worst, evaluate(soft, val, cfg, info, cpu)[0])
     final = evaluate(soft, val, cfg, info, cpu)[0]
-    results["switch"] = {"fp_val_loss": round(fp_loss, 4), "hard_switch_val_loss": round(hard_loss, 4),
-                         "warmup50_worst_val_loss": round(worst, 4), "warmup50_final_val_loss": round(final, 4)}  # fmt: skip
+    results["switch"] = {"fp_val_loss": round(fp_loss, 4), "hard_switch_val_loss": round(hard_loss, 4)}
+    results["switch"].update(warmup50_worst_val_loss=round(worst, 4), warmup50_final_val_loss=round(final, 4))
     meta = {"corpus": args.corpus_glob, "train_files": len(train_files), "val_files": len(val_files),
             "train_samples": len(train_ds), "val_samples": len(val), "torch": torch.__version__}  # fmt: skip
     meta.update(vars(args))

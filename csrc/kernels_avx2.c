@@ -79,7 +79,7 @@ static void unpack_tile(const uint8_t *tile, int64_t kb0, int64_t kc, uint8_t *d
  * widened and added into acc32[c * 4 + r]. Written out (no arrays) so the 8 accumulators, 4 weight vectors and
  * 2 activation vectors stay in the 16 ymm registers without copies or spills. */
 #define MADD(acc, w, x) acc = _mm256_add_epi16(_mm256_maddubs_epi16(w, x), acc)
-static inline void micro_2(const uint8_t *wb, const int8_t *x0p, const int8_t *x1p, int64_t kc, __m256i *acc32) {
+static __attribute__((noinline)) void micro_2(const uint8_t *wb, const int8_t *x0p, const int8_t *x1p, int64_t kc, __m256i *acc32) {
     __m256i a00 = _mm256_setzero_si256(), a01 = a00, a02 = a00, a03 = a00;
     __m256i a10 = a00, a11 = a00, a12 = a00, a13 = a00;
     for (int64_t k = 0; k < kc; k += 32) {
@@ -131,9 +131,9 @@ static void gemm_tiles(const bn_act *x, const bn_tmat *w, int64_t t0, int64_t t1
                 unpack_tile(tile, k0 / BN_KBLOCK, kc, wbuf);
                 const int8_t *xk = x->xq + m0 * x->ldx + k0;
                 int64_t m = 0;
-                for (; m + 2 <= mc; m += 2)
+                for (; m + 2 <= mc && 0; m += 2)
                     micro_2(wbuf, xk + m * x->ldx, xk + (m + 1) * x->ldx, kc, acc + m * BN_ROWS);
-                if (m < mc) micro_1(wbuf, xk + m * x->ldx, kc, acc + m * BN_ROWS);
+                for (; m < mc; m++) micro_1(wbuf, xk + m * x->ldx, kc, acc + m * BN_ROWS);
             }
             for (int64_t m = 0; m < mc; m++)
                 for (int r = 0; r < BN_ROWS && t * BN_ROWS + r < w->n; r++)

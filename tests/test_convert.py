@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train_support import TINY, make_corpus, make_tokenizer
 from torch import nn
 
 from pybitnet.convert import set_quant_strength, to_bitnet
@@ -17,6 +16,7 @@ from pybitnet.quant import fake_quantize_activations, fake_quantize_weight
 from pybitnet.train import TextTokenizer, TokenDataset
 from pybitnet.train.model import init_model, model_config
 from pybitnet.train.trainer import summed_loss
+from test_train_support import TINY, make_corpus, make_tokenizer
 
 
 def tiny_llama():
@@ -127,10 +127,9 @@ def test_lambda_warmup_keeps_the_loss_near_the_fp_loss_while_a_hard_switch_jumps
 
 
 def test_trainer_converts_a_transformers_llama_checkpoint(tmp_path: Path):
-    from test_train_support import config
-
     import pybitnet
     from pybitnet.train import train
+    from test_train_support import config
 
     transformers = pytest.importorskip("transformers")
     llama = transformers.LlamaForCausalLM(
@@ -144,7 +143,7 @@ def test_trainer_converts_a_transformers_llama_checkpoint(tmp_path: Path):
             max_position_embeddings=128,
             bos_token_id=1,
             eos_token_id=2,
-        )  # fmt: skip
+        )
     )
     src = tmp_path / "llama"
     llama.save_pretrained(src)

@@ -10,10 +10,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from test_train_support import make_tokenizer
 
 from pybitnet.train import DataError, TextTokenizer, TokenDataset, tokenize_record
 from pybitnet.train.tokenize import IGNORE_INDEX
+from test_train_support import make_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +97,7 @@ def test_packing_windows_overlap_by_one_token_and_unpacked_rows_are_padded(tok, 
     assert torch.equal(packed[0, 0, -1], packed[1, 0, 0])
     rows = TokenDataset([path], tok, 24, packing=False, shuffle=False).samples
     assert rows.shape == (20, 2, 25)
-    ids, labels = tokenize_record({"text": "Short text 0."}, tok)
+    ids, _ = tokenize_record({"text": "Short text 0."}, tok)
     assert len(ids) < 25
     assert rows[0, 0, : len(ids)].tolist() == ids
     assert (rows[0, 1, len(ids) :] == IGNORE_INDEX).all()
@@ -154,7 +154,7 @@ def test_malformed_records_fail_naming_file_and_line_or_are_skipped(tok, tmp_pat
         TokenDataset([csv_path], tok, 4)
     messages = tmp_path / "chat.jsonl"
     messages.write_text(json.dumps({"messages": [{"role": "user", "content": "no answer"}]}) + "\n")
-    with pytest.raises(DataError, match="chat.jsonl:1: conversation has no assistant message"):
+    with pytest.raises(DataError, match=r"chat\.jsonl:1: conversation has no assistant message"):
         TokenDataset([messages], tok, 4)
 
 

@@ -272,3 +272,24 @@ def test_engine_driven_from_a_background_thread_with_concurrent_clients(llm):
         else:
             assert out.finish_reason == "length" and tokens == alone[i % 3]
     assert not engine.has_unfinished() and engine.num_running == 0
+
+
+def test_a_runner_plugs_into_the_engine(llm):
+    from pybitnet.engine.runner import ModelRunner
+
+    class CountingRunner(ModelRunner):
+        prefills = decodes = 0
+
+        def prefill(self, slot, ids):
+            CountingRunner.prefills += 1
+            return super().prefill(slot, ids)
+
+        def decode(self, tokens, positions):
+            CountingRunner.decodes += 1
+            return super().decode(tokens, positions)
+
+    engine = _engine(llm, runner=CountingRunner(llm.model, 64))
+    engine.add_request(PROMPTS[0], SamplingParams(max_tokens=5, ignore_eos=True))
+    engine.add_request(PROMPTS[1], SamplingParams(max_tokens=5, ignore_eos=True))
+    _run_all(engine)
+    assert (CountingRunner.prefills, CountingRunner.decodes) == (2, 4)  # one prefill each, decodes batched

@@ -167,3 +167,17 @@ def test_summary_reads_headers_only(dummy_dir):
     assert s.ternary_bits_per_weight == 2.0
     assert "weight_scale divides (bitlinear)" in s.layout
     assert s.weight_bytes == (dummy_dir("tiny-llama") / "model.safetensors").stat().st_size
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc (Linux)")
+def test_private_reads_equal_mapped_views_but_are_not_mapped(dummy_dir):
+    from pybitnet.formats.safetensors_io import TensorReader
+
+    path = dummy_dir("tiny-bitnet", dtype=torch.bfloat16)
+    reader = TensorReader(path)
+    for name in reader.names():
+        mapped, private = reader.get(name), reader.read(name)
+        assert private.dtype == mapped.dtype and torch.equal(private, mapped), name
+    ranges = _mapped_ranges(path / "model.safetensors")
+    private = reader.read("model.embed_tokens.weight")
+    assert not any(lo <= private.data_ptr() < hi for lo, hi in ranges)

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import pytest
 import torch.distributed as dist
-from test_train_support import config, losses, run_train, write_recipe
 
 from pybitnet.train import train
+from test_train_support import config, losses, run_train, write_recipe
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 

@@ -1,5 +1,6 @@
 """The fused Triton BitLinear training kernels against the torch straight-through path, run by Triton's
-interpreter on CPU (TRITON_INTERPRET=1): codes bit-exact, outputs and gradients equal up to float rounding."""
+interpreter on CPU (TRITON_INTERPRET=1): the int8 GEMM integer-exact, outputs and gradients equal to the
+straight-through path up to float rounding."""
 
 from __future__ import annotations
 
@@ -12,27 +13,22 @@ import torch
 pytest.importorskip("triton")
 os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are defined: set before importing them
 
-from pybitnet.nn import BitLinear  # noqa: E402
-from pybitnet.quant import quantize_activations, quantize_weight  # noqa: E402
-from pybitnet.train import fused  # noqa: E402
+from pybitnet.kernels.reference import ternary_matmul_int
+from pybitnet.nn import BitLinear
+from pybitnet.train import fused
 
 fused = importlib.reload(fused)  # in case another test imported it without the interpreter
 
 
-@pytest.mark.parametrize(("m", "k", "n"), [(37, 96, 50), (5, 200, 33)])
-def test_quantizers_match_the_reference_bit_for_bit(m, k, n):
+@pytest.mark.parametrize(("m", "k", "n"), [(37, 96, 50), (5, 200, 33), (64, 64, 64)])
+def test_int8_gemm_is_integer_exact(m, k, n):
     torch.manual_seed(m)
-    x = torch.randn(m, k) * torch.rand(m, 1) * 10
-    x[0, :7] = torch.tensor([0.5, 1.5, 2.5, -0.5, -1.5, 0.0, 3.0])  # ties round to even in both
-    xq, inv = fused.quantize_rows(x)
-    ref_q, ref_a = quantize_activations(x)
-    assert torch.equal(xq, ref_q)
-    torch.testing.assert_close(inv, 1.0 / ref_a.reshape(-1))
-    w = torch.randn(n, k)
-    codes, s = fused.ternarize(w)
-    ref = quantize_weight(w)
-    assert torch.equal(codes, ref.codes)
-    assert torch.equal(s.reshape(()), ref.scale)
+    xq = torch.randint(-128, 128, (m, k), dtype=torch.int8)
+    codes = torch.randint(-1, 2, (n, k), dtype=torch.int8)
+    got = fused.int8_matmul(xq, codes, torch.ones(m), torch.float32)
+    assert torch.equal(got, ternary_matmul_int(xq, codes).float())  # |acc| < 2**24: exact in float32
+    scale = torch.rand(m) + 0.5
+    torch.testing.assert_close(fused.int8_matmul(xq, codes, scale, torch.float32), got * scale[:, None])
 
 
 @pytest.mark.parametrize(("m", "k", "n"), [(37, 96, 50), (64, 64, 64)])
@@ -64,3 +60,16 @@ def test_fused_layer_swaps_in_place_and_falls_back_during_warmup():
     torch.testing.assert_close(model[0](x), BitLinear.forward(model[0], x))
     assert not torch.allclose(model[0](x), expected_first := fused.fused_bitlinear(x, model[0].weight))
     assert expected_first.shape == (4, 16)
+
+
+def test_fused_layer_compiles_to_one_graph():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = BitLinear(64, 32)
+    fused.use_fused_kernels(layer)
+    x = torch.randn(3, 64, requires_grad=True)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    y = compiled(x)
+    y.sum().backward()
+    torch.testing.assert_close(y, BitLinear.forward(layer, x.detach()), rtol=1e-5, atol=1e-5)
+    assert layer.weight.grad is not None and x.grad is not None

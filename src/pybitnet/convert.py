@@ -1,7 +1,7 @@
 """Full-precision -> BitNet b1.58: swap a model's nn.Linear layers for BitLinear, in place.
 
 Works on transformers causal LMs (LlamaForCausalLM and the like) and on pybitnet's own Transformer. Embeddings
-and the LM head stay full precision, as in BitNet. The converted model trains with quantization-aware training;
+and the LM head stay full precision, as in BitNet. The converted model trains quantization-aware;
 start it at `quant_strength=0` and raise λ to 1 over some steps (`set_quant_strength`, or the trainer's
 quant_warmup_steps) so the loss does not restart from random-init level.
 """
@@ -87,7 +87,7 @@ def bitlinear_layers(model: nn.Module) -> Iterator[BitLinear]:
 def set_quant_strength(model: nn.Module, weight: float, act: float | None = None) -> None:
     """Set λ (0 = full precision, 1 = fully quantized) of every BitLinear, for weights and activations.
 
-    Writes into the existing buffers (no new tensors, no host sync), so a compiled model does not recompile."""
+    Writes into the existing buffers (no new tensors, no host sync): a compiled model does not recompile."""
     act = weight if act is None else act
     if not (0.0 <= weight <= 1.0 and 0.0 <= act <= 1.0):
         raise ValueError(f"quant strengths must lie in [0, 1], got weight {weight}, act {act}")

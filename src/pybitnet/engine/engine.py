@@ -27,6 +27,7 @@ from ..models import Transformer
 from .cuda_graph_runner import make_runner
 from .outputs import Logprob, StepOutput
 from .params import SamplingParams
+from .runner import ModelRunner
 from .sampler import SamplingBatch, sample, top_logprobs
 from .sequence import Sequence
 from .tokenizer import Tokenizer
@@ -40,7 +41,10 @@ class Engine:
         max_model_len: int | None = None,
         max_num_seqs: int = 8,
         seed: int | None = None,
+        runner: ModelRunner | None = None,
     ) -> None:
+        """`runner` runs the forward passes; by default the CUDA-graph runner on a GPU and the eager
+        ModelRunner elsewhere. Any object with the same interface (reserve / prefill / decode) plugs in."""
         context = model.config.max_position_embeddings
         max_model_len = context if max_model_len is None else max_model_len
         if not 1 < max_model_len <= context:
@@ -54,7 +58,7 @@ class Engine:
         self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
         self.vocab_size = model.config.vocab_size
-        self.runner = make_runner(model, max_model_len)  # CUDA graphs on a GPU, eager elsewhere
+        self.runner = runner if runner is not None else make_runner(model, max_model_len)
         self.generator = torch.Generator(model.device)
         if seed is None:
             self.generator.seed()
@@ -95,7 +99,7 @@ class Engine:
             raise ContextLengthError(
                 f"the prompt has {len(ids)} tokens but the context holds {self.max_model_len} "
                 "(prompt plus at least one new token); shorten the prompt or raise the context size "
-                "(-c/--ctx-size)"
+                "(max_model_len; -c/--ctx-size on the command line)"
             )
         return ids
 
@@ -183,6 +187,8 @@ class Engine:
             self.running[slot] = seq
             t0 = time.perf_counter()
             logits = self.runner.prefill(slot, seq.prompt_ids)
+            if logits.is_cuda:  # time the prefill itself, not just its launch
+                torch.cuda.synchronize(logits.device)
             seq.prefilled(time.perf_counter() - t0)
             self._sample_and_append([seq], logits[None], outputs)
             admitted.append(seq)

@@ -90,20 +90,26 @@ class TensorReader:
     def names(self) -> list[str]:
         return list(self.files)
 
+    def _file(self, name: str) -> Path:
+        if name not in self.files:
+            raise WeightsError(f"tensor {name!r} is missing from the checkpoint")
+        return self.files[name]
+
     def header(self, name: str) -> tuple[str, tuple[int, ...]]:
         """(safetensors dtype name such as "U8" or "BF16", shape) of a tensor, without reading its data."""
-        if name not in self.files:
-            raise WeightsError(f"tensor {name!r} is missing from the checkpoint")
-        info = self._handles[self.files[name]].get_slice(name)
-        return info.get_dtype(), tuple(info.get_shape())
+        path = self._file(name)
+        try:
+            info = self._handles[path].get_slice(name)
+            return info.get_dtype(), tuple(info.get_shape())
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise WeightsError(f"cannot read tensor {name!r} from {path.name}: {e}") from None
 
     def get(self, name: str) -> torch.Tensor:
-        if name not in self.files:
-            raise WeightsError(f"tensor {name!r} is missing from the checkpoint")
+        path = self._file(name)
         try:
-            return self._handles[self.files[name]].get_tensor(name)
+            return self._handles[path].get_tensor(name)
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise WeightsError(f"cannot read tensor {name!r} from {self.files[name].name}: {e}") from None
+            raise WeightsError(f"cannot read tensor {name!r} from {path.name}: {e}") from None
 
     def read(self, name: str) -> torch.Tensor:
         """A private copy of tensor `name`. Its file pages are never mapped into this process, so converting

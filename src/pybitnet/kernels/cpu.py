@@ -194,6 +194,29 @@ def run_int8(
     )
 
 
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Causal attention of new queries over a KV cache, float32: q [B, H, T, D], k and v [B, KVH, S, D] (the
+    cache's buffers), positions [B, T] (query (b, t) sees keys 0..positions[b, t]) -> [B, T, H * D]."""
+    _ensure_threads()
+    b, h, t, d = q.shape
+    kvh, s = k.shape[1], k.shape[2]
+    if q.dtype != torch.float32 or k.dtype != torch.float32 or v.dtype != torch.float32:
+        raise KernelError("CPU attention takes float32 tensors")
+    if k.shape != v.shape or k.shape[0] < b or k.shape[3] != d or h % kvh:
+        raise LayoutError(f"attention shapes do not match: q {tuple(q.shape)}, k {tuple(k.shape)}")
+    if not (k[0].is_contiguous() and v[0].is_contiguous() and k.stride() == v.stride()):
+        raise LayoutError("the KV cache rows must be contiguous")
+    q = q.contiguous()
+    pos = positions.to(torch.int64).contiguous()
+    out = torch.empty((b, t, h * d), dtype=torch.float32)
+    kv_stride = k.stride(0)
+    args = (q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), pos.data_ptr())
+    _native.attention(*args, b, h, kvh, t, s, d, kv_stride, scale)
+    return out
+
+
 def linear(isa: int, x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
     return linear_many(isa, x, [w])[0]
 

@@ -24,6 +24,7 @@ from .kv_cache import KVCache
 
 # (in_features, out_features) -> a ternary linear module (training BitLinear or inference PackedBitLinear)
 LinearFactory = Callable[[int, int], nn.Module]
+DECODE_ATTENTION_MAX_T = 4  # new tokens per sequence up to which cached attention runs in C on CPU
 HEAD_ENV = "PYBITNET_LM_HEAD"  # auto | int8 | float: the output head's default mode
 
 
@@ -97,11 +98,24 @@ class Attention(nn.Module):
             key_pos = positions
         else:
             k, v = cache.update(self.layer, positions, k, v)
+            if t <= DECODE_ATTENTION_MAX_T and self._native_attention(q, k):
+                y = cpu_kernels.attention(q, k, v, positions, self.head_dim**-0.5)
+                return fused_linears(y, (self.o_proj,), self.attn_sub_norm)[0]
             key_pos = torch.arange(cache.max_len, device=x.device).expand(b, -1)
         mask = key_pos[:, None, None, :] <= positions[:, None, :, None]  # [B, 1, T, S]: causal per sequence
         y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, enable_gqa=True)
         y = y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)
         return fused_linears(y, (self.o_proj,), self.attn_sub_norm)[0]
+
+    def _native_attention(self, q: torch.Tensor, k: torch.Tensor) -> bool:
+        """Decode steps of models on the C kernels use the C attention: torch's SDPA costs ~0.1 ms a call for
+        one query row, which 30 layers turn into ~10% of a token's time."""
+        return (
+            q.device.type == "cpu"
+            and q.dtype == k.dtype == torch.float32
+            and getattr(self.q_proj, "layout", None) == "cpu_i2"
+            and cpu_kernels.native_available()
+        )
 
 
 class FeedForward(nn.Module):

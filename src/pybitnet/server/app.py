@@ -155,9 +155,9 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
 
 
 def _install_openapi(app: FastAPI, api_key: bool) -> None:
-    """The generated spec plus what FastAPI cannot infer: the streamed chunk schemas (referenced by the
-    text/event-stream responses) and, with an API key, the bearer scheme on the /v1/ routes (the check itself
-    is APIKeyCheck)."""
+    """The generated spec, corrected where FastAPI cannot know better: validation errors are 400s (not 422s),
+    the streamed chunk schemas that the text/event-stream responses reference are added, and with an API
+    key the /v1/ routes declare the bearer scheme (the check itself is APIKeyCheck)."""
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is not None:
@@ -165,7 +165,12 @@ def _install_openapi(app: FastAPI, api_key: bool) -> None:
         spec = get_openapi(
             title=app.title, version=app.version, description=app.description, routes=app.routes
         )
+        for operations in spec["paths"].values():
+            for operation in operations.values():
+                operation.get("responses", {}).pop("422", None)  # validation errors are 400s here
         components = spec.setdefault("components", {})
+        for unused in ("HTTPValidationError", "ValidationError"):
+            components.get("schemas", {}).pop(unused, None)
         _, chunk_schemas = models_json_schema(
             [(ChatCompletionChunk, "serialization"), (CompletionChunk, "serialization")],
             ref_template="#/components/schemas/{model}",

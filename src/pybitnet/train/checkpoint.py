@@ -195,7 +195,7 @@ def read_trainer_state(ckpt: Path) -> dict[str, Any]:
 
 
 def load_checkpoint(ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Restore model, optimizer and RNG states from `ckpt`; return the trainer state (step, data position...)."""
+    """Restore model, optimizer and RNG states from `ckpt`; return the trainer state (step, data position)."""
     state = read_trainer_state(ckpt)
     model_sd = _load_tensors(ckpt / "model.safetensors")
     expected = set(get_model_state_dict(model, options=_full_options()))

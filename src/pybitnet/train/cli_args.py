@@ -33,7 +33,9 @@ def parse_flags(args: list[str]) -> dict[str, Any]:
             i += 1
             continue
         if key not in types_:
-            raise ConfigError(f"unknown option --{name} (no training key {key!r}); see `pybitnet train --help`")
+            raise ConfigError(
+                f"unknown option --{name} (no training key {key!r}); see `pybitnet train --help`"
+            )
         if not eq:
             if _is_bool(types_[key]) and (i + 1 == len(args) or args[i + 1].startswith("--")):
                 values[key] = True

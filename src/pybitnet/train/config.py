@@ -178,9 +178,8 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     elif origin is list:
         items = value if isinstance(value, list) else [value]
         return [_coerce(key, v, args[0]) for v in items]
-    elif origin is dict:
-        if isinstance(value, dict):
-            return value
+    elif origin is dict and isinstance(value, dict):
+        return value
     raise ConfigError(f"{key}: expected {getattr(annotation, '__name__', annotation)}, got {value!r}")
 
 

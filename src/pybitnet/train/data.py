@@ -1,7 +1,8 @@
 """Training data: files -> records -> (token ids, labels) -> fixed-length samples -> batches.
 
 Readers stream every format (plain text by paragraph, JSON lines, CSV, Parquet row groups), so files larger
-than memory work with `streaming`. Without it the samples are tokenized once into memory and shuffled per epoch
+than memory work with `streaming`. Without it the samples are tokenized once into memory and shuffled
+each epoch
 with a seeded permutation. Either way the position in the data is a small JSON-able state, so a resumed run
 continues with exactly the next sample.
 
@@ -47,8 +48,8 @@ def file_format(path: Path, fmt: str) -> str:
 
 
 def iter_records(path: Path, fmt: str = "auto", text_field: str = "text") -> Iterator[tuple[str, Any]]:
-    """(location, record) pairs; a record is a dict, or a DataError for a malformed one (so the caller can skip
-    it and go on). The location is "file:line" (or "file:row N" for Parquet)."""
+    """(location, record) pairs; a record is a dict, or a DataError for a malformed one (so the caller can
+    skip it and go on). The location is "file:line" (or "file:row N" for Parquet)."""
     if not path.is_file():
         raise DataError(f"data file {path} does not exist")
     fmt = file_format(path, fmt)
@@ -156,7 +157,7 @@ class RecordStream:
     def iter_from(
         self, file_idx: int = 0, record_idx: int = 0
     ) -> Iterator[tuple[int, int, list[int], list[int]]]:
-        """(file index, records consumed in that file, ids, labels) for every good record from the position."""
+        """(file index, records consumed in that file, ids, labels) of every good record from the position."""
         for fi in range(file_idx, len(self.files)):
             start = record_idx if fi == file_idx else 0
             for ri, (where, record) in enumerate(iter_records(self.files[fi], self.fmt, self.text_field)):
@@ -184,7 +185,7 @@ class RecordStream:
 
 class Packer:
     """Concatenates records into a stream and cuts windows of seq_len + 1 tokens at a stride of seq_len (each
-    token but the first is a target once); without packing, each record is truncated or padded to one window."""
+    token but the first is a target once); without packing, a record is truncated or padded to one window."""
 
     def __init__(self, seq_len: int, packing: bool, pad_id: int) -> None:
         self.window, self.packing, self.pad_id = seq_len + 1, packing, pad_id

@@ -62,7 +62,7 @@ def wrap(model: nn.Module, info: DistInfo, device: torch.device) -> nn.Module:
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
-    """The decoder blocks of a pybitnet Transformer (model.layers) or a transformers LM (model.model.layers)."""
+    """Decoder blocks of a pybitnet Transformer (model.layers) or a transformers LM (model.model.layers)."""
     layers = getattr(model, "layers", None)
     if layers is None:
         layers = getattr(getattr(model, "model", None), "layers", None)

@@ -6,8 +6,8 @@ from ..errors import PyBitNetError
 
 
 class DataError(PyBitNetError):
-    """A data file is missing or unreadable, or a record in it is malformed (the message names file and line)."""
+    """A data file is missing or unreadable, or a record in it is malformed (the message names file, line)."""
 
 
 class CheckpointError(PyBitNetError):
-    """A training checkpoint is missing, incomplete, or does not match the model or optimizer being resumed."""
+    """A training checkpoint is missing, incomplete, or does not match the model or optimizer resumed."""

@@ -36,8 +36,8 @@ def linear_factory(config: ModelConfig, quantize: bool):
 
 
 def init_model(config: ModelConfig, quantize: bool, seed: int) -> Transformer:
-    """A fresh model: N(0, 0.02) linears and embeddings, residual outputs scaled by 1/sqrt(2 * layers) (GPT-2),
-    norms at 1."""
+    """A fresh model: N(0, 0.02) linears and embeddings, residual outputs scaled by 1/sqrt(2 * layers)
+    (GPT-2), norms at 1."""
     torch.manual_seed(seed)
     model = Transformer(config, linear_factory(config, quantize))
     residual_std = INIT_STD / (2 * config.num_hidden_layers) ** 0.5
@@ -62,9 +62,9 @@ def model_config(cfg_preset: str, overrides: dict[str, Any]) -> ModelConfig:
 def load_model_for_training(
     path: str | Path, quantize: bool, add_sub_norms: bool, exclude: list[str]
 ) -> Transformer:
-    """A checkpoint directory as a trainable Transformer. BitNet checkpoints keep their ternary weights (packed
-    ones dequantized into latent weights, latent ones as they are); a full-precision llama-style checkpoint is
-    converted with `to_bitnet` (optionally adding the 2B-4T sub-norms)."""
+    """A checkpoint directory as a trainable Transformer. BitNet checkpoints keep their ternary weights
+    (packed ones dequantized into latent weights, latent ones as they are); a full-precision llama-style
+    checkpoint is converted with `to_bitnet` (optionally adding the 2B-4T sub-norms)."""
     path = Path(path)
     raw = read_json(path / "config.json")
     try:

@@ -41,7 +41,9 @@ from .tokenize import IGNORE_INDEX, TextTokenizer
 class TrainResult:
     out_dir: Path
     steps: int
-    losses: dict[int, float] = field(default_factory=dict)  # step -> training loss, for the steps this run did
+    losses: dict[int, float] = field(
+        default_factory=dict
+    )  # step -> training loss, for the steps this run did
     val_loss: float | None = None
     val_ppl: float | None = None
     exported: dict[str, Path] = field(default_factory=dict)
@@ -112,7 +114,10 @@ def summed_loss(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor) -> to
     logits = logits_of(model, ids[:, :-1])
     targets = labels[:, 1:]
     return F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+        logits.reshape(-1, logits.shape[-1]).float(),
+        targets.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
     )
 
 
@@ -126,11 +131,13 @@ def evaluate(
     model: nn.Module, data: TokenDataset, cfg: TrainConfig, info: distributed.DistInfo, device: torch.device
 ) -> tuple[float, float]:
     """(mean loss per target token, perplexity) over the validation data. Each process takes every
-    world_size-th row of each batch; one with no row runs a zero-weight row so FSDP's collectives stay paired."""
+    world_size-th row of each batch; one with no row runs a zero-weight row, so FSDP's collectives pair up."""
     was_training = model.training
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)
-    for batch_ids, batch_labels in data.iter_batches(cfg.micro_batch_size * info.world_size, cfg.eval_batches):
+    for batch_ids, batch_labels in data.iter_batches(
+        cfg.micro_batch_size * info.world_size, cfg.eval_batches
+    ):
         ids, labels = batch_ids[info.rank :: info.world_size], batch_labels[info.rank :: info.world_size]
         weight = 1.0
         if ids.shape[0] == 0:  # fewer rows than processes
@@ -156,12 +163,14 @@ def _check_resumable(saved: dict[str, Any], cfg: TrainConfig, global_batch: int)
     for key in ("preset", "model_overrides", "init_from", "seq_len", "quantize", "packing"):
         if old.get(key) != getattr(cfg, key):
             raise CheckpointError(
-                f"the checkpoint was trained with {key}={old.get(key)!r}, this run has {getattr(cfg, key)!r}; "
+                f"the checkpoint was trained with {key}={old.get(key)!r}, this run has "
+                f"{getattr(cfg, key)!r}; "
                 "use another out_dir, or set resume: false to start over"
             )
     if saved.get("global_batch") != global_batch:
         raise CheckpointError(
-            f"the checkpoint's global batch was {saved.get('global_batch')} samples, this run's is {global_batch}"
+            f"the checkpoint's global batch was {saved.get('global_batch')} samples, this run's is "
+            f"{global_batch}"
             " (micro_batch_size x grad_accum_steps x processes); keep it to resume exactly"
         )
 
@@ -207,7 +216,9 @@ def train(cfg: TrainConfig) -> TrainResult:
         on_bad_record=cfg.on_bad_record,
     )
     train_data = TokenDataset(cfg.train_data, tok, cfg.seq_len, shuffle=cfg.shuffle, seed=cfg.seed, **data_kw)
-    val_data = TokenDataset(cfg.val_data, tok, cfg.seq_len, shuffle=False, **data_kw) if cfg.val_data else None
+    val_data = (
+        TokenDataset(cfg.val_data, tok, cfg.seq_len, shuffle=False, **data_kw) if cfg.val_data else None
+    )
 
     # ---- optimizer, and the state of an interrupted run
     optimizer = build_optimizer(model, cfg, device)
@@ -224,20 +235,28 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     # ---- the loop
     result = TrainResult(out_dir, start_step)
-    pending: list[dict[str, Any]] = []  # rows whose loss is still on the device (fetched once per log_interval)
+    pending: list[
+        dict[str, Any]
+    ] = []  # rows whose loss is still on the device (fetched once per log_interval)
     t0 = time.perf_counter()
     model.train()
     for step in range(start_step, cfg.max_steps):
         lr, wd = lr_at(step, cfg), weight_decay_at(step, cfg)
         set_hyperparameters(optimizer, lr, wd)
-        lam_w, lam_a = quant_strength_at(step, cfg.quant_warmup_steps), quant_strength_at(step, cfg.act_warmup)
+        lam_w, lam_a = (
+            quant_strength_at(step, cfg.quant_warmup_steps),
+            quant_strength_at(step, cfg.act_warmup),
+        )
         set_quant_strength(raw_model, lam_w, lam_a)
         if fused:
             set_fused(raw_model, lam_w == 1.0 and lam_a == 1.0)
 
         ids, labels = train_data.next_batch(global_batch)
         n_targets = (labels[:, 1:] != IGNORE_INDEX).sum().clamp(min=1).item()  # known on the host: no sync
-        ids, labels = ids[rank_rows(global_batch, info)].to(device), labels[rank_rows(global_batch, info)].to(device)
+        ids, labels = (
+            ids[rank_rows(global_batch, info)].to(device),
+            labels[rank_rows(global_batch, info)].to(device),
+        )
         loss_sum = torch.zeros((), device=device)
         for micro in range(cfg.grad_accum_steps):
             rows = slice(micro * cfg.micro_batch_size, (micro + 1) * cfg.micro_batch_size)
@@ -268,7 +287,9 @@ def train(cfg: TrainConfig) -> TrainResult:
         if (step + 1) % cfg.log_interval == 0 or evaluating or saving:
             _flush(pending, monitor, result, time.perf_counter() - t0)
         if evaluating:
-            val_loss, val_ppl = evaluate(model if info.mode == "fsdp" else raw_model, val_data, cfg, info, device)
+            val_loss, val_ppl = evaluate(
+                model if info.mode == "fsdp" else raw_model, val_data, cfg, info, device
+            )
             result.val_loss, result.val_ppl = val_loss, val_ppl
             monitor.log({"step": step + 1, "val_loss": val_loss, "val_ppl": val_ppl}, console=True)
         if saving:

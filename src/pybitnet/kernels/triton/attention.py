@@ -13,11 +13,11 @@ import triton.language as tl
 
 from .common import LAUNCH_OPTS, on_gpu, round_to
 
-# launch shape by batch (rows <= 8: "small", else "large"): cache positions per loop step, warps, stages;
-# the GPU benchmark measures the choices
+# launch shape by batch (rows <= 8: "small", else "large"): cache positions per loop step, warps, stages; the
+# fastest measured on an H200 at context 384 (benchmarks/gpu_bench.py, 2026-11-30)
 DECODE_CONFIGS = {
-    "small": {"block": 64, "num_warps": 4, "num_stages": 2},
-    "large": {"block": 64, "num_warps": 4, "num_stages": 2},
+    "small": {"block": 128, "num_warps": 8, "num_stages": 2},
+    "large": {"block": 128, "num_warps": 8, "num_stages": 2},
 }
 
 

@@ -328,8 +328,26 @@ class MMConfig:
     gemv: bool = False
 
 
-# (rows bucket, N, K, gated) -> tiles measured best on the GPU; `default_config` falls back to rules by size.
-TUNED: dict[tuple[int, int, int, bool], MMConfig] = {}
+# (rows bucket, N, K, gated) -> the tiles measured fastest on an H200 (benchmarks/gpu_bench.py, 2026-11-30)
+# for the 2B-4T projections as the engine runs them; other shapes fall back to `default_config`'s rules.
+_H200_2B4T = {
+    (1, 3840, 2560, False): MMConfig(bn=32, bk=1024, num_warps=8, num_stages=1, gemv=True),
+    (1, 2560, 2560, False): MMConfig(bn=16, bk=2048, num_warps=8, num_stages=1, gemv=True),
+    (1, 6912, 2560, True): MMConfig(bn=16, bk=512, num_warps=4, num_stages=2, gemv=True),
+    (1, 13824, 2560, False): MMConfig(bn=16, bk=512, num_warps=4, num_stages=2, gemv=True),
+    (1, 2560, 6912, False): MMConfig(bn=16, bk=2048, num_warps=8, num_stages=1, gemv=True),
+    (1, 128256, 2560, False): MMConfig(bm=16, bn=64, bk=256, num_warps=4, num_stages=4),
+    (64, 3840, 2560, False): MMConfig(bm=64, bn=32, bk=512, num_warps=4, num_stages=3),
+    (64, 2560, 2560, False): MMConfig(bm=64, bn=32, bk=512, num_warps=4, num_stages=3),
+    (64, 6912, 2560, True): MMConfig(bm=64, bn=64, bk=256, num_warps=4, num_stages=4),
+    (64, 2560, 6912, False): MMConfig(bm=64, bn=32, bk=512, num_warps=4, num_stages=3),
+    (64, 128256, 2560, False): MMConfig(bm=64, bn=64, bk=256, num_warps=4, num_stages=3),
+    (128, 3840, 2560, False): MMConfig(bm=128, bn=256, bk=128, num_warps=8, num_stages=3),
+    (128, 2560, 2560, False): MMConfig(bm=64, bn=128, bk=256, num_warps=4, num_stages=3),
+    (128, 6912, 2560, True): MMConfig(bm=128, bn=128, bk=256, num_warps=8, num_stages=3),
+    (128, 2560, 6912, False): MMConfig(bm=64, bn=128, bk=256, num_warps=4, num_stages=3),
+}
+TUNED: dict[tuple[int, int, int, bool], MMConfig] = dict(_H200_2B4T)
 
 
 def rows_bucket(m: int) -> int:
@@ -345,14 +363,13 @@ def default_config(m: int, n: int, k: int, w8: bool = False, gated: bool = False
     tuned = TUNED.get((rows_bucket(m), n, k, gated))
     if tuned is not None and not (tuned.gemv and (m != 1 or w8)):
         return tuned
-    if m == 1 and not w8:
-        split = 2 if n <= 4096 and k >= 4096 else 1
-        return MMConfig(bn=16, bk=512, split_k=split, num_warps=4, num_stages=3, gemv=True)
+    if m == 1 and not w8:  # many small programs; split K did not pay on the 2B-4T shapes
+        return MMConfig(bn=8, bk=1024, num_warps=4, num_stages=1, gemv=True)
     if m <= 16:
-        return MMConfig(bm=16, bn=64 if w8 else 32, bk=512 if w8 else 256, num_warps=4, num_stages=4)
+        return MMConfig(bm=16, bn=64 if w8 else 32, bk=256 if w8 else 512, num_warps=4, num_stages=3)
     if m <= 64:
-        return MMConfig(bm=64, bn=64, bk=256, split_k=2 if n <= 4096 else 1, num_warps=4, num_stages=3)
-    return MMConfig(bm=128, bn=128, bk=128, num_warps=8, num_stages=3)
+        return MMConfig(bm=64, bn=32, bk=512, num_warps=4, num_stages=3)
+    return MMConfig(bm=128, bn=128, bk=256, num_warps=8, num_stages=3)
 
 
 def _check(x: torch.Tensor, w: PackedWeight, act: str | None) -> tuple[int, int, int]:

@@ -1,0 +1,49 @@
+"""`pybitnet bench`: the llama-bench-style table, CSV and JSON outputs, on a tiny random model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from pybitnet.cli.app import _register_verbs, app
+
+_register_verbs()
+runner = CliRunner()
+
+
+def bench(*args: str):
+    return runner.invoke(app, ["bench", "--preset", "tiny-bitnet", "-p", "16", "-n", "4", "-r", "2", *args])
+
+
+def test_markdown_table():
+    result = bench()
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0] == "| model | size | params | backend | threads | test | t/s |"
+    assert any("| pp16 |" in line for line in lines) and any("| tg4 |" in line for line in lines)
+    assert "±" in result.output and "peak RSS" in result.output
+
+
+def test_json_and_csv_with_thread_list():
+    result = bench("-o", "json", "-t", "1,2", "--kernel", "reference")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.output)
+    assert [(r["threads"], r["test"]) for r in rows] == [(1, "pp16"), (1, "tg4"), (2, "pp16"), (2, "tg4")]
+    assert all(r["ts_mean"] > 0 and len(r["samples"]) == 2 and r["peak_rss_bytes"] > 0 for r in rows)
+    assert rows[0]["backend"] == "reference, float head"
+    csv = bench("-o", "csv", "-n", "0")
+    assert csv.exit_code == 0, csv.output
+    header, row = csv.output.splitlines()
+    assert header.startswith("model,size_bytes,params,backend,threads,test,ts_mean,ts_sd")
+    assert ",pp16," in row
+
+
+@pytest.mark.parametrize("args", [["-o", "xml"], ["-p", "0", "-n", "0"], ["-p", "x"]])
+def test_bad_arguments(args):
+    assert bench(*args).exit_code != 0
+
+
+def test_model_or_preset_required():
+    assert runner.invoke(app, ["bench"]).exit_code != 0
