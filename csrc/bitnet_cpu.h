@@ -43,11 +43,13 @@ typedef struct {
     int64_t ldy;
 } bn_tmat;
 
-/* One int8 matrix (per-row scales), row-major [n][ldw] with zeros past K: the output head. */
+/* One int8 matrix with per-row scales (the output head), in tiles like the ternary layout: rows padded with
+ * zeros to a multiple of BN_ROWS and K to k_pad; for tile t and 32-value chunk c, the 4 rows' 32 bytes lie side
+ * by side at ((t * (k_pad / 32) + c) * 4 + r) * 32, so a GEMV reads one sequential stream (a row-major matrix
+ * read 4 rows at a time gets about half the bandwidth). */
 typedef struct {
     const int8_t *w;
     int64_t n;
-    int64_t ldw;
     const float *scale;
     float *y;
     int64_t ldy;
@@ -57,7 +59,7 @@ typedef struct {
     const char *name;
     /* y for rows of tiles [t0, t1) of w, for all M activation rows */
     void (*ternary)(const bn_act *x, const bn_tmat *w, int64_t t0, int64_t t1);
-    /* y for rows [n0, n1) of w, for all M activation rows */
+    /* y for rows [n0, n1) of w (n0 a multiple of BN_ROWS), for all M activation rows */
     void (*int8)(const bn_act *x, const bn_qmat *w, int64_t n0, int64_t n1);
     /* One row: xq = round_half_even(x * a) with a = (1 / max(max|x|, 1e-5)) * 127, zero padding to k_pad. */
     void (*quantize)(const float *x, int64_t k, int64_t k_pad, int8_t *xq, float *a, int32_t *rowsum);

@@ -131,9 +131,9 @@ static void gemm_tiles(const bn_act *x, const bn_tmat *w, int64_t t0, int64_t t1
                 unpack_tile(tile, k0 / BN_KBLOCK, kc, wbuf);
                 const int8_t *xk = x->xq + m0 * x->ldx + k0;
                 int64_t m = 0;
-                for (; m + 2 <= mc && 0; m += 2)
+                for (; m + 2 <= mc; m += 2)
                     micro_2(wbuf, xk + m * x->ldx, xk + (m + 1) * x->ldx, kc, acc + m * BN_ROWS);
-                for (; m < mc; m++) micro_1(wbuf, xk + m * x->ldx, kc, acc + m * BN_ROWS);
+                if (m < mc) micro_1(wbuf, xk + m * x->ldx, kc, acc + m * BN_ROWS);
             }
             for (int64_t m = 0; m < mc; m++)
                 for (int r = 0; r < BN_ROWS && t * BN_ROWS + r < w->n; r++)
@@ -168,32 +168,24 @@ static inline __m256i dot8(__m256i acc, __m256i ax, __m256i xv, const int8_t *w)
 }
 
 static void int8_avx2(const bn_act *x, const bn_qmat *w, int64_t n0, int64_t n1) {
+    int64_t chunks = x->k_pad / 32;
     for (int64_t m = 0; m < x->m; m++) {
         const int8_t *xr = x->xq + m * x->ldx;
-        int64_t n = n0;
-        for (; n + 4 <= n1; n += 4) {
-            const int8_t *w0 = w->w + n * w->ldw;
+        for (int64_t n = n0; n < n1; n += BN_ROWS) {
+            const int8_t *tile = w->w + n / BN_ROWS * chunks * BN_ROWS * 32;
             __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
-            for (int64_t k = 0; k < x->k_pad; k += 32) {
-                __m256i xv = _mm256_loadu_si256((const __m256i *)(xr + k));
+            for (int64_t c = 0; c < chunks; c++) {
+                __m256i xv = _mm256_loadu_si256((const __m256i *)(xr + c * 32));
                 __m256i ax = _mm256_abs_epi8(xv);
-                a0 = dot8(a0, ax, xv, w0 + k);
-                a1 = dot8(a1, ax, xv, w0 + w->ldw + k);
-                a2 = dot8(a2, ax, xv, w0 + 2 * w->ldw + k);
-                a3 = dot8(a3, ax, xv, w0 + 3 * w->ldw + k);
+                const int8_t *b = tile + c * BN_ROWS * 32;
+                a0 = dot8(a0, ax, xv, b);
+                a1 = dot8(a1, ax, xv, b + 32);
+                a2 = dot8(a2, ax, xv, b + 64);
+                a3 = dot8(a3, ax, xv, b + 96);
             }
-            w->y[m * w->ldy + n] = (float)hsum_i32(a0) * (w->scale[n] / x->a[m]);
-            w->y[m * w->ldy + n + 1] = (float)hsum_i32(a1) * (w->scale[n + 1] / x->a[m]);
-            w->y[m * w->ldy + n + 2] = (float)hsum_i32(a2) * (w->scale[n + 2] / x->a[m]);
-            w->y[m * w->ldy + n + 3] = (float)hsum_i32(a3) * (w->scale[n + 3] / x->a[m]);
-        }
-        for (; n < n1; n++) {
-            __m256i a0 = _mm256_setzero_si256();
-            for (int64_t k = 0; k < x->k_pad; k += 32) {
-                __m256i xv = _mm256_loadu_si256((const __m256i *)(xr + k));
-                a0 = dot8(a0, _mm256_abs_epi8(xv), xv, w->w + n * w->ldw + k);
-            }
-            w->y[m * w->ldy + n] = (float)hsum_i32(a0) * (w->scale[n] / x->a[m]);
+            int32_t acc[BN_ROWS] = {hsum_i32(a0), hsum_i32(a1), hsum_i32(a2), hsum_i32(a3)};
+            for (int r = 0; r < BN_ROWS && n + r < n1; r++)
+                w->y[m * w->ldy + n + r] = (float)acc[r] * (w->scale[n + r] / x->a[m]);
         }
     }
 }

@@ -129,24 +129,26 @@ static void ternary_avx512vnni(const bn_act *x, const bn_tmat *w, int64_t t0, in
     }
 }
 
-/* int8 rows: vpdpbusd(w ^ 0x80, x) = sum((w + 128) * x); subtracting 128 * rowsum(x) leaves sum(w * x). */
+/* int8 rows: vpdpbusd(w ^ 0x80, x) = sum((w + 128) * x); subtracting 128 * rowsum(x) leaves sum(w * x). A zmm
+ * holds two rows' 32-byte chunks of a tile; the activation chunk is broadcast to both halves. */
 static void int8_avx512vnni(const bn_act *x, const bn_qmat *w, int64_t n0, int64_t n1) {
     const __m512i flip = _mm512_set1_epi8((char)0x80);
-    for (int64_t n = n0; n < n1; n += 4) {
-        int rows = n1 - n < 4 ? (int)(n1 - n) : 4;
-        for (int64_t m = 0; m < x->m; m++) {
-            const int8_t *xr = x->xq + m * x->ldx;
-            __m512i acc[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(),
-                              _mm512_setzero_si512()};
-            for (int64_t k = 0; k < x->k_pad; k += 64) {
-                __m512i xv = _mm512_loadu_si512((const void *)(xr + k));
-                for (int r = 0; r < rows; r++) {
-                    __m512i wv = _mm512_loadu_si512((const void *)(w->w + (n + r) * w->ldw + k));
-                    acc[r] = _mm512_dpbusd_epi32(acc[r], _mm512_xor_si512(wv, flip), xv);
-                }
+    int64_t chunks = x->k_pad / 32;
+    for (int64_t m = 0; m < x->m; m++) {
+        const int8_t *xr = x->xq + m * x->ldx;
+        for (int64_t n = n0; n < n1; n += BN_ROWS) {
+            const int8_t *tile = w->w + n / BN_ROWS * chunks * BN_ROWS * 32;
+            __m512i a01 = _mm512_setzero_si512(), a23 = a01;
+            for (int64_t c = 0; c < chunks; c++) {
+                __m512i xv = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(xr + c * 32)));
+                const int8_t *b = tile + c * BN_ROWS * 32;
+                a01 = _mm512_dpbusd_epi32(a01, _mm512_xor_si512(_mm512_loadu_si512((const void *)b), flip), xv);
+                a23 = _mm512_dpbusd_epi32(a23, _mm512_xor_si512(_mm512_loadu_si512((const void *)(b + 64)), flip), xv);
             }
-            for (int r = 0; r < rows; r++) {
-                int32_t dot = _mm512_reduce_add_epi32(acc[r]) - 128 * x->rowsum[m];
+            int32_t acc[BN_ROWS] = {hsum256(_mm512_castsi512_si256(a01)), hsum256(_mm512_extracti64x4_epi64(a01, 1)),
+                                    hsum256(_mm512_castsi512_si256(a23)), hsum256(_mm512_extracti64x4_epi64(a23, 1))};
+            for (int r = 0; r < BN_ROWS && n + r < n1; r++) {
+                int32_t dot = acc[r] - 128 * x->rowsum[m];
                 w->y[m * w->ldy + n + r] = (float)dot * (w->scale[n + r] / x->a[m]);
             }
         }

@@ -118,16 +118,19 @@ static void ternary_neondot(const bn_act *x, const bn_tmat *w, int64_t t0, int64
 }
 
 static void int8_neondot(const bn_act *x, const bn_qmat *w, int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; n += 4) {
-        int rows = n1 - n < 4 ? (int)(n1 - n) : 4;
-        for (int64_t m = 0; m < x->m; m++) {
-            const int8_t *xr = x->xq + m * x->ldx;
-            int32x4_t acc[4] = {vdupq_n_s32(0), vdupq_n_s32(0), vdupq_n_s32(0), vdupq_n_s32(0)};
-            for (int64_t k = 0; k < x->k_pad; k += 16) {
-                int8x16_t xv = vld1q_s8(xr + k);
-                for (int r = 0; r < rows; r++) acc[r] = vdotq_s32(acc[r], vld1q_s8(w->w + (n + r) * w->ldw + k), xv);
+    int64_t chunks = x->k_pad / 32;
+    for (int64_t m = 0; m < x->m; m++) {
+        const int8_t *xr = x->xq + m * x->ldx;
+        for (int64_t n = n0; n < n1; n += BN_ROWS) {
+            const int8_t *tile = w->w + n / BN_ROWS * chunks * BN_ROWS * 32;
+            int32x4_t acc[BN_ROWS] = {vdupq_n_s32(0), vdupq_n_s32(0), vdupq_n_s32(0), vdupq_n_s32(0)};
+            for (int64_t c = 0; c < chunks; c++) {
+                int8x16_t x0 = vld1q_s8(xr + c * 32), x1 = vld1q_s8(xr + c * 32 + 16);
+                const int8_t *b = tile + c * BN_ROWS * 32;
+                for (int r = 0; r < BN_ROWS; r++)
+                    acc[r] = vdotq_s32(vdotq_s32(acc[r], vld1q_s8(b + r * 32), x0), vld1q_s8(b + r * 32 + 16), x1);
             }
-            for (int r = 0; r < rows; r++)
+            for (int r = 0; r < BN_ROWS && n + r < n1; r++)
                 w->y[m * w->ldy + n + r] = (float)vaddvq_s32(acc[r]) * (w->scale[n + r] / x->a[m]);
         }
     }

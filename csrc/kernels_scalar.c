@@ -50,12 +50,14 @@ static void ternary_scalar(const bn_act *x, const bn_tmat *w, int64_t t0, int64_
 }
 
 static void int8_scalar(const bn_act *x, const bn_qmat *w, int64_t n0, int64_t n1) {
+    int64_t chunks = x->k_pad / 32;
     for (int64_t n = n0; n < n1; n++) {
-        const int8_t *wr = w->w + n * w->ldw;
+        const int8_t *tile = w->w + n / BN_ROWS * chunks * BN_ROWS * 32 + n % BN_ROWS * 32;
         for (int64_t m = 0; m < x->m; m++) {
             const int8_t *xr = x->xq + m * x->ldx;
             int32_t acc = 0;
-            for (int64_t k = 0; k < x->k_pad; k++) acc += (int32_t)wr[k] * xr[k];
+            for (int64_t c = 0; c < chunks; c++)
+                for (int i = 0; i < 32; i++) acc += (int32_t)tile[c * BN_ROWS * 32 + i] * xr[c * 32 + i];
             w->y[m * w->ldy + n] = (float)acc * (w->scale[n] / x->a[m]);
         }
     }

@@ -105,17 +105,15 @@ static PyObject *py_int8(PyObject *self, PyObject *args) {
     (void)self;
     int isa;
     unsigned long long x, norm, w, scale, y;
-    Py_ssize_t m, k, ldx, n, ldw, ldy;
+    Py_ssize_t m, k, ldx, n, ldy;
     float eps;
-    if (!PyArg_ParseTuple(args, "iKnnnKfKnnKKn", &isa, &x, &m, &k, &ldx, &norm, &eps, &w, &n, &ldw, &scale, &y, &ldy))
+    if (!PyArg_ParseTuple(args, "iKnnnKfKnKKn", &isa, &x, &m, &k, &ldx, &norm, &eps, &w, &n, &scale, &y, &ldy))
         return NULL;
     const bn_isa_ops *ops = isa_or_raise(isa);
     if (!ops || check_input(m, k, ldx)) return NULL;
-    Py_ssize_t k_pad = (k + BN_KBLOCK - 1) / BN_KBLOCK * BN_KBLOCK;
-    if (n < 1 || ldw < k_pad || ldy < n)
-        return PyErr_Format(PyExc_ValueError, "int8 weight rows must hold %zd bytes and y rows %zd values", k_pad, n);
+    if (n < 1 || ldy < n) return PyErr_Format(PyExc_ValueError, "need n >= 1 and y rows of at least n values");
     bn_input in = {(const float *)(uintptr_t)x, m, k, ldx, (const float *)(uintptr_t)norm, eps};
-    bn_qmat q = {(const int8_t *)(uintptr_t)w, n, ldw, (const float *)(uintptr_t)scale, (float *)(uintptr_t)y, ldy};
+    bn_qmat q = {(const int8_t *)(uintptr_t)w, n, (const float *)(uintptr_t)scale, (float *)(uintptr_t)y, ldy};
     int rc;
     Py_BEGIN_ALLOW_THREADS;
     bn_pool_lock();
@@ -223,7 +221,7 @@ static PyMethodDef methods[] = {
     {"ternary_q", py_ternary_q, METH_VARARGS,
      "ternary_q(isa, xq, ldq, a, rowsum, m, k_pad, mats): the same from already quantized activations"},
     {"int8", py_int8, METH_VARARGS,
-     "int8(isa, x, m, k, ldx, norm_w, eps, w, n, ldw, scale, y, ldy): int8 per-row weights (the output head)"},
+     "int8(isa, x, m, k, ldx, norm_w, eps, w, n, scale, y, ldy): tiled int8 per-row weights (the output head)"},
     {"quantize", py_quantize, METH_VARARGS,
      "quantize(isa, x, m, k, ldx, xq, ldq, k_pad, a, rowsum): per-row absmax int8 quantization"},
     {"attention", py_attention, METH_VARARGS,

@@ -1,6 +1,6 @@
 """The server under load on a tiny model: 64 concurrent streaming clients (each greedy stream identical to the
 same request served alone), disconnecting clients freeing their slots, overload answered with 429, and a
-graceful shutdown that finishes or cleanly cancels in-flight streams."""
+shutdown that cleanly cancels the streams still running after its grace period."""
 
 from __future__ import annotations
 
@@ -104,7 +104,8 @@ def _wait_for(condition, timeout: float = 10.0) -> bool:
     return False
 
 
-LONG = {"model": MODEL_NAME, "prompt": "Hello", "max_tokens": 400, "ignore_eos": True}
+LONG = {"model": MODEL_NAME, "prompt": "Hello", "max_tokens": 500, "ignore_eos": True}
+TOKENS = "pybitnet_generation_tokens_total"
 
 
 def test_disconnected_clients_free_their_slots():
@@ -113,26 +114,23 @@ def test_disconnected_clients_free_their_slots():
         with httpx.Client(timeout=30) as client:
             # a running stream and one queued behind it; the queued client leaves first, then the running one
             with client.stream("POST", url, json={**LONG, "stream": True}) as running:
-                lines = running.iter_lines()
-                assert any(line.startswith("data: ") for line in lines)
+                events = sse_events(running.iter_lines())
+                assert next(events)["choices"][0]["text"] is not None  # a token, not an error event
                 with client.stream("POST", url, json={**LONG, "stream": True}) as queued:
                     assert queued.status_code == 200
                     assert _wait_for(lambda: metric(server.url, "pybitnet_queue_depth") == 1)
                 assert _wait_for(lambda: metric(server.url, "pybitnet_queue_depth") == 0)
-                assert metric(server.url, "pybitnet_running_sequences") == 1
             assert _wait_for(lambda: metric(server.url, "pybitnet_running_sequences") == 0, timeout=5)
+        streamed = metric(server.url, TOKENS)
+        assert streamed < 450  # the running one stopped early, the queued one never started
 
         # a non-streaming client that gives up is cancelled too (counted as 499, client closed request)
         with pytest.raises(httpx.ReadTimeout):
-            httpx.post(url, json=LONG, timeout=httpx.Timeout(30, read=1.0))
+            httpx.post(url, json=LONG, timeout=httpx.Timeout(30, read=0.3))
         assert _wait_for(lambda: metric(server.url, "pybitnet_running_sequences") == 0, timeout=5)
-        assert _wait_for(
-            lambda: (
-                metric(server.url, 'pybitnet_requests_total{endpoint="/v1/completions",status="499"}') == 1
-            )
-        )
-        # far fewer tokens were made than the three requests asked for
-        assert metric(server.url, "pybitnet_generation_tokens_total") < 200
+        gone = 'pybitnet_requests_total{endpoint="/v1/completions",status="499"}'
+        assert _wait_for(lambda: metric(server.url, gone) == 1)
+        assert metric(server.url, TOKENS) - streamed < 450
         # and the freed slot serves the next request at once
         reply = httpx.post(url, json={**LONG, "max_tokens": 3}, timeout=30)
         assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 3
@@ -166,31 +164,26 @@ def test_overload_answers_429_never_an_exception():
         )
 
 
-def test_graceful_shutdown_finishes_short_streams_and_cancels_long_ones():
-    with running_server(tiny_llm(max_num_seqs=2, max_model_len=512), shutdown_timeout=2.0) as server:
-        results: dict[str, list] = {}
-        started = {name: threading.Event() for name in ("short", "long")}
+def test_shutdown_cancels_streams_still_running_after_the_grace_period():
+    # (streams that end within the grace period finish normally: see test_server_cli.py)
+    with running_server(tiny_llm(max_num_seqs=2, max_model_len=512), shutdown_timeout=0.0) as server:
+        events: list = []
+        started = threading.Event()
 
-        def read(name: str, max_tokens: int) -> None:
-            body = {**LONG, "max_tokens": max_tokens, "stream": True}
-            events = []
-            with httpx.stream("POST", server.api + "/completions", json=body, timeout=60) as response:
+        def read() -> None:
+            with httpx.stream("POST", server.api + "/completions", json={**LONG, "stream": True}) as response:
                 for event in sse_events(response.iter_lines()):
                     events.append(event)
-                    started[name].set()
-            results[name] = events
+                    started.set()
 
-        threads = [threading.Thread(target=read, args=a) for a in (("short", 8), ("long", 400))]
-        for t in threads:
-            t.start()
-        assert all(e.wait(30) for e in started.values())
+        reader = threading.Thread(target=read)
+        reader.start()
+        assert started.wait(30)
         server.server.should_exit = True
-        for t in threads:
-            t.join(30)
-        short, long = results["short"], results["long"]
-        assert short[-1] == "[DONE]" and short[-2]["choices"][0]["finish_reason"] == "length"
-        assert sum(len(e["choices"][0]["text"]) > 0 for e in short[:-1]) >= 1
-        assert long[-1] == "[DONE]"
-        assert long[-2]["error"]["code"] == "request_cancelled"
+        reader.join(30)
+        assert events[0]["choices"][0]["text"] is not None
+        assert events[-1] == "[DONE]"
+        assert events[-2]["error"]["code"] == "request_cancelled"
+        assert len(events) < LONG["max_tokens"]
         server.thread.join(30)
         assert not server.thread.is_alive()

@@ -176,3 +176,25 @@ def test_cli_rejects_unknown_keys_naming_them(tmp_path):
     proc = subprocess.run(train_cmd(path, "--warmup-stepz", "3"), env=ENV, capture_output=True, text=True)
     assert proc.returncode == 2
     assert "--warmup-stepz" in proc.stderr
+
+
+def test_every_logger_writes_its_file(tmp_path):
+    train(config(tmp_path, max_steps=2, loggers=["console", "csv", "jsonl", "tensorboard"]))
+    out = tmp_path / "out"
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    header, *rows = (out / "metrics.csv").read_text().splitlines()
+    assert header.startswith("step,loss,lr") and len(rows) == 2
+    assert sorted(losses(out)) == [1, 2]
+
+
+def test_train_verb_is_registered_and_lists_every_key():
+    from typer.testing import CliRunner
+
+    from pybitnet.cli.app import _register_verbs, app
+    from pybitnet.train.config import field_types
+
+    _register_verbs()
+    result = CliRunner().invoke(app, ["train", "--help"])
+    assert result.exit_code == 0
+    for key in field_types():
+        assert f"--{key.replace('_', '-')}" in result.output

@@ -43,7 +43,7 @@ int main(int argc, char **argv) {
     float *hs = malloc(sizeof(float) * (size_t)vocab), *hy = malloc(sizeof(float) * (size_t)(m * vocab));
     for (int64_t i = 0; i < vocab * k_pad; i++) hw[i] = (int8_t)(rand() % 255 - 127);
     for (int64_t i = 0; i < vocab; i++) hs[i] = 1.0f;
-    bn_qmat q = {hw, vocab, k_pad, hs, hy, vocab};
+    bn_qmat q = {hw, vocab, hs, hy, vocab};
     bn_pool_lock();
     ops->int8(&act, &q, 0, vocab);
     t = clock();

@@ -86,7 +86,8 @@ static int check_case(int isa, int64_t m, int64_t n, int64_t k, int extreme) {
 static int check_int8(int isa, int64_t m, int64_t n, int64_t k) {
     const bn_isa_ops *ops = bn_isa_get(isa);
     int64_t k_pad = (k + BN_KBLOCK - 1) / BN_KBLOCK * BN_KBLOCK;
-    int8_t *w = calloc((size_t)(n * k_pad), 1);
+    int64_t tiles = (n + BN_ROWS - 1) / BN_ROWS;
+    int8_t *w = calloc((size_t)(tiles * BN_ROWS * k_pad), 1), *tiled = calloc((size_t)(tiles * BN_ROWS * k_pad), 1);
     float *x = malloc(sizeof(float) * (size_t)(m * k)), *scale = malloc(sizeof(float) * (size_t)n);
     float *y = malloc(sizeof(float) * (size_t)(m * n));
     for (int64_t j = 0; j < n; j++) {
@@ -94,9 +95,12 @@ static int check_int8(int isa, int64_t m, int64_t n, int64_t k) {
         for (int64_t c = 0; c < k; c++) w[j * k_pad + c] = (int8_t)((int)(next_u32() % 255) - 127);
     }
     for (int64_t i = 0; i < m * k; i++) x[i] = ((float)(next_u32() % 2001) - 1000.0f) / 99.0f;
+    for (int64_t j = 0; j < tiles * BN_ROWS; j++) /* row-major -> tiles of 4 rows x 32-value chunks */
+        for (int64_t c = 0; c < k_pad; c++)
+            tiled[((j / BN_ROWS * (k_pad / 32) + c / 32) * BN_ROWS + j % BN_ROWS) * 32 + c % 32] = w[j * k_pad + c];
     bn_input in = {x, m, k, k, NULL, 0.0f};
     bn_act act;
-    bn_qmat q = {w, n, k_pad, scale, y, n};
+    bn_qmat q = {tiled, n, scale, y, n};
     bn_pool_lock();
     int bad = bn_quantize_input(ops, &in, &act) != 0;
     if (!bad) bn_run_int8(ops, &act, &q);
@@ -109,7 +113,7 @@ static int check_int8(int isa, int64_t m, int64_t n, int64_t k) {
     bn_pool_unlock();
     printf("%-11s int8    m=%-4lld n=%-5lld k=%-5lld %s\n", ops->name, (long long)m, (long long)n, (long long)k,
            bad ? "FAIL" : "ok");
-    free(w), free(x), free(scale), free(y);
+    free(w), free(tiled), free(x), free(scale), free(y);
     return bad;
 }
 

@@ -104,7 +104,7 @@ def serve(
         server = build_server(load, settings, host, port, log_level)
         err.print(f"serving {escape(settings.model_name)} on http://{host}:{port} (loading the model...)")
         server.run()
-        if server.state.status == "failed":
+        if server.state.error is not None:
             err.print(f"[red]Error:[/red] the model failed to load: {escape(str(server.state.error))}")
             raise typer.Exit(1)
 

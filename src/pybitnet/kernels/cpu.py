@@ -160,38 +160,20 @@ def linear_many(
 def run_int8(
     x: torch.Tensor, norm_ptr: int, eps: float, q: torch.Tensor, scale: torch.Tensor, y: torch.Tensor
 ) -> None:
-    """y = quant(rms_norm?(x)) @ (q * scale).T on the best instruction set; x float32 [M, K] contiguous,
-    q int8 [N, Kp] with Kp = K rounded up to 128, scale float32 [N], y float32 [M, N]."""
+    """y = quant(rms_norm?(x)) @ (q * scale).T on the best instruction set; x float32 [M, K] contiguous, q int8
+    tiles [ceil(N/4), Kp/32, 4, 32] (Kp = K rounded up to 128), scale float32 [N], y float32 [M, N]."""
     _ensure_threads()
     m, k = x.shape
-    n = q.shape[0]
-    if q.dtype != torch.int8 or q.shape[1] != padded_cols(k) or not q.is_contiguous():
-        raise LayoutError(f"int8 head must be contiguous int8 [N, {padded_cols(k)}]")
-    if (
-        scale.dtype != torch.float32
-        or scale.numel() != n
-        or tuple(y.shape) != (m, n)
-        or y.dtype != torch.float32
-    ):
+    n = scale.numel()
+    tiles = (-(-n // 4), padded_cols(k) // 32, 4, 32)
+    if q.dtype != torch.int8 or tuple(q.shape) != tiles or not q.is_contiguous():
+        raise LayoutError(f"int8 head must be contiguous int8 {list(tiles)}, got {q.dtype} {tuple(q.shape)}")
+    if scale.dtype != torch.float32 or tuple(y.shape) != (m, n) or y.dtype != torch.float32:
         raise LayoutError("int8 head: scale must be float32 [N] and y float32 [M, N]")
     if k > MAX_K // 2:
         raise KernelError(f"the int8 head takes at most {MAX_K // 2} input features, got {k}")
     isa = ISAS[best_isa()]
-    _native.int8(
-        isa,
-        x.data_ptr(),
-        m,
-        k,
-        k,
-        norm_ptr,
-        eps,
-        q.data_ptr(),
-        n,
-        q.shape[1],
-        scale.data_ptr(),
-        y.data_ptr(),
-        n,
-    )
+    _native.int8(isa, x.data_ptr(), m, k, k, norm_ptr, eps, q.data_ptr(), n, scale.data_ptr(), y.data_ptr(), n)
 
 
 def attention(

@@ -18,26 +18,41 @@ CHUNK_ROWS = 8192  # rows quantized at a time, so a bf16 head never has a full f
 
 
 def quantize_rows_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[V, K] float -> (int8 [V, Kp] zero-padded to a multiple of 128, float32 scales [V]); w ~= q * scale."""
+    """[V, K] float -> (int8 tiles [ceil(V/4), Kp/32, 4, 32], float32 scales [V]); w ~= q * scale.
+
+    Kp is K rounded up to 128; padding holds zeros. Tiles put 4 rows' 32-value chunks side by side, so the
+    kernel streams the head sequentially (see csrc/bitnet_cpu.h)."""
     rows, cols = weight.shape
     kp = -(-cols // 128) * 128
-    q = torch.zeros((rows, kp), dtype=torch.int8)
+    q = torch.zeros((-(-rows // 4) * 4, kp), dtype=torch.int8)
     scale = torch.empty(rows, dtype=torch.float32)
     for r0 in range(0, rows, CHUNK_ROWS):
         w = weight[r0 : r0 + CHUNK_ROWS].detach().to("cpu", torch.float32)
         s = w.abs().amax(dim=1).clamp(min=1e-8) / 127
         q[r0 : r0 + CHUNK_ROWS, :cols] = (w / s[:, None]).round().clamp(-127, 127).to(torch.int8)
         scale[r0 : r0 + CHUNK_ROWS] = s
-    return q, scale
+    return tile_rows(q), scale
+
+
+def tile_rows(q: torch.Tensor) -> torch.Tensor:
+    """int8 [4T, Kp] row-major -> tiles [T, Kp/32, 4, 32]."""
+    rows, kp = q.shape
+    return q.view(rows // 4, 4, kp // 32, 32).transpose(1, 2).contiguous()
+
+
+def untile_rows(tiles: torch.Tensor) -> torch.Tensor:
+    t, chunks, _, _ = tiles.shape
+    return tiles.transpose(1, 2).reshape(t * 4, chunks * 32)
 
 
 class Int8Head(nn.Module):
-    """logits = quant(rms_norm(x)) @ (q * scale).T, float32; buffers are not saved with the model."""
+    """logits = quant(rms_norm(x)) @ (q * scale).T, float32; q in tiles (quantize_rows_int8); the buffers are
+    not saved with the model."""
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, in_features: int) -> None:
         super().__init__()
         self.in_features = in_features
-        self.out_features = q.shape[0]
+        self.out_features = scale.shape[0]
         self.register_buffer("q", q, persistent=False)
         self.register_buffer("scale", scale, persistent=False)
 
@@ -53,8 +68,12 @@ class Int8Head(nn.Module):
         self.scale = scale.to(self.scale.device)
         return self
 
+    def rows(self) -> torch.Tensor:
+        """The int8 weight as a row-major [V, K] tensor."""
+        return untile_rows(self.q)[: self.out_features, : self.in_features]
+
     def dequantize(self) -> torch.Tensor:
-        return self.q[:, : self.in_features].float() * self.scale[:, None]
+        return self.rows().float() * self.scale[:, None]
 
     def forward(self, x: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
         """x [..., K] -> logits [..., V] float32; `norm` (an RMSNorm) is applied first, in the kernel."""

@@ -104,8 +104,9 @@ def special_token_ids(
 
 
 def _filler_tokens(n: int, taken: set[str]) -> list[str]:
-    """`n` distinct byte-level tokens spelling made-up lowercase words (" ab", " ac", ...): never produced by
-    encoding (no merge builds them) but decodable, so random generations read as word salad."""
+    """`n` distinct byte-level tokens spelling made-up lowercase words ("Ġqx" decodes to " qx"). No merge
+    builds them, so encoding yields one only for a whole word spelled so; every one decodes, so random
+    generations read as word salad."""
     letters = "etaoinshrdlucmfwypvbgkjqxz"
     out: list[str] = []
     i = 0

@@ -115,6 +115,7 @@ class Attention(nn.Module):
             and q.dtype == k.dtype == torch.float32
             and getattr(self.q_proj, "layout", None) == "cpu_i2"
             and cpu_kernels.native_available()
+            and k[0].is_contiguous()  # the C kernel reads whole cache rows (a span view is strided)
         )
 
 

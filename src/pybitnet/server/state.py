@@ -106,7 +106,7 @@ class ServerState:
 
     def begin_shutdown(self) -> None:
         """Take no new requests; cancel the ones still running after settings.shutdown_timeout seconds."""
-        if self.status == "draining":
+        if self.status in ("draining", "failed"):
             return
         self.status = "draining"
         if self.served is None:
@@ -125,6 +125,7 @@ class ServerState:
 
     def close(self) -> None:
         """Stop the engine thread (after the last request has ended)."""
-        self.status = "draining"
+        if self.status != "failed":
+            self.status = "draining"
         if self.served is not None:
             self.served.loop.stop()

@@ -235,28 +235,23 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     # ---- the loop
     result = TrainResult(out_dir, start_step)
-    pending: list[
-        dict[str, Any]
-    ] = []  # rows whose loss is still on the device (fetched once per log_interval)
+    # rows whose loss is still on the device, fetched together each log_interval (one sync, not one a step)
+    pending: list[dict[str, Any]] = []
     t0 = time.perf_counter()
     model.train()
     for step in range(start_step, cfg.max_steps):
         lr, wd = lr_at(step, cfg), weight_decay_at(step, cfg)
         set_hyperparameters(optimizer, lr, wd)
-        lam_w, lam_a = (
-            quant_strength_at(step, cfg.quant_warmup_steps),
-            quant_strength_at(step, cfg.act_warmup),
-        )
+        lam_w = quant_strength_at(step, cfg.quant_warmup_steps)
+        lam_a = quant_strength_at(step, cfg.act_warmup)
         set_quant_strength(raw_model, lam_w, lam_a)
         if fused:
             set_fused(raw_model, lam_w == 1.0 and lam_a == 1.0)
 
         ids, labels = train_data.next_batch(global_batch)
         n_targets = (labels[:, 1:] != IGNORE_INDEX).sum().clamp(min=1).item()  # known on the host: no sync
-        ids, labels = (
-            ids[rank_rows(global_batch, info)].to(device),
-            labels[rank_rows(global_batch, info)].to(device),
-        )
+        mine = rank_rows(global_batch, info)
+        ids, labels = ids[mine].to(device), labels[mine].to(device)
         loss_sum = torch.zeros((), device=device)
         for micro in range(cfg.grad_accum_steps):
             rows = slice(micro * cfg.micro_batch_size, (micro + 1) * cfg.micro_batch_size)
@@ -287,9 +282,9 @@ def train(cfg: TrainConfig) -> TrainResult:
         if (step + 1) % cfg.log_interval == 0 or evaluating or saving:
             _flush(pending, monitor, result, time.perf_counter() - t0)
         if evaluating:
-            val_loss, val_ppl = evaluate(
-                model if info.mode == "fsdp" else raw_model, val_data, cfg, info, device
-            )
+            # DDP's forward would broadcast buffers; FSDP's must run on every rank (its collectives)
+            eval_model = model if info.mode == "fsdp" else raw_model
+            val_loss, val_ppl = evaluate(eval_model, val_data, cfg, info, device)
             result.val_loss, result.val_ppl = val_loss, val_ppl
             monitor.log({"step": step + 1, "val_loss": val_loss, "val_ppl": val_ppl}, console=True)
         if saving:
