@@ -39,6 +39,11 @@ def isa_available(isa: str) -> bool:
 
 
 @functools.cache
+def _best_isa_id() -> int:
+    return ISAS[best_isa()]
+
+
+@functools.cache
 def best_isa() -> str:
     if _native is None:
         raise KernelError("the C kernels are not built; reinstall pybitnet (pip install .) with a C compiler")
@@ -94,7 +99,10 @@ def _rows(x: torch.Tensor, k: int) -> torch.Tensor:
         raise LayoutError(f"input has {x.shape[-1]} features but the weight expects {k}")
     if x.device.type != "cpu":
         raise KernelError(f"the CPU kernels take CPU tensors, got one on {x.device}")
-    return x.reshape(-1, k).to(torch.float32).contiguous()
+    x2 = x.reshape(-1, k)
+    if x2.dtype != torch.float32:
+        x2 = x2.to(torch.float32)
+    return x2 if x2.is_contiguous() else x2.contiguous()
 
 
 def _check(w: PackedWeight) -> None:
@@ -113,6 +121,37 @@ def _check(w: PackedWeight) -> None:
         raise KernelError(f"the CPU kernels take at most {MAX_K} input features, got {cols}")
 
 
+class _Plan:
+    """A validated group of weights sharing one input: the native call's matrix descriptors, made once."""
+
+    def __init__(self, weights: Sequence[PackedWeight]) -> None:
+        k = weights[0].shape[1]
+        for w in weights:
+            _check(w)
+            if w.shape[1] != k:
+                raise LayoutError("weights fused in one call must share their input size")
+        self.k = k
+        self.sizes = [w.shape[0] for w in weights]
+        self.total = sum(self.sizes)
+        self.offsets = [sum(self.sizes[:i]) * 4 for i in range(len(weights))]
+        self.mats = [
+            (w.data.data_ptr(), w.shape[0], w.scale.data_ptr(), int(w.scale.numel() > 1)) for w in weights
+        ]
+        self.tensors = [(w.data, w.scale) for w in weights]  # keep the buffers the addresses point into alive
+
+
+_PLANS: dict[tuple, _Plan] = {}
+
+
+def _plan(weights: Sequence[PackedWeight]) -> _Plan:
+    # keyed by buffer addresses and shapes: the same weights give the same plan without re-validation
+    key = tuple((w.data.data_ptr(), w.scale.data_ptr(), w.shape, w.layout) for w in weights)
+    plan = _PLANS.get(key)
+    if plan is None or any(a is not w.data or b is not w.scale for (a, b), w in zip(plan.tensors, weights)):
+        plan = _PLANS[key] = _Plan(weights)
+    return plan
+
+
 def linear_many(
     isa: int, x: torch.Tensor, weights: Sequence[PackedWeight], norm: tuple[torch.Tensor, float] | None = None
 ) -> list[torch.Tensor]:
@@ -122,39 +161,26 @@ def linear_many(
     the threads in one parallel region. Outputs are views of one [.., sum(out)] buffer, in x's dtype.
     """
     _ensure_threads()
-    k = weights[0].shape[1]
-    for w in weights:
-        _check(w)
-        if w.shape[1] != k:
-            raise LayoutError("weights fused in one call must share their input size")
-    x2 = _rows(x, k)
-    m = x2.shape[0]
-    total = sum(w.shape[0] for w in weights)
+    plan = _plan(weights)
+    x2 = _rows(x, plan.k)
+    m, total = x2.shape[0], plan.total
     y = torch.empty((m, total), dtype=torch.float32)
-    mats, col = [], 0
-    for w in weights:
-        n = w.shape[0]
-        mats.append(
-            (
-                w.data.data_ptr(),
-                n,
-                w.scale.data_ptr(),
-                int(w.scale.numel() > 1),
-                y.data_ptr() + 4 * col,
-                total,
-            )
-        )
-        col += n
+    yp = y.data_ptr()
+    mats = [(*d, yp + off, total) for d, off in zip(plan.mats, plan.offsets)]
     norm_ptr, eps = 0, 0.0
     if norm is not None:
-        nw = norm[0].detach().to(torch.float32).contiguous()
-        if nw.numel() != k:
-            raise LayoutError(f"norm weight has {nw.numel()} values, expected {k}")
+        nw = norm[0]
+        if nw.dtype != torch.float32 or not nw.is_contiguous():
+            nw = nw.detach().to(torch.float32).contiguous()
+        if nw.numel() != plan.k:
+            raise LayoutError(f"norm weight has {nw.numel()} values, expected {plan.k}")
         norm_ptr, eps = nw.data_ptr(), float(norm[1])
     if m:
-        _native.ternary(isa, x2.data_ptr(), m, k, k, norm_ptr, eps, mats)
-    y = y.to(x.dtype).view(*x.shape[:-1], total)
-    return list(y.split([w.shape[0] for w in weights], dim=-1))
+        _native.ternary(isa, x2.data_ptr(), m, plan.k, plan.k, norm_ptr, eps, mats)
+    if x.dtype != torch.float32:
+        y = y.to(x.dtype)
+    y = y.view(*x.shape[:-1], total)
+    return [y] if len(plan.sizes) == 1 else list(y.split(plan.sizes, dim=-1))
 
 
 def run_int8(
@@ -242,10 +268,10 @@ def _register(name: str, isa: str | None, priority: int, description: str) -> Ke
     if isa is None:  # "cpu": the best instruction set, chosen when first called
 
         def run(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
-            return linear(ISAS[best_isa()], x, w)
+            return linear_many(_best_isa_id(), x, [w])[0]
 
         def run_many(x, ws, norm=None):
-            return linear_many(ISAS[best_isa()], x, ws, norm)
+            return linear_many(_best_isa_id(), x, ws, norm)
 
         available = native_available
     else:

@@ -29,8 +29,8 @@ def quantize_rows_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     for r0 in range(0, rows, CHUNK_ROWS):
         w = weight[r0 : r0 + CHUNK_ROWS].detach().to("cpu", torch.float32)
         s = w.abs().amax(dim=1).clamp(min=1e-8) / 127
-        q[r0 : r0 + CHUNK_ROWS, :cols] = (w / s[:, None]).round().clamp(-127, 127).to(torch.int8)
-        scale[r0 : r0 + CHUNK_ROWS] = s
+        q[r0 : r0 + w.shape[0], :cols] = (w / s[:, None]).round().clamp(-127, 127).to(torch.int8)
+        scale[r0 : r0 + w.shape[0]] = s
     return tile_rows(q), scale
 
 

@@ -108,7 +108,12 @@ class PackedBitLinear(nn.Module):
         return self
 
     def weight(self) -> PackedWeight:
-        return PackedWeight(self.layout, self.packed, self.scale, (self.out_features, self.in_features))
+        packed, scale = self._buffers["packed"], self._buffers["scale"]
+        pw = self.__dict__.get("_weight")
+        if pw is None or pw.data is not packed or pw.scale is not scale:
+            pw = PackedWeight(self.layout, packed, scale, (self.out_features, self.in_features))
+            self.__dict__["_weight"] = pw  # reused while the buffers are the same tensors
+        return pw
 
     def ternary(self) -> TernaryWeight:
         return unpack(self.weight())
