@@ -13,7 +13,7 @@ alternate --repeats times per level and each reports its best run (the machine m
 figures are those of the server's best run.
 
     python benchmarks/server_load.py [--concurrency 1,8,32] [--max-tokens 64] [--requests-per-client 3]
-        [--preset tiny-bitnet | --model DIR] [--kernel NAME] [--threads N] [--json out.json]
+        [--repeats 3] [--preset tiny-bitnet | --model DIR] [--kernel NAME] [--threads N] [--json out.json]
 """
 
 from __future__ import annotations

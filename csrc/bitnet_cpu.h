@@ -78,7 +78,9 @@ extern const bn_isa_ops bn_ops_avx512vnni;
 extern const bn_isa_ops bn_ops_neondot;
 #endif
 
-/* The table for `isa` if it was compiled in and this CPU runs it, else NULL. */
+/* The table for `isa` if it was compiled in and this CPU runs it, else NULL. The first call (or bn_isa_init,
+ * which the Python module runs at import, before any thread exists) probes the CPU. */
+void bn_isa_init(void);
 const bn_isa_ops *bn_isa_get(int isa);
 int bn_isa_best(void);
 

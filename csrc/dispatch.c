@@ -62,7 +62,7 @@ static int arm_has_dotprod(void) { return 0; }
 #endif
 #endif
 
-const bn_isa_ops *bn_isa_get(int isa) {
+static const bn_isa_ops *probe(int isa) {
     switch (isa) {
     case BN_ISA_SCALAR:
         return &bn_ops_scalar;
@@ -81,6 +81,21 @@ const bn_isa_ops *bn_isa_get(int isa) {
     default:
         return NULL;
     }
+}
+
+/* Probed once: cpuid traps to the hypervisor in a VM and costs microseconds, more than a small GEMV. */
+static const bn_isa_ops *table[BN_ISA_COUNT];
+static int table_ready;
+
+void bn_isa_init(void) {
+    if (table_ready) return;
+    for (int i = 0; i < BN_ISA_COUNT; i++) table[i] = probe(i);
+    table_ready = 1;
+}
+
+const bn_isa_ops *bn_isa_get(int isa) {
+    bn_isa_init();
+    return isa >= 0 && isa < BN_ISA_COUNT ? table[isa] : NULL;
 }
 
 int bn_isa_best(void) {

@@ -162,24 +162,27 @@ static PyObject *py_read_bandwidth(PyObject *self, PyObject *args) {
 
 static PyObject *py_attention(PyObject *self, PyObject *args) {
     (void)self;
-    unsigned long long q, k, v, out, pos;
-    Py_ssize_t batch, heads, kv_heads, queries, keys, dim, kv_stride;
+    unsigned long long qkv, cos, sin, kc, vc, pos, out;
+    Py_ssize_t ld_qkv, kv_stride, head_stride, batch, heads, kv_heads, queries, keys, dim;
     float scale;
-    if (!PyArg_ParseTuple(args, "KKKKKnnnnnnnf", &q, &k, &v, &out, &pos, &batch, &heads, &kv_heads, &queries, &keys,
-                          &dim, &kv_stride, &scale))
+    if (!PyArg_ParseTuple(args, "KnKKKKnnKKnnnnnnf", &qkv, &ld_qkv, &cos, &sin, &kc, &vc, &kv_stride, &head_stride,
+                          &pos, &out, &batch, &heads, &kv_heads, &queries, &keys, &dim, &scale))
         return NULL;
-    if (batch < 1 || heads < 1 || kv_heads < 1 || heads % kv_heads || queries < 1 || keys < 1 || dim < 1 ||
-        kv_stride < kv_heads * keys * dim)
+    if (batch < 1 || heads < 1 || kv_heads < 1 || heads % kv_heads || queries < 1 || keys < 1 || dim < 2 ||
+        dim % 2 || ld_qkv < (heads + 2 * kv_heads) * dim || head_stride < keys * dim ||
+        (batch > 1 && kv_stride < kv_heads * head_stride))
         return PyErr_Format(PyExc_ValueError, "bad attention sizes");
-    bn_attn p = {(const float *)(uintptr_t)q, (const float *)(uintptr_t)k, (const float *)(uintptr_t)v,
-                 (float *)(uintptr_t)out, (const int64_t *)(uintptr_t)pos, batch, heads, kv_heads, queries, keys,
-                 dim, kv_stride, scale, NULL};
+    bn_attn p = {(const float *)(uintptr_t)qkv, ld_qkv, (const float *)(uintptr_t)cos, (const float *)(uintptr_t)sin,
+                 (float *)(uintptr_t)kc, (float *)(uintptr_t)vc, kv_stride, head_stride,
+                 (const int64_t *)(uintptr_t)pos,
+                 (float *)(uintptr_t)out, batch, heads, kv_heads, queries, keys, dim, scale, NULL};
     int rc;
     Py_BEGIN_ALLOW_THREADS;
     bn_pool_lock();
     rc = bn_attention(&p);
     bn_pool_unlock();
     Py_END_ALLOW_THREADS;
+    if (rc == -2) return PyErr_Format(PyExc_ValueError, "a position is outside the KV cache (0..%zd)", keys - 1);
     if (rc) return PyErr_NoMemory();
     Py_RETURN_NONE;
 }
@@ -225,8 +228,9 @@ static PyMethodDef methods[] = {
     {"quantize", py_quantize, METH_VARARGS,
      "quantize(isa, x, m, k, ldx, xq, ldq, k_pad, a, rowsum): per-row absmax int8 quantization"},
     {"attention", py_attention, METH_VARARGS,
-     "attention(q, k, v, out, positions, batch, heads, kv_heads, queries, keys, dim, kv_batch_stride, scale): "
-     "causal decode attention over a KV cache"},
+     "attention(qkv, ld_qkv, cos, sin, k_cache, v_cache, kv_batch_stride, kv_head_stride, positions, out, batch, "
+     "heads, kv_heads, "
+     "queries, keys, dim, scale): RoPE, KV cache write and causal attention for new tokens"},
     {"read_bandwidth", py_read_bandwidth, METH_VARARGS,
      "read_bandwidth(ptr, nbytes, reps) -> (best GB/s, checksum) of parallel reads"},
     {"isa_available", py_isa_available, METH_O, "isa_available(isa) -> bool"},
@@ -240,6 +244,7 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_cpu", "pybitnet CPU
                                     NULL, NULL, NULL, NULL};
 
 PyMODINIT_FUNC PyInit__cpu(void) {
+    bn_isa_init();
     PyObject *m = PyModule_Create(&module);
     if (!m) return NULL;
     if (PyModule_AddIntConstant(m, "ISA_SCALAR", BN_ISA_SCALAR) || PyModule_AddIntConstant(m, "ISA_AVX2", BN_ISA_AVX2) ||

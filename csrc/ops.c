@@ -61,10 +61,9 @@ static void rms_norm_row(const float *x, const float *w, int64_t k, float eps, f
     for (i = 0; i < k; i++) out[i] = x[i] * r * w[i];
 }
 
-static void quant_task(void *p, int tid, int nt) {
+static void quant_task(void *p, int tid, int64_t m0, int64_t m1) {
     quant_job *j = p;
     const bn_input *in = j->in;
-    int64_t m0 = in->m * tid / nt, m1 = in->m * (tid + 1) / nt;
     for (int64_t m = m0; m < m1; m++) {
         const float *row = in->x + m * in->ldx;
         if (in->norm_w) {
@@ -95,7 +94,7 @@ int bn_quantize_input(const bn_isa_ops *ops, const bn_input *in, bn_act *act) {
     act->m = in->m;
     act->k_pad = k_pad;
     quant_job job = {ops, in, act, (float *)(base + r_off)};
-    bn_pool_run(quant_task, &job, in->m >= 8 ? threads : 1);
+    bn_pool_run(quant_task, &job, in->m, 8);
     return 0;
 }
 
@@ -107,9 +106,10 @@ typedef struct {
     int64_t tiles;
 } ternary_job;
 
-static void ternary_task(void *p, int tid, int nt) {
+static void ternary_task(void *p, int tid, int64_t t0, int64_t t1) {
+    (void)tid;
     ternary_job *j = p;
-    int64_t t0 = j->tiles * tid / nt, t1 = j->tiles * (tid + 1) / nt, base = 0;
+    int64_t base = 0;
     for (int i = 0; i < j->nmats; i++) {
         int64_t n_tiles = (j->mats[i].n + BN_ROWS - 1) / BN_ROWS;
         int64_t lo = t0 > base ? t0 : base, hi = t1 < base + n_tiles ? t1 : base + n_tiles;
@@ -121,7 +121,9 @@ static void ternary_task(void *p, int tid, int nt) {
 void bn_run_ternary(const bn_isa_ops *ops, const bn_act *x, const bn_tmat *mats, int nmats) {
     ternary_job job = {ops, x, mats, nmats, 0};
     for (int i = 0; i < nmats; i++) job.tiles += (mats[i].n + BN_ROWS - 1) / BN_ROWS;
-    bn_pool_run(ternary_task, &job, bn_pool_threads());
+    /* chunks of ~1/16 of a thread's share: small enough to rebalance, large enough to stream */
+    int64_t grain = job.tiles / (16 * (int64_t)bn_pool_threads());
+    bn_pool_run(ternary_task, &job, job.tiles, grain > 4 ? grain : 4);
 }
 
 typedef struct {
@@ -130,17 +132,17 @@ typedef struct {
     const bn_qmat *w;
 } int8_job;
 
-static void int8_task(void *p, int tid, int nt) {
+static void int8_task(void *p, int tid, int64_t q0, int64_t q1) {
+    (void)tid;
     int8_job *j = p;
-    int64_t quads = (j->w->n + 3) / 4;
-    int64_t n0 = quads * tid / nt * 4, n1 = quads * (tid + 1) / nt * 4;
-    if (n1 > j->w->n) n1 = j->w->n;
+    int64_t n0 = q0 * BN_ROWS, n1 = q1 * BN_ROWS < j->w->n ? q1 * BN_ROWS : j->w->n;
     if (n0 < n1) j->ops->int8(j->x, j->w, n0, n1);
 }
 
 void bn_run_int8(const bn_isa_ops *ops, const bn_act *x, const bn_qmat *w) {
     int8_job job = {ops, x, w};
-    bn_pool_run(int8_task, &job, bn_pool_threads());
+    int64_t quads = (w->n + BN_ROWS - 1) / BN_ROWS, grain = quads / (16 * (int64_t)bn_pool_threads());
+    bn_pool_run(int8_task, &job, quads, grain > 4 ? grain : 4);
 }
 
 typedef struct {
@@ -149,15 +151,14 @@ typedef struct {
     uint64_t sums[256];
 } read_job;
 
-static void read_task(void *p, int tid, int nt) {
+static void read_task(void *p, int tid, int64_t w0, int64_t w1) {
     read_job *j = p;
-    size_t w0 = j->words * (size_t)tid / (size_t)nt, w1 = j->words * (size_t)(tid + 1) / (size_t)nt;
     uint64_t s[4] = {0, 0, 0, 0};
-    size_t i = w0;
+    int64_t i = w0;
     for (; i + 4 <= w1; i += 4)
         for (int u = 0; u < 4; u++) s[u] += j->p[i + u];
     for (; i < w1; i++) s[0] += j->p[i];
-    j->sums[tid & 255] = s[0] + s[1] + s[2] + s[3];
+    j->sums[tid & 255] += s[0] + s[1] + s[2] + s[3];
 }
 
 static double now_seconds(void) {
@@ -172,7 +173,7 @@ double bn_read_bandwidth(const void *buf, size_t nbytes, int reps, uint64_t *che
     double best = 0.0;
     for (int r = 0; r < reps; r++) {
         double t = now_seconds();
-        bn_pool_run(read_task, &job, threads);
+        bn_pool_run(read_task, &job, (int64_t)job.words, (int64_t)job.words / (16 * threads) + 1);
         double gbps = (double)(job.words * 8) / (now_seconds() - t) / 1e9;
         best = gbps > best ? gbps : best;
     }
@@ -182,9 +183,10 @@ double bn_read_bandwidth(const void *buf, size_t nbytes, int reps, uint64_t *che
     return best;
 }
 
-/* Decode attention: a few queries per sequence against its cached keys, causal by position, grouped KV heads.
- * Sizes are small (one query row per head), so each (batch, head, query) item is one task of the pool; dot
- * products keep 8 partial sums so compilers vectorize them without reassociating float math. */
+/* Decode attention: a few new tokens per sequence. Rotates their keys (RoPE, rotate-half pairs (i, i + d/2)) and
+ * writes keys and values into the cache at their positions, then each (batch, head, token) item, one task of
+ * the pool, rotates its query and attends causally to the cached keys of its sequence. Dot products keep 8
+ * partial sums so compilers vectorize them without reassociating float math. */
 typedef struct {
     const bn_attn *p;
     int64_t items;
@@ -199,19 +201,26 @@ static float dot_f32(const float *a, const float *b, int64_t n) {
     return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
 }
 
-static void attn_task(void *arg, int tid, int nt) {
+/* out = x * cos + rotate_half(x) * sin, as the model's apply_rope */
+static void rope(const float *x, const float *cos, const float *sin, int64_t d, float *out) {
+    int64_t half = d / 2;
+    for (int64_t i = 0; i < half; i++) out[i] = x[i] * cos[i] + (-x[i + half]) * sin[i];
+    for (int64_t i = half; i < d; i++) out[i] = x[i] * cos[i] + x[i - half] * sin[i];
+}
+
+static void attn_task(void *arg, int tid, int64_t i0, int64_t i1) {
     attn_job *j = arg;
     const bn_attn *p = j->p;
-    int64_t i0 = j->items * tid / nt, i1 = j->items * (tid + 1) / nt, group = p->heads / p->kv_heads;
-    float *scores = p->scratch + (size_t)tid * (size_t)p->keys;
+    int64_t group = p->heads / p->kv_heads;
+    float *q = p->scratch + (size_t)tid * (size_t)(p->keys + p->dim);
+    float *scores = q + p->dim;
     for (int64_t i = i0; i < i1; i++) {
         int64_t b = i / (p->heads * p->queries), h = (i / p->queries) % p->heads, t = i % p->queries;
-        int64_t last = p->positions[b * p->queries + t];
-        if (last >= p->keys) last = p->keys - 1;
-        const float *q = p->q + ((b * p->heads + h) * p->queries + t) * p->dim;
-        const float *k = p->k + b * p->kv_batch_stride + (h / group) * p->keys * p->dim;
-        const float *v = p->v + b * p->kv_batch_stride + (h / group) * p->keys * p->dim;
-        float *out = p->out + ((b * p->queries + t) * p->heads + h) * p->dim;
+        int64_t row = b * p->queries + t, last = p->positions[row];
+        rope(p->qkv + row * p->ld_qkv + h * p->dim, p->cos + row * p->dim, p->sin + row * p->dim, p->dim, q);
+        const float *k = p->k_cache + b * p->kv_batch_stride + (h / group) * p->kv_head_stride;
+        const float *v = p->v_cache + b * p->kv_batch_stride + (h / group) * p->kv_head_stride;
+        float *out = p->out + (row * p->heads + h) * p->dim;
         float mx = -INFINITY, sum = 0.0f;
         for (int64_t s = 0; s <= last; s++) {
             scores[s] = dot_f32(q, k + s * p->dim, p->dim) * p->scale;
@@ -230,10 +239,20 @@ static void attn_task(void *arg, int tid, int nt) {
 }
 
 int bn_attention(bn_attn *p) {
+    for (int64_t row = 0; row < p->batch * p->queries; row++) {
+        int64_t b = row / p->queries, pos = p->positions[row];
+        if (pos < 0 || pos >= p->keys) return -2;
+        const float *src = p->qkv + row * p->ld_qkv + p->heads * p->dim;
+        for (int64_t g = 0; g < p->kv_heads; g++) {
+            size_t at = (size_t)(b * p->kv_batch_stride + g * p->kv_head_stride + pos * p->dim);
+            rope(src + g * p->dim, p->cos + row * p->dim, p->sin + row * p->dim, p->dim, p->k_cache + at);
+            memcpy(p->v_cache + at, src + (p->kv_heads + g) * p->dim, (size_t)p->dim * sizeof(float));
+        }
+    }
     int threads = bn_pool_threads();
-    p->scratch = scratch_get((size_t)threads * (size_t)p->keys * sizeof(float));
+    p->scratch = scratch_get((size_t)threads * (size_t)(p->keys + p->dim) * sizeof(float));
     if (!p->scratch) return -1;
     attn_job job = {p, p->batch * p->heads * p->queries};
-    bn_pool_run(attn_task, &job, threads);
+    bn_pool_run(attn_task, &job, job.items, 1);
     return 0;
 }

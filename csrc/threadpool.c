@@ -7,9 +7,9 @@
 static int g_threads = 1;
 void bn_pool_lock(void) {}
 void bn_pool_unlock(void) {}
-void bn_pool_run(bn_task_fn fn, void *ctx, int max_tasks) {
-    (void)max_tasks;
-    fn(ctx, 0, 1);
+void bn_pool_run(bn_task_fn fn, void *ctx, int64_t items, int64_t grain) {
+    (void)grain;
+    if (items > 0) fn(ctx, 0, 0, items);
 }
 int bn_pool_set_threads(int n) {
     (void)n;
@@ -44,17 +44,42 @@ static struct {
     int started; /* workers running */
     atomic_uint generation;
     unsigned start_generation;
-    atomic_int done;
     atomic_int stop;
+    /* the current run's claim word: run number (24 bits) | chunks (20 bits) | next chunk (20 bits). A thread
+     * claims a chunk with one compare-and-swap, so it never claims from a run that is over; once its claim
+     * succeeds the run cannot end before that chunk is done, so the fields below are stable for it. */
+    atomic_uint_fast64_t claim;
+    atomic_int_fast64_t finished;
+    int64_t items, grain;
     bn_task_fn fn;
     void *ctx;
-    int ntasks;
-} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, {0}, 1, 0, 0, 0, 0, 0,
-          NULL, NULL, 0};
+} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, {0}, 1, 0, 0, 0, 0, 0, 0,
+          0, 0, NULL, NULL};
+
+#define CHUNK_BITS 20
+#define CHUNK_MASK ((1u << CHUNK_BITS) - 1)
+#define RUN_MASK 0xffffffu
+static uint_fast64_t claim_word(unsigned run, int64_t chunks, int64_t next) {
+    return (uint_fast64_t)(run & RUN_MASK) << (2 * CHUNK_BITS) | (uint_fast64_t)chunks << CHUNK_BITS |
+           (uint_fast64_t)next;
+}
+
+/* Claim and run chunks of run `gen` until none is left. */
+static void work(unsigned gen, int tid) {
+    for (;;) {
+        uint_fast64_t c = atomic_load(&pool.claim);
+        int64_t next = (int64_t)(c & CHUNK_MASK), chunks = (int64_t)((c >> CHUNK_BITS) & CHUNK_MASK);
+        if ((unsigned)(c >> (2 * CHUNK_BITS)) != (gen & RUN_MASK) || next >= chunks) return;
+        if (!atomic_compare_exchange_weak(&pool.claim, &c, c + 1)) continue;
+        int64_t begin = next * pool.grain, end = begin + pool.grain < pool.items ? begin + pool.grain : pool.items;
+        pool.fn(pool.ctx, tid, begin, end);
+        atomic_fetch_add(&pool.finished, 1);
+    }
+}
 
 static void *worker_main(void *arg) {
     int tid = (int)(size_t)arg;
-    unsigned seen = pool.start_generation; /* not the live counter: a job may already be posted */
+    unsigned seen = pool.start_generation; /* not the live counter: a run may already be posted */
     for (;;) {
         unsigned g = seen;
         for (int i = 0; i < SPIN_ROUNDS && (g = atomic_load(&pool.generation)) == seen && !atomic_load(&pool.stop);
@@ -68,8 +93,7 @@ static void *worker_main(void *arg) {
         }
         if (atomic_load(&pool.stop)) return NULL;
         seen = g;
-        if (tid < pool.ntasks) pool.fn(pool.ctx, tid, pool.ntasks);
-        atomic_fetch_add(&pool.done, 1);
+        work(g, tid);
     }
 }
 
@@ -114,25 +138,30 @@ void bn_pool_lock(void) {
 void bn_pool_unlock(void) { pthread_mutex_unlock(&pool.run_lock); }
 
 /* Called with run_lock held. */
-void bn_pool_run(bn_task_fn fn, void *ctx, int max_tasks) {
-    int n = max_tasks < pool.size ? max_tasks : pool.size;
-    if (n <= 1) {
-        fn(ctx, 0, 1);
+void bn_pool_run(bn_task_fn fn, void *ctx, int64_t items, int64_t grain) {
+    if (items <= 0) return;
+    if (grain < 1) grain = 1;
+    if ((items + grain - 1) / grain > (int64_t)CHUNK_MASK) grain = (items + CHUNK_MASK - 1) / CHUNK_MASK;
+    int64_t chunks = (items + grain - 1) / grain;
+    if (pool.size <= 1 || chunks <= 1) {
+        fn(ctx, 0, 0, items);
         return;
     }
     if (!pool.started) start_workers();
-    n = max_tasks < pool.size ? max_tasks : pool.size;
+    unsigned gen = atomic_load(&pool.generation) + 1;
     pool.fn = fn;
     pool.ctx = ctx;
-    pool.ntasks = n;
-    atomic_store(&pool.done, 0);
+    pool.items = items;
+    pool.grain = grain;
+    atomic_store(&pool.finished, 0);
+    atomic_store(&pool.claim, claim_word(gen, chunks, 0));
     pthread_mutex_lock(&pool.lock);
-    atomic_fetch_add(&pool.generation, 1);
+    atomic_store(&pool.generation, gen);
     pthread_cond_broadcast(&pool.wake);
     pthread_mutex_unlock(&pool.lock);
-    fn(ctx, 0, n);
-    /* every worker checks in, including those past ntasks, so none still reads fn/ctx when we return */
-    for (unsigned i = 0; atomic_load(&pool.done) < pool.size - 1; i++)
+    work(gen, 0);
+    /* only chunks other threads claimed remain: wait for those (a thread that claimed none is not waited for) */
+    for (unsigned i = 0; atomic_load(&pool.finished) < chunks; i++)
         if (i > 4096) sched_yield();
         else cpu_relax();
 }

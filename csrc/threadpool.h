@@ -1,16 +1,21 @@
-/* A small persistent thread pool for the kernels: the calling thread is worker 0.
+/* A small persistent thread pool for the kernels: the calling thread works too.
  *
- * Workers spin briefly after each job (decode calls the kernels back to back, a few microseconds apart),
- * then sleep on a condition variable so an idle process costs no CPU. Runs are serialized by a mutex, so
- * several Python threads may call kernels at once. Builds without pthreads run everything on the caller.
+ * A run splits [0, items) into chunks of `grain` items that threads claim one at a time from a shared counter,
+ * so when a worker is descheduled (a machine shared with other processes) the others take its chunks instead
+ * of waiting for it. Workers spin briefly between runs (decode calls the kernels back to back, microseconds
+ * apart), then sleep on a condition variable, so an idle process costs no CPU. Runs are serialized by a lock.
+ * Builds without pthreads run everything on the caller.
  */
 #ifndef PYBITNET_THREADPOOL_H
 #define PYBITNET_THREADPOOL_H
 
-typedef void (*bn_task_fn)(void *ctx, int tid, int nthreads);
+#include <stdint.h>
 
-/* Run fn(ctx, tid, n) for tid in [0, n), n = min(the pool's size, max_tasks), and wait for all. */
-void bn_pool_run(bn_task_fn fn, void *ctx, int max_tasks);
+/* Process items [begin, end) on thread `tid` (0 <= tid < bn_pool_threads()). */
+typedef void (*bn_task_fn)(void *ctx, int tid, int64_t begin, int64_t end);
+
+/* Run fn over [0, items) in chunks of `grain` (>= 1) and return when every chunk is done. */
+void bn_pool_run(bn_task_fn fn, void *ctx, int64_t items, int64_t grain);
 /* Lock / unlock the pool (and the scratch buffers the callers share) around a whole operation. */
 void bn_pool_lock(void);
 void bn_pool_unlock(void);

@@ -121,9 +121,10 @@ def test_bad_prompts(llm):
     assert not short.engine.has_unfinished()
 
 
-def test_bad_models_and_options(tmp_path):
+def test_bad_models_and_options(tmp_path, monkeypatch):
     with pytest.raises(ModelNotFoundError, match="neither an existing path nor a hub id"):
         LLM(str(tmp_path / "missing"))
+    monkeypatch.setattr("pybitnet.engine.default_model.default_model", lambda: None)
     with pytest.raises(ModelNotFoundError, match="no model given"):
         LLM(None)
     with pytest.raises(InvalidRequestError, match="unknown device"):

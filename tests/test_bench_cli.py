@@ -45,5 +45,5 @@ def test_bad_arguments(args):
     assert bench(*args).exit_code != 0
 
 
-def test_model_or_preset_required():
-    assert runner.invoke(app, ["bench"]).exit_code != 0
+def test_model_and_preset_exclusive():
+    assert runner.invoke(app, ["bench", "org/model", "--preset", "tiny-bitnet"]).exit_code != 0

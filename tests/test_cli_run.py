@@ -67,7 +67,7 @@ def test_run_interactive_without_prompt(runner):
     ("args", "message"),
     [
         (["run", "/no/such/model-dir", "hi"], "neither an existing path nor a hub id"),
-        (["run"], "no model given"),
+        (["run"], "the prompt is empty"),  # the default model, and empty piped stdin
         (["run", *cli_model_args(), ""], "the prompt is empty"),
         (["run", *cli_model_args(), "hi", "--temp", "-1"], "temperature must be >= 0"),
         (["run", *cli_model_args(), "hi", "--top-p", "0"], "top_p must be in (0, 1]"),

@@ -182,17 +182,33 @@ def test_int8_head_matches_integer_reference():
     assert torch.equal(head(x), ref)
 
 
-def test_decode_attention_matches_sdpa():
+def test_decode_attention_matches_torch():
+    """RoPE + cache write + causal GQA attention in C against apply_rope, KVCache.update and SDPA."""
+    from pybitnet.models.kv_cache import KVCache
+    from pybitnet.models.transformer import apply_rope
+
     g = torch.Generator().manual_seed(2)
-    b, h, kvh, s, d = 2, 8, 2, 40, 64
-    q = torch.randn(b, h, 2, d, generator=g)
-    k = torch.randn(b, kvh, s, d, generator=g)
-    v = torch.randn(b, kvh, s, d, generator=g)
+    b, t, h, kvh, s, d = 2, 2, 8, 2, 40, 64
+    fused = torch.randn(b, t, (h + 2 * kvh) * d, generator=g)
+    q, k, v = fused.split([h * d, kvh * d, kvh * d], -1)
+    ang = torch.rand(b, t, d, generator=g) * 6
+    cos, sin = ang.cos(), ang.sin()
     positions = torch.tensor([[10, 11], [30, 31]])
-    out = cpu.attention(q, k, v, positions, d**-0.5)
+    ours, ref = KVCache(1, 3, kvh, s, d), KVCache(1, 3, kvh, s, d)
+    for c in (ours, ref):
+        c.k.normal_(generator=torch.Generator().manual_seed(5))
+        c.v.normal_(generator=torch.Generator().manual_seed(6))
+    assert cpu.attention_fits(q, k, v, ours.k[0])
+    out = cpu.decode_attention(q, k, v, cos, sin, ours.k[0], ours.v[0], positions, h, d**-0.5)
+    qh = apply_rope(q.view(b, t, h, d).transpose(1, 2), cos, sin)
+    kh = apply_rope(k.view(b, t, kvh, d).transpose(1, 2), cos, sin)
+    keys, values = ref.update(0, positions, kh, v.view(b, t, kvh, d).transpose(1, 2))
     mask = torch.arange(s)[None, None, None, :] <= positions[:, None, :, None]
-    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-    assert torch.allclose(out, ref.transpose(1, 2).reshape(b, 2, h * d), atol=1e-5)
+    want = torch.nn.functional.scaled_dot_product_attention(qh, keys, values, attn_mask=mask, enable_gqa=True)
+    assert torch.allclose(ours.k, ref.k, atol=1e-6) and torch.equal(ours.v, ref.v)
+    assert torch.allclose(out, want.transpose(1, 2).reshape(b, t, h * d), atol=1e-5)
+    with pytest.raises(ValueError):
+        cpu.decode_attention(q, k, v, cos, sin, ours.k[0], ours.v[0], positions + s, h, d**-0.5)
 
 
 def test_model_on_c_kernels_matches_reference_model():

@@ -3,13 +3,14 @@ and not), sampling fields, logprobs, errors in OpenAI's shape, API key, models, 
 
 from __future__ import annotations
 
+import copy
 import re
 import threading
 
 import httpx
 import pytest
 
-from pybitnet import SamplingParams
+from pybitnet import LLM, SamplingParams
 from test_server_helpers import (
     MODEL_NAME,
     assert_openai_error,
@@ -227,6 +228,7 @@ def test_logprobs(client, llm):
 def test_models_and_health(client, server):
     models = client.models.list()
     assert [m.id for m in models.data] == [MODEL_NAME]
+    assert models.data[0].model_extra == {"max_model_len": 256, "has_chat_template": True}
     assert client.models.retrieve(MODEL_NAME).id == MODEL_NAME
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("other-model")
@@ -368,3 +370,15 @@ def test_health_is_503_while_loading():
                 break
             threading.Event().wait(0.05)
         assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+
+
+def test_chat_without_a_chat_template_is_a_400(llm):
+    tokenizer = copy.copy(llm.tokenizer)
+    tokenizer.chat_template = None
+    plain = LLM.from_model(llm.model, tokenizer, max_model_len=256, max_num_seqs=1)
+    with running_server(plain) as server:
+        assert httpx.get(server.api + "/models").json()["data"][0]["has_chat_template"] is False
+        response = httpx.post(server.api + "/chat/completions", json={"messages": MESSAGES})
+        assert "chat template" in assert_openai_error(response, 400)["message"]
+        completion = httpx.post(server.api + "/completions", json={"prompt": "Hi", "max_tokens": 2})
+        assert completion.status_code == 200

@@ -27,11 +27,12 @@ BOS_ID, EOS_ID = 1, 2
 VAL_BUCKETS = 3  # of 100: about 3% of the files are held out
 EXCLUDED_DIRS = {"site-packages", "test", "tests", "idle_test", "encodings", "pydoc_data", "__pycache__"}
 EXCLUDED_PREFIXES = ("_sysconfigdata", "config-")
-# The conversation is the document: turns are joined by newlines, so `chat` and the server's chat endpoint
-# continue the user's code instead of wrapping it in role markup the model never saw.
+# The conversation is the document: BOS, then the turns joined by newlines (as training records begin), so
+# `run`, `chat` and the server's chat endpoint continue the user's code instead of wrapping it in role markup
+# the model never saw.
 COMPLETION_TEMPLATE = (
-    "{% for message in messages %}{{ message['content'] }}{% if not loop.last %}{{ '\\n' }}{% endif %}"
-    "{% endfor %}"
+    "{{ bos_token }}{% for message in messages %}{{ message['content'] }}"
+    "{% if not loop.last %}{{ '\\n' }}{% endif %}{% endfor %}"
 )
 
 

@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from ..bench import BenchResult, backend_name, bench, default_threads
+from ..engine.default_model import model_or_default
 
 GIB = 1024**3
 
@@ -77,8 +78,8 @@ def bench_command(
     lm_head: Annotated[str, typer.Option("--lm-head", help="auto, int8 or float.")] = "auto",
 ) -> None:
     """Measure prompt processing (pp) and generation (tg) speed, as llama-bench does."""
-    if (model is None) == (preset is None):
-        raise typer.BadParameter("give either MODEL or --preset NAME")
+    if model is not None and preset is not None:
+        raise typer.BadParameter("give either MODEL or --preset NAME, not both")
     if output not in ("md", "csv", "json"):
         raise typer.BadParameter(f"--output must be md, csv or json, got {output!r}")
     tests = [("pp", n) for n in _ints(n_prompt) if n] + [("tg", n) for n in _ints(n_gen) if n]
@@ -92,6 +93,7 @@ def bench_command(
     else:
         from ..api import load_model
 
+        model = str(model_or_default(model))
         net, name = load_model(model, kernel=kernel), model
     net.head_mode = lm_head
     results: list[BenchResult] = []

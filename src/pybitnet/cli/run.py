@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from ..engine.default_model import model_or_default
+from ..engine.default_model import model_or_default, split_model_and_prompt
 from ..errors import InvalidRequestError
 from .chat import chat_loop
 from .common import (
@@ -92,6 +92,7 @@ def run(
             stop,
             ignore_eos,
         )
+        model, prompt = split_model_and_prompt(model, prompt)
         model = str(model_or_default(model))
         if prompt is None and not interactive and not sys.stdin.isatty():
             prompt = sys.stdin.read()

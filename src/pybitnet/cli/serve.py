@@ -35,7 +35,7 @@ def serve(
         typer.Option(
             "--served-model-name",
             "--alias",
-            help="Model id clients send and /v1/models lists (default: MODEL as given).",
+            help="Model id clients send and /v1/models lists (default: MODEL as given, or 'default').",
             show_default=False,
         ),
     ] = None,
@@ -72,6 +72,7 @@ def serve(
         from ..hub import resolve_model
 
         _check_limits(parallel, max_queue, max_tokens, shutdown_timeout, log_level)
+        named = model
         model = str(model_or_default(model))
         resolve_model(model)  # fail now, not in the background, if the model is not there
         try:
@@ -81,7 +82,7 @@ def serve(
                 f"the server needs fastapi, uvicorn and prometheus_client ({e}); pip install them"
             ) from None
         settings = ServerSettings(
-            model_name=served_model_name or model.rstrip("/"),
+            model_name=served_model_name or (model.rstrip("/") if named else "default"),
             max_queue=max_queue,
             max_tokens=max_tokens or None,
             api_key=api_key or None,

@@ -199,29 +199,76 @@ def run_int8(
     if k > MAX_K // 2:
         raise KernelError(f"the int8 head takes at most {MAX_K // 2} input features, got {k}")
     isa = ISAS[best_isa()]
-    _native.int8(isa, x.data_ptr(), m, k, k, norm_ptr, eps, q.data_ptr(), n, scale.data_ptr(), y.data_ptr(), n)
+    _native.int8(
+        isa, x.data_ptr(), m, k, k, norm_ptr, eps, q.data_ptr(), n, scale.data_ptr(), y.data_ptr(), n
+    )
 
 
-def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, scale: float
+def attention_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: torch.Tensor) -> bool:
+    """Whether decode_attention takes these: q, k, v [B, T, *] float32 views of one fused projection buffer (as
+    linear_many returns them) and a float32 cache layer [B', KVH, S, D] with contiguous key rows."""
+    row = q.stride(-2) if q.dim() > 1 else q.shape[-1]
+    return (
+        q.dtype == k.dtype == v.dtype == cache_k.dtype == torch.float32
+        and q.device.type == "cpu"
+        and q.stride(-1) == 1
+        and k.data_ptr() == q.data_ptr() + 4 * q.shape[-1]
+        and v.data_ptr() == k.data_ptr() + 4 * k.shape[-1]
+        and q.stride() == k.stride() == v.stride()
+        and (q.shape[0] == 1 or q.stride(0) == q.shape[1] * row)
+        and cache_k.dim() == 4
+        and cache_k.stride(3) == 1
+        and cache_k.stride(2) == cache_k.shape[3]
+    )
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    cache_k: torch.Tensor,
+    cache_v: torch.Tensor,
+    positions: torch.Tensor,
+    heads: int,
+    scale: float,
 ) -> torch.Tensor:
-    """Causal attention of new queries over a KV cache, float32: q [B, H, T, D], k and v [B, KVH, S, D] (the
-    cache's buffers), positions [B, T] (query (b, t) sees keys 0..positions[b, t]) -> [B, T, H * D]."""
+    """RoPE, KV cache write and causal attention for a few new tokens, in one native call.
+
+    q, k, v: [B, T, H*D], [B, T, KVH*D] projections before RoPE (see attention_fits); cos, sin [B, T, D];
+    cache_k, cache_v: one layer's cache [B', KVH, S, D] (B' >= B); positions [B, T]: token (b, t) is written at
+    positions[b, t] and attends to keys 0..positions[b, t]. Returns [B, T, H*D] float32."""
     _ensure_threads()
-    b, h, t, d = q.shape
-    kvh, s = k.shape[1], k.shape[2]
-    if q.dtype != torch.float32 or k.dtype != torch.float32 or v.dtype != torch.float32:
-        raise KernelError("CPU attention takes float32 tensors")
-    if k.shape != v.shape or k.shape[0] < b or k.shape[3] != d or h % kvh:
-        raise LayoutError(f"attention shapes do not match: q {tuple(q.shape)}, k {tuple(k.shape)}")
-    if not (k[0].is_contiguous() and v[0].is_contiguous() and k.stride() == v.stride()):
-        raise LayoutError("the KV cache rows must be contiguous")
-    q = q.contiguous()
+    b, t, _ = q.shape
+    kvh, keys, d = cache_k.shape[1], cache_k.shape[2], cache_k.shape[3]
+    if cache_v.stride() != cache_k.stride() or cache_v.shape != cache_k.shape or cache_k.shape[0] < b:
+        raise LayoutError("the key and value caches must have the same shape and strides")
+    if q.shape[-1] != heads * d or k.shape[-1] != kvh * d or tuple(cos.shape) != (b, t, d):
+        raise LayoutError(f"attention shapes do not match: q {tuple(q.shape)}, cache {tuple(cache_k.shape)}")
+    cos = cos.to(torch.float32).contiguous()
+    sin = sin.to(torch.float32).contiguous()
     pos = positions.to(torch.int64).contiguous()
-    out = torch.empty((b, t, h * d), dtype=torch.float32)
-    kv_stride = k.stride(0)
-    args = (q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), pos.data_ptr())
-    _native.attention(*args, b, h, kvh, t, s, d, kv_stride, scale)
+    out = torch.empty((b, t, heads * d), dtype=torch.float32)
+    _native.attention(
+        q.data_ptr(),
+        q.stride(-2),
+        cos.data_ptr(),
+        sin.data_ptr(),
+        cache_k.data_ptr(),
+        cache_v.data_ptr(),
+        cache_k.stride(0),
+        cache_k.stride(1),
+        pos.data_ptr(),
+        out.data_ptr(),
+        b,
+        heads,
+        kvh,
+        t,
+        keys,
+        d,
+        scale,
+    )
     return out
 
 

@@ -90,6 +90,20 @@ class Attention(nn.Module):
         """`norm`, when given, is applied to x first (fused with the projections' activation quantization)."""
         b, t, _ = x.shape
         q, k, v = fused_linears(x, (self.q_proj, self.k_proj, self.v_proj), norm)
+        if cache is not None and t <= DECODE_ATTENTION_MAX_T and self._native_attention(q, k, v, cache):
+            y = cpu_kernels.decode_attention(
+                q,
+                k,
+                v,
+                cos,
+                sin,
+                cache.k[self.layer],
+                cache.v[self.layer],
+                positions,
+                self.n_heads,
+                self.head_dim**-0.5,
+            )
+            return fused_linears(y, (self.o_proj,), self.attn_sub_norm)[0]
         q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -98,24 +112,20 @@ class Attention(nn.Module):
             key_pos = positions
         else:
             k, v = cache.update(self.layer, positions, k, v)
-            if t <= DECODE_ATTENTION_MAX_T and self._native_attention(q, k):
-                y = cpu_kernels.attention(q, k, v, positions, self.head_dim**-0.5)
-                return fused_linears(y, (self.o_proj,), self.attn_sub_norm)[0]
             key_pos = torch.arange(cache.max_len, device=x.device).expand(b, -1)
         mask = key_pos[:, None, None, :] <= positions[:, None, :, None]  # [B, 1, T, S]: causal per sequence
         y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, enable_gqa=True)
         y = y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)
         return fused_linears(y, (self.o_proj,), self.attn_sub_norm)[0]
 
-    def _native_attention(self, q: torch.Tensor, k: torch.Tensor) -> bool:
-        """Decode steps of models on the C kernels use the C attention: torch's SDPA costs ~0.1 ms a call for
-        one query row, which 30 layers turn into ~10% of a token's time."""
+    def _native_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache) -> bool:
+        """Decode steps of models on the C kernels run RoPE, the cache write and attention in one C call: the
+        ~25 small torch ops it replaces (SDPA alone ~0.1 ms for one query row) cost more than a layer's GEMVs."""
         return (
-            q.device.type == "cpu"
-            and q.dtype == k.dtype == torch.float32
-            and getattr(self.q_proj, "layout", None) == "cpu_i2"
+            getattr(self.q_proj, "layout", None) == "cpu_i2"
             and cpu_kernels.native_available()
-            and k[0].is_contiguous()  # the C kernel reads whole cache rows (a span view is strided)
+            and isinstance(getattr(cache, "k", None), torch.Tensor)
+            and cpu_kernels.attention_fits(q, k, v, cache.k[self.layer])
         )
 
 

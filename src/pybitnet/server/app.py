@@ -131,7 +131,12 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
 
     def card() -> ModelCard:
         served = state.require_ready()
-        return ModelCard(id=served.name, created=served.created, max_model_len=served.max_model_len)
+        return ModelCard(
+            id=served.name,
+            created=served.created,
+            max_model_len=served.max_model_len,
+            has_chat_template=served.llm.tokenizer.chat_template is not None,
+        )
 
     auth = {401: {"model": ErrorResponse, "description": "Missing or wrong API key."}}
 

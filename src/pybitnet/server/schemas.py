@@ -196,6 +196,7 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "pybitnet"
     max_model_len: int
+    has_chat_template: bool = Field(description="False: only /v1/completions can serve this model.")
 
 
 class ModelList(BaseModel):
