@@ -179,3 +179,15 @@ def test_sampling_params_defaults_and_stop_normalization():
     assert p.stop_strings == ["###"]
     assert not p.greedy and SamplingParams(temperature=0).greedy
     assert SamplingParams(max_tokens=None).max_tokens is None
+
+
+def test_out_of_range_seed_is_rejected_and_huge_top_k_means_all_tokens():
+    from pybitnet.engine.params import SamplingParams
+    from pybitnet.errors import InvalidRequestError
+
+    for seed in (-1, 2**64):
+        with pytest.raises(InvalidRequestError, match="seed"):
+            SamplingParams(seed=seed).validate()
+    SamplingParams(seed=2**64 - 1, top_k=2**70).validate()
+    batch = SamplingBatch.from_params([SamplingParams(top_k=2**70, temperature=1.0)], [None], vocab_size=16)
+    assert batch.top_k.tolist() == [16]

@@ -98,7 +98,12 @@ class SamplingParams:
                 "must not exceed max_tokens",
                 self.min_tokens,
             )
-        _check(self.seed is None or _is_int(self.seed), "seed", "must be an integer or None", self.seed)
+        _check(
+            self.seed is None or (_is_int(self.seed) and 0 <= self.seed < 2**64),
+            "seed",
+            "must be an integer in [0, 2**64) or None",
+            self.seed,
+        )
         _check(
             self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
             "logprobs",

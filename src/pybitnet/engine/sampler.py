@@ -40,7 +40,7 @@ class SamplingBatch:
 
         return cls(
             temperature=t([p.temperature for p in params]),
-            top_k=t([p.top_k if p.top_k > 0 else vocab_size for p in params], torch.long),
+            top_k=t([min(p.top_k, vocab_size) if p.top_k > 0 else vocab_size for p in params], torch.long),
             top_p=t([p.top_p for p in params]),
             min_p=t([p.min_p for p in params]),
             greedy=t([p.greedy for p in params], torch.bool),
