@@ -13,6 +13,7 @@
 
 #define BN_WIDEN_K 1024 /* 32 vpmaddubsw results of 32 k each per int16 lane */
 #define GEMV_WIDEN_KB 8  /* 8 blocks x 4 pair sums = 32 pair sums per int16 lane */
+_Static_assert(BN_WIDEN_K == 1024, "the GEMM micro-kernel's assembly addresses the unpacked rows 1024 bytes apart");
 #define GEMM_MIN_M 4    /* from this many activation rows, unpack weights once and run the tiled GEMM */
 #define GEMM_MC 64      /* activation rows per GEMM block */
 
@@ -85,6 +86,22 @@ static __attribute__((noinline)) void micro_2(const uint8_t *wb, const int8_t *x
     for (int64_t k = 0; k < kc; k += 32) {
         const __m256i x0 = _mm256_loadu_si256((const __m256i *)(x0p + k));
         const __m256i x1 = _mm256_loadu_si256((const __m256i *)(x1p + k));
+#if defined(__GNUC__) && defined(__x86_64__)
+        /* The same as the intrinsics below; GCC compiles those with a register copy per accumulation and a
+         * spill, ~35 instead of ~26 instructions per iteration, which costs about a quarter of the speed. */
+        __m256i w, t0, t1;
+#define STEP(OFF, A0, A1)                                                                                    \
+    "vmovdqa " #OFF "(%[wb]), %[w]\n\t"                                                                      \
+    "vpmaddubsw %[x0], %[w], %[t0]\n\t"                                                                      \
+    "vpmaddubsw %[x1], %[w], %[t1]\n\t"                                                                      \
+    "vpaddw %[t0], %[" #A0 "], %[" #A0 "]\n\t"                                                              \
+    "vpaddw %[t1], %[" #A1 "], %[" #A1 "]\n\t"
+        __asm__(STEP(0, a00, a10) STEP(1024, a01, a11) STEP(2048, a02, a12) STEP(3072, a03, a13)
+                : [a00] "+x"(a00), [a01] "+x"(a01), [a02] "+x"(a02), [a03] "+x"(a03), [a10] "+x"(a10),
+                  [a11] "+x"(a11), [a12] "+x"(a12), [a13] "+x"(a13), [w] "=&x"(w), [t0] "=&x"(t0), [t1] "=&x"(t1)
+                : [wb] "r"(wb + k), [x0] "x"(x0), [x1] "x"(x1));
+#undef STEP
+#else
         const __m256i w0 = _mm256_load_si256((const __m256i *)(wb + k));
         MADD(a00, w0, x0);
         MADD(a10, w0, x1);
@@ -97,6 +114,7 @@ static __attribute__((noinline)) void micro_2(const uint8_t *wb, const int8_t *x
         const __m256i w3 = _mm256_load_si256((const __m256i *)(wb + 3 * BN_WIDEN_K + k));
         MADD(a03, w3, x0);
         MADD(a13, w3, x1);
+#endif
     }
     const __m256i ones = _mm256_set1_epi16(1);
     __m256i a[8] = {a00, a01, a02, a03, a10, a11, a12, a13};
