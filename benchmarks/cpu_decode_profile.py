@@ -1,4 +1,4 @@
-"""Where a decode step's time goes on the C kernels: CPU time per token by native call and by Python/torch work.
+"""Where a decode step's time goes on the C kernels: CPU time per token by native call and Python/torch work.
 
 CPU time (not wall time) is measured so that other load on a shared machine distorts it less; with one thread
 it is the work per token. Builds a random model of a preset's shape.
@@ -47,7 +47,8 @@ def main() -> None:
     stats = pstats.Stats(prof)
     total = sum(v[2] for v in stats.stats.values())
     for (_, _, name), (_, calls, tottime, _, _) in sorted(stats.stats.items(), key=lambda kv: -kv[1][2])[:12]:
-        print(f"  {tottime / n * 1e3:7.2f} ms/token {tottime / total:6.1%}  {calls // n:5d} calls/token  {name}")
+        share = tottime / total
+        print(f"  {tottime / n * 1e3:7.2f} ms/token {share:6.1%}  {calls // n:5d} calls/token  {name}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The int8 per-row output head against the bf16 head: top-1 agreement and perplexity, same model, same tokens.
+"""The int8 per-row output head against the bf16 head: top-1 agreement and perplexity on the same tokens.
 
 No real checkpoint is reachable here, so the model is a random ternary model of the bitnet-2b-4t shape and the
 text is the model's own: continuations sampled (temperature 1) with the bf16 head from random prompts. Both
@@ -33,7 +33,7 @@ def sample(model, prompts: torch.Tensor, n: int, g: torch.Generator) -> torch.Te
 def score(model, ids: torch.Tensor, start: int) -> tuple[torch.Tensor, float]:
     logits = model(ids)[:, start - 1 : -1]
     nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, start:].flatten())
-    return logits.argmax(-1), math.exp(nll.item())
+    return logits, math.exp(nll.item())
 
 
 def main() -> None:
@@ -50,14 +50,20 @@ def main() -> None:
         g = torch.Generator().manual_seed(0)
         prompts = torch.randint(0, model.config.vocab_size, (args.seqs, 8), generator=g)
         ids = sample(model, prompts, args.len, g)
-        top_bf16, ppl_bf16 = score(model, ids, 8)
+        ref, ppl_bf16 = score(model, ids, 8)
         model.lm_head.weight = head
         model.head_mode = "int8"
-        top_int8, ppl_int8 = score(model, ids, 8)
-    agree = (top_bf16 == top_int8).float().mean().item()
+        got, ppl_int8 = score(model, ids, 8)
+    agree = (ref.argmax(-1) == got.argmax(-1)).float().mean().item()
+    kl = torch.nn.functional.kl_div(
+        got.log_softmax(-1), ref.log_softmax(-1), log_target=True, reduction="none"
+    )
+    rel = ((got - ref).pow(2).mean() / ref.pow(2).mean()).sqrt().item()
     print(f"bitnet-2b-4t shape ({args.layers} layers), {args.seqs} x {args.len} sampled tokens")
     print(f"top-1 agreement int8 vs bf16 head: {agree:.2%}")
-    print(f"perplexity bf16 head {ppl_bf16:.3f}, int8 head {ppl_int8:.3f} ({ppl_int8 / ppl_bf16 - 1:+.3%})")
+    print(f"perplexity bf16 head {ppl_bf16:.4f}, int8 head {ppl_int8:.4f} ({ppl_int8 / ppl_bf16 - 1:+.3%})")
+    print(f"mean KL(bf16 || int8) {kl.sum(-1).mean().item():.2e} nats; relative RMS logit error {rel:.2e}")
+    print(f"logit scale: std {ref.std().item():.1f} (random weights: far more peaked than a trained model's)")
 
 
 if __name__ == "__main__":

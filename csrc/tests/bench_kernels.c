@@ -1,5 +1,5 @@
-/* Single-thread timing of the ternary kernels (CPU time, so other load on the machine matters less):
- * bench_kernels [isa] [m] [n] [k] [reps]. Also the program to run under valgrind --tool=callgrind or perf. */
+/* Timing of the ternary kernels through the thread pool, wall and CPU time:
+ * bench_kernels [isa] [m] [n] [k] [reps] [threads]. Also the program to run under callgrind or perf. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -13,6 +13,8 @@ int main(int argc, char **argv) {
     int isa = argc > 1 ? atoi(argv[1]) : bn_isa_best();
     int64_t m = argc > 2 ? atoll(argv[2]) : 1, n = argc > 3 ? atoll(argv[3]) : 6912, k = argc > 4 ? atoll(argv[4]) : 2560;
     int reps = argc > 5 ? atoi(argv[5]) : 20;
+    int threads = argc > 6 ? atoi(argv[6]) : 1;
+    bn_pool_set_threads(threads);
     const bn_isa_ops *ops = bn_isa_get(isa);
     if (!ops) {
         fprintf(stderr, "ISA %d not available\n", isa);
@@ -30,10 +32,15 @@ int main(int argc, char **argv) {
     bn_act act;
     bn_pool_lock();
     bn_quantize_input(ops, &in, &act);
-    ops->ternary(&act, &mat, 0, tiles);
+    bn_run_ternary(ops, &act, &mat, 1);
+    struct timespec t0, t1;
+    timespec_get(&t0, TIME_UTC);
     clock_t t = clock();
-    for (int r = 0; r < reps; r++) ops->ternary(&act, &mat, 0, tiles);
-    double s = (double)(clock() - t) / CLOCKS_PER_SEC / reps;
+    for (int r = 0; r < reps; r++) bn_run_ternary(ops, &act, &mat, 1);
+    double cpu_s = (double)(clock() - t) / CLOCKS_PER_SEC / reps;
+    timespec_get(&t1, TIME_UTC);
+    double s = ((double)(t1.tv_sec - t0.tv_sec) + 1e-9 * (double)(t1.tv_nsec - t0.tv_nsec)) / reps;
+    printf("%d threads: wall %.3f ms, cpu %.3f ms\n", threads, s * 1e3, cpu_s * 1e3);
     bn_pool_unlock();
     printf("%s ternary m=%lld n=%lld k=%lld: %.3f ms, %.1f GMAC/s, %.1f GB/s of weights\n", ops->name, (long long)m,
            (long long)n, (long long)k, s * 1e3, (double)(m * n * k) / s / 1e9, (double)wbytes / s / 1e9);
