@@ -90,6 +90,6 @@ def test_pull_errors(cache, monkeypatch, tmp_path):
     offline = invoke(["pull", "acme/not-cached-anywhere"])
     assert offline.exit_code == 1 and "HF_HUB_OFFLINE is set" in " ".join(offline.stderr.split())
     local = invoke(["pull", str(tmp_path)])
-    assert local.exit_code == 1 and "is a local path" in local.stderr
+    assert local.exit_code == 1 and "is a local path" in " ".join(local.stderr.split())
     bad = invoke(["pull", "not-a-hub-id"])
     assert bad.exit_code == 1 and "neither an existing path nor a hub id" in " ".join(bad.stderr.split())

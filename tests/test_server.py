@@ -334,7 +334,9 @@ def test_api_key(llm):
 
 
 def test_metrics_count_requests_and_tokens(server, client):
-    requests_before = metric(server.url, 'pybitnet_requests_total{endpoint="/v1/completions",status="200"}')
+    requests_before = metric(
+        server.url, 'pybitnet_requests_total{endpoint="/v1/completions",status="200"}', absent=0.0
+    )
     tokens_before = metric(server.url, "pybitnet_generation_tokens_total")
     ttft_before = metric(server.url, "pybitnet_time_to_first_token_seconds_count")
     client.completions.create(model=MODEL_NAME, prompt="Hi", max_tokens=3, extra_body={"ignore_eos": True})

@@ -94,11 +94,14 @@ def sse_events(lines: Iterator[str]) -> Iterator[dict | str]:
             yield data if data == "[DONE]" else json.loads(data)
 
 
-def metric(url: str, name: str) -> float:
-    """A sample's value from /metrics (name with labels exactly as Prometheus text writes them)."""
+def metric(url: str, name: str, absent: float | None = None) -> float:
+    """A sample's value from /metrics (name with labels exactly as Prometheus text writes them). A labelled
+    sample exists only once its labels were first used: pass `absent=0.0` to read it as 0 before that."""
     for line in httpx.get(url + "/metrics").text.splitlines():
         if line.startswith(name + " "):
             return float(line.split()[-1])
+    if absent is not None:
+        return absent
     raise KeyError(name)
 
 

@@ -18,7 +18,7 @@ from ..engine import LLM, SamplingParams, Timings
 from ..engine.default_model import model_or_default
 from ..errors import PyBitNetError
 
-err = Console(stderr=True, highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)  # one line per message: greppable `file:line:`
 
 ModelArg = Annotated[
     str | None,

@@ -25,7 +25,7 @@ def info(model: ModelArg, as_json: JsonOpt = False) -> None:
     try:
         summary = summarize_model(model)
     except PyBitNetError as e:
-        Console(stderr=True, highlight=False).print(f"[red]error:[/red] {escape(str(e))}")
+        Console(stderr=True, highlight=False, soft_wrap=True).print(f"[red]error:[/red] {escape(str(e))}")
         raise typer.Exit(1) from None
     if as_json:
         typer.echo(_json(summary))
