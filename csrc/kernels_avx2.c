@@ -13,7 +13,7 @@
 
 #define BN_WIDEN_K 1024 /* 32 vpmaddubsw results of 32 k each per int16 lane */
 #define GEMV_WIDEN_KB 8  /* 8 blocks x 4 pair sums = 32 pair sums per int16 lane */
-_Static_assert(BN_WIDEN_K == 1024, "the GEMM micro-kernel's assembly addresses the unpacked rows 1024 bytes apart");
+_Static_assert(BN_WIDEN_K == 1024, "the GEMM micro-kernel's assembly puts unpacked rows 1024 bytes apart");
 #define GEMM_MIN_M 4    /* from this many activation rows, unpack weights once and run the tiled GEMM */
 #define GEMM_MC 64      /* activation rows per GEMM block */
 
@@ -77,10 +77,16 @@ static void unpack_tile(const uint8_t *tile, int64_t kb0, int64_t kc, uint8_t *d
 }
 
 /* GEMM micro-kernels: the 4 unpacked rows against 2 (or 1) activation rows over kc <= BN_WIDEN_K values of k,
- * widened and added into acc32[c * 4 + r]. Written out (no arrays) so the 8 accumulators, 4 weight vectors and
- * 2 activation vectors stay in the 16 ymm registers without copies or spills. */
+ * widened and added into acc32[c * 4 + r]: 8 accumulators, one weight vector, 2 activation vectors and 2
+ * temporaries, 13 of the 16 ymm registers. Kept out of line so its register allocation is its own. */
+#if defined(__GNUC__)
+#define BN_NOINLINE __attribute__((noinline))
+#else
+#define BN_NOINLINE
+#endif
 #define MADD(acc, w, x) acc = _mm256_add_epi16(_mm256_maddubs_epi16(w, x), acc)
-static __attribute__((noinline)) void micro_2(const uint8_t *wb, const int8_t *x0p, const int8_t *x1p, int64_t kc, __m256i *acc32) {
+static BN_NOINLINE void micro_2(const uint8_t *wb, const int8_t *x0p, const int8_t *x1p, int64_t kc,
+                                __m256i *acc32) {
     __m256i a00 = _mm256_setzero_si256(), a01 = a00, a02 = a00, a03 = a00;
     __m256i a10 = a00, a11 = a00, a12 = a00, a13 = a00;
     for (int64_t k = 0; k < kc; k += 32) {

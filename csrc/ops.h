@@ -20,9 +20,9 @@ int bn_quantize_input(const bn_isa_ops *ops, const bn_input *in, bn_act *act);
 void bn_run_ternary(const bn_isa_ops *ops, const bn_act *x, const bn_tmat *mats, int nmats);
 void bn_run_int8(const bn_isa_ops *ops, const bn_act *x, const bn_qmat *w);
 /* Attention for `queries` new tokens per sequence. qkv rows (b * queries + t, stride ld_qkv) hold the token's
- * projections [heads + 2 kv_heads][dim] before RoPE; cos, sin [batch * queries][dim]; the caches
- * [batch (stride kv_batch_stride)][kv_heads (stride kv_head_stride)][keys][dim] receive the rotated keys and the values at each token's
- * position (key s of a head at s * dim); token (b, t) attends to keys 0..positions[b * queries + t]. out [batch * queries][heads][dim].
+ * projections [heads + 2 kv_heads][dim] before RoPE; cos, sin [batch * queries][dim]. The caches, [batch (stride
+ * kv_batch_stride)][kv_heads (stride kv_head_stride)][keys][dim], receive the rotated keys and the values at each
+ * token's position; token (b, t) attends to keys 0..positions[b * queries + t]. out [batch * queries][heads][dim].
  * float32 throughout. Returns -2 when a position is outside the cache, -1 when memory runs out. */
 typedef struct {
     const float *qkv;

@@ -9,6 +9,7 @@ Peak RSS is the high-water mark of the timed runs (reset after loading where the
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import resource
@@ -69,10 +70,8 @@ def weight_bytes_and_params(model: nn.Module) -> tuple[int, int]:
 def _reset_peak_rss() -> bool:
     """Return freed heap to the OS (load-time temporaries that glibc keeps mapped), then restart the
     high-water mark, so the peak counts what the timed runs hold."""
-    try:
+    with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")

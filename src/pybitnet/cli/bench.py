@@ -29,6 +29,14 @@ def _ints(text: str) -> list[int]:
     return values
 
 
+def _size(n: int) -> str:
+    return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / 2**20:.2f} MiB"
+
+
+def _params(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"
+
+
 def format_markdown(results: list[BenchResult]) -> str:
     rows = [
         "| model | size | params | backend | threads | test | t/s |",
@@ -36,13 +44,13 @@ def format_markdown(results: list[BenchResult]) -> str:
     ]
     for r in results:
         rows.append(
-            f"| {r.model} | {r.size_bytes / GIB:.2f} GiB | {r.params / 1e9:.2f} B | {r.backend} | "
+            f"| {r.model} | {_size(r.size_bytes)} | {_params(r.params)} | {r.backend} | "
             f"{r.threads} | {r.test} | {r.ts_mean:.2f} ± {r.ts_sd:.2f} |"
         )
     peak = max(r.peak_rss_bytes for r in results)
     size = results[0].size_bytes
     rows.append("")
-    rows.append(f"peak RSS {peak / GIB:.2f} GiB = {peak / size:.2f} x the weights ({size / GIB:.2f} GiB)")
+    rows.append(f"peak RSS {_size(peak)} = {peak / size:.2f} x the weights ({_size(size)})")
     return "\n".join(rows)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import os
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -55,14 +56,19 @@ def physical_cores() -> int:
     """Physical cores this process may run on (SMT siblings counted once)."""
     try:
         cpus = sorted(os.sched_getaffinity(0))
-    except AttributeError:
-        return max(1, (os.cpu_count() or 2) // 2)
+    except AttributeError:  # not Linux: no portable way to tell SMT siblings apart
+        return os.cpu_count() or 1
     cores = set()
     for cpu in cpus:
-        try:
-            with open(f"/sys/devices/system/cpu/cpu{cpu}/topology/core_cpus_list") as f:
-                cores.add(f.read().strip())
-        except OSError:
+        topology = f"/sys/devices/system/cpu/cpu{cpu}/topology"
+        for name in ("core_cpus_list", "thread_siblings_list"):
+            try:
+                with open(f"{topology}/{name}") as f:
+                    cores.add(f.read().strip())
+                break
+            except OSError:
+                continue
+        else:
             cores.add(str(cpu))
     return max(1, len(cores))
 
@@ -122,7 +128,9 @@ def _check(w: PackedWeight) -> None:
 
 
 class _Plan:
-    """A validated group of weights sharing one input: the native call's matrix descriptors, made once."""
+    """A validated group of weights sharing one input: the native call's matrix descriptors, made once.
+
+    It holds addresses, not tensors, so a cached plan never keeps a model's weights alive."""
 
     def __init__(self, weights: Sequence[PackedWeight]) -> None:
         k = weights[0].shape[1]
@@ -137,18 +145,23 @@ class _Plan:
         self.mats = [
             (w.data.data_ptr(), w.shape[0], w.scale.data_ptr(), int(w.scale.numel() > 1)) for w in weights
         ]
-        self.tensors = [(w.data, w.scale) for w in weights]  # keep the buffers the addresses point into alive
 
 
-_PLANS: dict[tuple, _Plan] = {}
+_PLANS: dict[tuple[int, ...], tuple[tuple[weakref.ref, ...], _Plan]] = {}
+MAX_PLANS = 4096
 
 
 def _plan(weights: Sequence[PackedWeight]) -> _Plan:
-    # keyed by buffer addresses and shapes: the same weights give the same plan without re-validation
-    key = tuple((w.data.data_ptr(), w.scale.data_ptr(), w.shape, w.layout) for w in weights)
-    plan = _PLANS.get(key)
-    if plan is None or any(a is not w.data or b is not w.scale for (a, b), w in zip(plan.tensors, weights)):
-        plan = _PLANS[key] = _Plan(weights)
+    # Layers hand out the same PackedWeight objects while their buffers stay the same tensors, so a plan is
+    # found by the objects' identities; weak references make sure a reused id is never mistaken for them.
+    key = tuple(map(id, weights))
+    entry = _PLANS.get(key)
+    if entry is not None and all(ref() is w for ref, w in zip(entry[0], weights, strict=True)):
+        return entry[1]
+    if len(_PLANS) >= MAX_PLANS:  # models come and go (tests, reloads): keep the cache bounded
+        _PLANS.clear()
+    plan = _Plan(weights)
+    _PLANS[key] = (tuple(weakref.ref(w) for w in weights), plan)
     return plan
 
 
@@ -166,7 +179,7 @@ def linear_many(
     m, total = x2.shape[0], plan.total
     y = torch.empty((m, total), dtype=torch.float32)
     yp = y.data_ptr()
-    mats = [(*d, yp + off, total) for d, off in zip(plan.mats, plan.offsets)]
+    mats = [(*d, yp + off, total) for d, off in zip(plan.mats, plan.offsets, strict=True)]
     norm_ptr, eps = 0, 0.0
     if norm is not None:
         nw = norm[0]
@@ -186,8 +199,8 @@ def linear_many(
 def run_int8(
     x: torch.Tensor, norm_ptr: int, eps: float, q: torch.Tensor, scale: torch.Tensor, y: torch.Tensor
 ) -> None:
-    """y = quant(rms_norm?(x)) @ (q * scale).T on the best instruction set; x float32 [M, K] contiguous, q int8
-    tiles [ceil(N/4), Kp/32, 4, 32] (Kp = K rounded up to 128), scale float32 [N], y float32 [M, N]."""
+    """y = quant(rms_norm?(x)) @ (q * scale).T on the best instruction set; x float32 [M, K] contiguous,
+    q int8 tiles [ceil(N/4), Kp/32, 4, 32] (Kp = K rounded up to 128), scale float32 [N], y float32 [M, N]."""
     _ensure_threads()
     m, k = x.shape
     n = scale.numel()
@@ -205,8 +218,8 @@ def run_int8(
 
 
 def attention_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: torch.Tensor) -> bool:
-    """Whether decode_attention takes these: q, k, v [B, T, *] float32 views of one fused projection buffer (as
-    linear_many returns them) and a float32 cache layer [B', KVH, S, D] with contiguous key rows."""
+    """Whether decode_attention takes these: q, k, v [B, T, *] float32 views of one fused projection buffer
+    (as linear_many returns them) and a float32 cache layer [B', KVH, S, D] with contiguous key rows."""
     row = q.stride(-2) if q.dim() > 1 else q.shape[-1]
     return (
         q.dtype == k.dtype == v.dtype == cache_k.dtype == torch.float32
@@ -237,8 +250,8 @@ def decode_attention(
     """RoPE, KV cache write and causal attention for a few new tokens, in one native call.
 
     q, k, v: [B, T, H*D], [B, T, KVH*D] projections before RoPE (see attention_fits); cos, sin [B, T, D];
-    cache_k, cache_v: one layer's cache [B', KVH, S, D] (B' >= B); positions [B, T]: token (b, t) is written at
-    positions[b, t] and attends to keys 0..positions[b, t]. Returns [B, T, H*D] float32."""
+    cache_k, cache_v: one layer's cache [B', KVH, S, D] (B' >= B); positions [B, T]: token (b, t) is written
+    at positions[b, t] and attends to keys 0..positions[b, t]. Returns [B, T, H*D] float32."""
     _ensure_threads()
     b, t, _ = q.shape
     kvh, keys, d = cache_k.shape[1], cache_k.shape[2], cache_k.shape[3]
