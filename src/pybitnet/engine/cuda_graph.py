@@ -23,6 +23,7 @@ from ..kernels.triton.quant import norm_quant
 from ..models import KVCache, Transformer
 from ..models.transformer import apply_rope
 from ..quant import PackedWeight, TernaryWeight, pack
+from .runner import ModelRunner
 
 Weight = PackedWeight | torch.Tensor  # ternary ("triton_i2") or a dense [out, in] matrix
 
@@ -289,15 +290,7 @@ class CudaGraphEngine:
         self._pool = None
 
     def capture(self, step) -> torch.cuda.CUDAGraph:
-        """Warm `step` up on a side stream (Triton compiles there), then capture it in a CUDA graph."""
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            step()
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            step()
+        graph = capture_graph(step, self.device, self._pool)
         self._pool = graph.pool()
         return graph
 
@@ -378,38 +371,25 @@ class CudaGraphEngine:
         return row
 
 
-class CudaGraphRunner:
+class CudaGraphRunner(ModelRunner):
     """The engine's ModelRunner interface (reserve / prefill(slot, ids) / decode(tokens, positions)) on the
     GPU kernels, each decode batch size captured once in a CUDA graph."""
 
     def __init__(self, model: Transformer, max_model_len: int, **kwargs) -> None:
-        self.model = model
-        self.max_model_len = max_model_len
+        super().__init__(model, max_model_len)
         self.forward = GpuForward(model, max_len=max_model_len, **kwargs)
-        self.cache: KVCache | None = None
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._pool = None
 
-    @property
-    def device(self) -> torch.device:
-        return self.model.device
-
-    @property
-    def num_slots(self) -> int:
-        return 0 if self.cache is None else self.cache.batch_size
-
-    def reserve(self, slots: int) -> None:
-        if slots <= self.num_slots:
-            return
+    def new_cache(self, slots: int) -> KVCache:
         c = self.model.config
-        cache = KVCache(
+        return KVCache(
             c.num_hidden_layers, slots, c.num_key_value_heads, self.max_model_len, c.head_dim,
             self.forward.dtype, self.device,
         )  # fmt: skip
-        if self.cache is not None:
-            cache.k[:, : self.num_slots].copy_(self.cache.k)
-            cache.v[:, : self.num_slots].copy_(self.cache.v)
-        self.cache = cache
+
+    def reserve(self, slots: int) -> None:
+        super().reserve(slots)
         self._graphs.clear()  # graphs point into the old cache
 
     @torch.inference_mode()
@@ -441,13 +421,19 @@ class CudaGraphRunner:
         def step() -> None:
             out.copy_(self.forward.decode(tok_buf, pos_buf, self.cache))
 
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            step()
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            step()
+        graph = capture_graph(step, self.device, self._pool)
         self._pool = graph.pool()
         return graph, tok_buf, pos_buf, out
+
+
+def capture_graph(step, device: torch.device, pool) -> torch.cuda.CUDAGraph:
+    """Warm `step` up on a side stream (Triton compiles there), then capture it in a graph sharing `pool`."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        step()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        step()
+    return graph

@@ -47,11 +47,14 @@ class ModelRunner:
         """Make room for `slots` sequences, keeping what the cache already holds."""
         if slots <= self.num_slots:
             return
-        cache = self.model.new_cache(slots, self.max_model_len)
+        cache = self.new_cache(slots)
         if self.cache is not None:
             cache.k[:, : self.num_slots].copy_(self.cache.k)
             cache.v[:, : self.num_slots].copy_(self.cache.v)
         self.cache = cache
+
+    def new_cache(self, slots: int) -> KVCache:
+        return self.model.new_cache(slots, self.max_model_len)
 
     def span(self, length: int) -> int:
         """Cache positions attention covers for sequences of up to `length` tokens."""
