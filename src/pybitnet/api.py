@@ -6,7 +6,6 @@ from pathlib import Path
 
 import torch
 
-from .formats.gguf_import import load_gguf_model
 from .formats.hf import load_hf_model, summarize_hf
 from .hub import resolve_model
 from .kernels import select_kernel
@@ -24,8 +23,11 @@ def load_model(
     model(input_ids) -> logits."""
     device = torch.device(device)
     path = resolve_model(model)
-    load = load_gguf_model if path.is_file() and path.suffix.lower() == ".gguf" else load_hf_model
-    return load(path, select_kernel(device, kernel), dtype).to(device)
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        from .formats.gguf_import import load_gguf_model  # the gguf package is needed for GGUF files only
+
+        return load_gguf_model(path, select_kernel(device, kernel), dtype).to(device)
+    return load_hf_model(path, select_kernel(device, kernel), dtype).to(device)
 
 
 def summarize_model(model: str | Path) -> ModelSummary:

@@ -19,7 +19,6 @@ from ..models import Transformer
 from .chat_template import Message
 from .default_model import model_or_default
 from .engine import Engine
-from .gguf_tokenizer import tokenizer_from_gguf
 from .outputs import RequestOutput, StepOutput
 from .params import SamplingParams
 from .tokenizer import Tokenizer
@@ -121,6 +120,8 @@ class LLM:
         path = resolve_model(model_or_default(model), revision=revision)
         loaded = load_model(path, device=dev, dtype=pick_dtype(dtype, dev), kernel=kernel)
         if tokenizer is None and path.is_file() and path.suffix == ".gguf":
+            from .gguf_tokenizer import tokenizer_from_gguf  # the gguf package is needed for GGUF only
+
             tok = tokenizer_from_gguf(path)
         else:
             tok = Tokenizer.from_dir(tokenizer or path, loaded.config.eos_token_id)
