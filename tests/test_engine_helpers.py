@@ -17,19 +17,23 @@ from pybitnet.models.presets import preset
 _ROOT = Path(tempfile.mkdtemp(prefix="pybitnet-engine-tests-"))
 atexit.register(shutil.rmtree, _ROOT, True)
 
-# name -> (preset, overrides): the two ternary families; "tiny-bitnet-untied" gives varied greedy text (a tied
-# random model mostly echoes its input token, since its logits are the embeddings dotted with the state).
+# name -> (preset, overrides, seed): the two ternary families and 1bitLLM's latent one; "tiny-bitnet-untied"
+# gives varied greedy text (a tied random model mostly echoes its input token, since its logits are the
+# embeddings dotted with the state); legacy seed 3 is one whose greedy text does not fall into a short loop.
 MODELS = {
-    "tiny-llama": ("tiny-llama", {}),
-    "tiny-bitnet": ("tiny-bitnet", {}),
-    "tiny-bitnet-untied": ("tiny-bitnet", {"tie_word_embeddings": False}),
+    "tiny-llama": ("tiny-llama", {}, 0),
+    "tiny-bitnet": ("tiny-bitnet", {}, 0),
+    "tiny-bitnet-untied": ("tiny-bitnet", {"tie_word_embeddings": False}, 0),
+    "tiny-legacy": ("tiny-legacy", {}, 3),
 }
 
 
 @cache
-def model_dir(name: str = "tiny-llama", seed: int = 0) -> Path:
-    """A dummy checkpoint (fp32, HF packed, with tokenizer and the 2B-4T chat template), created once."""
-    preset_name, overrides = MODELS[name]
+def model_dir(name: str = "tiny-llama", seed: int | None = None) -> Path:
+    """A dummy checkpoint (fp32, HF packed or, for legacy, 1bitLLM's latent weights; with tokenizer and the
+    2B-4T chat template), created once; seed=None takes the seed MODELS gives the name."""
+    preset_name, overrides, default_seed = MODELS[name]
+    seed = default_seed if seed is None else seed
     return create_dummy(
         preset(preset_name, **overrides), _ROOT / f"{name}-{seed}", seed=seed, dtype=torch.float32
     )

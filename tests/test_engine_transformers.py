@@ -8,11 +8,14 @@ test asserts that gap too, so a tie introduced later fails loudly instead of as 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from pybitnet import SamplingParams
 from test_engine_helpers import model_dir, tiny_llm
+from transformers_helpers import legacy_as_transformers
 
 transformers = pytest.importorskip("transformers")
 
@@ -21,12 +24,18 @@ PROMPT = [1, 43, 416, 82, 269, 279, 297]
 MIN_GAP = 1e-4  # top-1 minus top-2 log-probability; float32 noise here is ~1e-6
 
 
-def _transformers_greedy(name: str, prompt: list[int], **kwargs) -> list[int]:
+def _reference_dir(name: str, tmp_path: Path) -> Path:
+    """The checkpoint transformers loads for model_dir(name): it has no class for 1bitLLM's legacy layout, so
+    that one is rewritten for BitNetForCausalLM with online AutoBitLinear quantization."""
+    if name == "tiny-legacy":
+        return legacy_as_transformers(model_dir(name), tmp_path / "hf")
+    return model_dir(name)
+
+
+def _transformers_greedy(path: Path, prompt: list[int], **kwargs) -> list[int]:
     """transformers' greedy continuation; min_new_tokens keeps it from stopping (it masks the EOS ids of
     generation_config.json, as pybitnet's min_tokens masks the tokenizer's stop ids)."""
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        str(model_dir(name)), dtype=torch.float32
-    ).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
     with torch.no_grad():
         out = model.generate(
             torch.tensor([prompt]),
@@ -52,19 +61,21 @@ def _no_torch_compile():
     [
         ("tiny-llama", 1.0),
         ("tiny-bitnet-untied", 1.0),
+        ("tiny-legacy", 1.0),
         (
             "tiny-bitnet",
             5.0,
         ),  # tied: plain greedy repeats one token, so compare with a repetition penalty too
     ],
 )
-def test_greedy_equals_transformers_generate(name, penalty):
+def test_greedy_equals_transformers_generate(name, penalty, tmp_path):
     llm = tiny_llm(name)
     params = SamplingParams(
         max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS, temperature=0, logprobs=2, repetition_penalty=penalty
     )
     out = llm.generate([PROMPT], params)[0]
-    assert out.token_ids == _transformers_greedy(name, PROMPT, repetition_penalty=penalty)
+    ref = _transformers_greedy(_reference_dir(name, tmp_path), PROMPT, repetition_penalty=penalty)
+    assert out.token_ids == ref
     assert len(set(out.token_ids)) > 16  # a varied trajectory, not one repeated token
     if penalty == 1.0:
         gaps = [sorted((e.logprob for e in entry.values()), reverse=True) for entry in out.logprobs]

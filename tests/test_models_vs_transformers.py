@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 import pybitnet
 from conftest import rel_err
 from pybitnet.formats.hf import save_hf_model
+from transformers_helpers import legacy_as_transformers
 
 TOL = 1e-4
 
@@ -59,41 +60,12 @@ def test_logits_equal_transformers(dummy_dir, hf_reference, name, overrides):
     assert rel_err(_ours(path)(ids), _ref_logits(ref, ids)) <= TOL
 
 
-def _legacy_as_transformers(legacy_dir: Path, out: Path) -> Path:
-    """A 1bitLLM checkpoint rewritten for transformers' BitNetForCausalLM: the same latent weights with the
-    sub-norms renamed, SiLU, and AutoBitLinear quantizing online (what 1bitLLM's BitLinear computes)."""
-    out.mkdir()
-    cfg = json.loads((legacy_dir / "config.json").read_text())
-    assert cfg["architectures"] == ["BitnetForCausalLM"]
-    cfg.update(
-        model_type="bitnet",
-        architectures=["BitNetForCausalLM"],
-        quantization_config={
-            "quant_method": "bitnet",
-            "linear_class": "autobitlinear",
-            "quantization_mode": "online",
-        },
-    )
-    (out / "config.json").write_text(json.dumps(cfg))
-    renames = {
-        ".self_attn.inner_attn_ln.": ".self_attn.attn_sub_norm.",
-        ".mlp.ffn_layernorm.": ".mlp.ffn_sub_norm.",
-    }
-    tensors = {}
-    for name, t in load_file(legacy_dir / "model.safetensors").items():
-        for old, new in renames.items():
-            name = name.replace(old, new)
-        tensors[name] = t
-    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
-    return out
-
-
 def test_legacy_latent_logits_equal_transformers(dummy_dir, hf_reference, tmp_path):
     legacy = dummy_dir("tiny-legacy")
     names = load_file(legacy / "model.safetensors").keys()
     assert "model.layers.0.self_attn.inner_attn_ln.weight" in names
     assert "model.layers.0.mlp.ffn_layernorm.weight" in names
-    ref = hf_reference(_legacy_as_transformers(legacy, tmp_path / "hf"))
+    ref = hf_reference(legacy_as_transformers(legacy, tmp_path / "hf"))
     assert type(ref.model.layers[0].mlp.up_proj).__name__ == "AutoBitLinear"
     ids = _ids()
     assert rel_err(_ours(legacy)(ids), _ref_logits(ref, ids)) <= TOL
@@ -127,7 +99,7 @@ def test_pybitnet_loads_transformers_save_pretrained(dummy_dir, hf_reference, tm
 
 def test_pybitnet_loads_transformers_online_latent_save(dummy_dir, hf_reference, tmp_path):
     """A QAT checkpoint from transformers (AutoBitLinear, online): latent float weights, no weight_scale."""
-    ref = hf_reference(_legacy_as_transformers(dummy_dir("tiny-legacy"), tmp_path / "hf"))
+    ref = hf_reference(legacy_as_transformers(dummy_dir("tiny-legacy"), tmp_path / "hf"))
     ref.save_pretrained(tmp_path / "saved")
     ids = _ids(seed=3)
     assert rel_err(_ours(tmp_path / "saved")(ids), _ref_logits(ref, ids)) <= TOL
