@@ -181,3 +181,37 @@ def test_private_reads_equal_mapped_views_but_are_not_mapped(dummy_dir):
     ranges = _mapped_ranges(path / "model.safetensors")
     private = reader.read("model.embed_tokens.weight")
     assert not any(lo <= private.data_ptr() < hi for lo, hi in ranges)
+
+
+def test_row_reads_equal_slices_of_the_mapped_tensor(dummy_dir):
+    from pybitnet.formats.safetensors_io import TensorReader
+
+    reader = TensorReader(dummy_dir("tiny-bitnet", dtype=torch.bfloat16))
+    name = "model.embed_tokens.weight"
+    mapped = reader.get(name)
+    for start, stop in ((0, None), (0, 1), (5, 77), (500, 10_000), (10_000, None)):
+        rows = reader.read_rows(name, start, stop)
+        assert rows.dtype == mapped.dtype and torch.equal(rows, mapped[start:stop]), (start, stop)
+
+
+@pytest.mark.parametrize(
+    ("name", "dtype"), [("tiny-bitnet", torch.bfloat16), ("tiny-bitnet", torch.float32), ("tiny-llama", None)]
+)
+def test_cpu_kernel_load_builds_the_int8_head_from_file_rows(dummy_dir, monkeypatch, name, dtype):
+    """The head made at load (from rows read with file I/O) equals the one made from the loaded weight."""
+    from pybitnet.kernels import cpu
+    from pybitnet.kernels.cpu_head import Int8Head
+    from pybitnet.models.transformer import HEAD_ENV
+
+    if not cpu.native_available():
+        pytest.skip("the C kernels are not built")
+    monkeypatch.delenv(HEAD_ENV, raising=False)
+    path = dummy_dir(name, dtype=torch.bfloat16)
+    model = pybitnet.load_model(path, dtype=dtype or torch.float32, kernel="cpu")
+    assert model.config.tie_word_embeddings == (name == "tiny-bitnet")  # tied and untied heads
+    head = model.lm_head_int8
+    assert head is not None
+    want = Int8Head.from_float(model.lm_head.weight)
+    assert torch.equal(head.q, want.q) and torch.equal(head.scale, want.scale)
+    assert model.int8_head() is head
+    assert pybitnet.load_model(path, kernel="reference").lm_head_int8 is None

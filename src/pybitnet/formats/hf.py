@@ -120,6 +120,18 @@ def _read_float(reader: TensorReader, name: str, shape: tuple[int, ...], dtype: 
 HF_LAYOUTS = ("hf", "hf_inv")
 
 
+class _FileRows:
+    """Row blocks of a float checkpoint tensor read with file I/O (as `dtype`), for building the int8 head:
+    the same values as the mapped tensor, without its pages becoming resident in this process."""
+
+    def __init__(self, reader: TensorReader, name: str, dtype: torch.dtype) -> None:
+        self.reader, self.name, self.dtype = reader, name, dtype
+        self.shape = reader.header(name)[1]
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        return self.reader.read_rows(self.name, rows.start or 0, rows.stop).to(self.dtype)
+
+
 def _malloc_trim():
     if not sys.platform.startswith("linux"):
         return None
@@ -164,10 +176,25 @@ def load_hf_model(model_dir: Path, kernel: Kernel, dtype: torch.dtype = torch.fl
     with torch.device("meta"):
         model = Transformer(config, lambda i, o: nn.Linear(i, o, bias=False))
     in_place = kernel.layout in HF_LAYOUTS  # the kernel runs on the file's packed bits: keep them mapped
+    linears = {name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name != "lm_head"}
+    # float tensors first (views of the mapped file), then the int8 head if the kernel's model uses one, then
+    # the ternary linears: the head's temporaries are gone before the repacked weights accumulate
+    for name, param in list(model.named_parameters()):
+        module_name, _, attr = name.rpartition(".")
+        if module_name in linears or (name == "lm_head.weight" and config.tie_word_embeddings):
+            continue
+        tensor = _read_float(reader, _checkpoint_name(name, config), tuple(param.shape), dtype)
+        setattr(model.get_submodule(module_name), attr, nn.Parameter(tensor, requires_grad=False))
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    if kernel.layout == "cpu_i2":
+        head = "embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
+        model.build_int8_head(_FileRows(reader, _checkpoint_name(head, config), dtype))
+        release_freed_heap()
     for name, module in list(model.named_modules()):
         if not in_place and name.endswith(".mlp"):  # a layer's weights were converted
             release_freed_heap()
-        if isinstance(module, nn.Linear) and name != "lm_head":
+        if name in linears:
             shape = (module.out_features, module.in_features)
             packed = read_ternary(reader, _checkpoint_name(name, config), shape, config, keep_mapped=in_place)
             norm = None
@@ -180,16 +207,6 @@ def load_hf_model(model_dir: Path, kernel: Kernel, dtype: torch.dtype = torch.fl
                     requires_grad=False,
                 )
             model.set_submodule(name, PackedBitLinear.from_packed(packed, kernel, input_norm=norm))
-    for name, param in list(model.named_parameters()):
-        if name == "lm_head.weight" and config.tie_word_embeddings:
-            continue
-        if name.endswith(".weight") and ".input_norm." in name:
-            continue
-        tensor = _read_float(reader, _checkpoint_name(name, config), tuple(param.shape), dtype)
-        module_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(module_name), attr, nn.Parameter(tensor, requires_grad=False))
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
     model.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
     if not in_place:
         release_freed_heap()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import struct
 from pathlib import Path
 from typing import Any
@@ -114,6 +115,11 @@ class TensorReader:
     def read(self, name: str) -> torch.Tensor:
         """A private copy of tensor `name`. Its file pages are never mapped into this process, so converting
         it (repacking, ternarizing, casting) leaves no trace in resident memory once the copy is freed."""
+        return self.read_rows(name, 0, None)
+
+    def read_rows(self, name: str, start: int, stop: int | None) -> torch.Tensor:
+        """A private copy of rows [start, stop) (along the first dimension) of tensor `name`, read like
+        `read`, so a large tensor can be converted a block at a time."""
         dtype, shape = self.header(name)
         path = self.files[name]
         if dtype not in TORCH_DTYPES:
@@ -122,16 +128,21 @@ class TensorReader:
             )
         if path not in self._headers:
             self._headers[path] = _data_offsets(path)
-        start, header = self._headers[path]
+        start_of_data, header = self._headers[path]
         begin, end = header[name]["data_offsets"]
-        out = torch.empty(shape, dtype=TORCH_DTYPES[dtype])
-        buffer = out.view(-1).view(torch.uint8).numpy() if out.numel() else bytearray()
-        if end - begin != len(buffer):
+        row_bytes = math.prod(shape[1:]) * TORCH_DTYPES[dtype].itemsize
+        if end - begin != row_bytes * math.prod(shape[:1]):
             raise WeightsError(
                 f"tensor {name!r} in {path.name}: {end - begin} bytes do not hold {dtype} {shape}"
             )
+        if shape:
+            rows = range(shape[0])[start:stop]
+            start, shape = rows.start, (len(rows), *shape[1:])
+            begin += start * row_bytes
+        out = torch.empty(shape, dtype=TORCH_DTYPES[dtype])
+        buffer = out.view(-1).view(torch.uint8).numpy() if out.numel() else bytearray()
         with path.open("rb") as f:
-            f.seek(start + begin)
+            f.seek(start_of_data + begin)
             if f.readinto(buffer) != len(buffer):
                 raise WeightsError(f"{path} is truncated: tensor {name!r} ends past the end of the file")
         return out

@@ -8,6 +8,8 @@ fused into that quantization.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 from torch import nn
 
@@ -17,7 +19,17 @@ from . import cpu
 CHUNK_ROWS = 8192  # rows quantized at a time, so a bf16 head never has a full float32 copy
 
 
-def quantize_rows_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+class HeadRows(Protocol):
+    """A [V, K] float weight, or anything with its `shape` whose [r0:r1] slices give those rows as a
+    tensor (e.g. blocks read from a checkpoint file)."""
+
+    @property
+    def shape(self) -> tuple[int, ...] | torch.Size: ...
+
+    def __getitem__(self, rows: slice) -> torch.Tensor: ...
+
+
+def quantize_rows_int8(weight: HeadRows) -> tuple[torch.Tensor, torch.Tensor]:
     """[V, K] float -> (int8 tiles [ceil(V/4), Kp/32, 4, 32], float32 scales [V]); w ~= q * scale.
 
     Kp is K rounded up to 128; padding holds zeros. Tiles put 4 rows' 32-value chunks side by side, so the
@@ -57,7 +69,7 @@ class Int8Head(nn.Module):
         self.register_buffer("scale", scale, persistent=False)
 
     @classmethod
-    def from_float(cls, weight: torch.Tensor) -> Int8Head:
+    def from_float(cls, weight: HeadRows) -> Int8Head:
         q, scale = quantize_rows_int8(weight)
         return cls(q, scale, weight.shape[1])
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..kernels import cpu as cpu_kernels
-from ..kernels.cpu_head import Int8Head
+from ..kernels.cpu_head import HeadRows, Int8Head
 from ..nn import PackedBitLinear, RMSNorm
 from ..nn.bitlinear import fused_linears
 from .config import ModelConfig
@@ -254,14 +254,26 @@ class Transformer(nn.Module):
     def int8_head(self) -> Int8Head | None:
         """The int8 per-row copy of the output head, made on first use, when `head_mode` is "int8", or "auto"
         (the default, also set by $PYBITNET_LM_HEAD) on CPU with the C kernels; None means the float head."""
+        return self._int8_head(self.lm_head.weight, native_linears=None)
+
+    def build_int8_head(self, rows: HeadRows) -> None:
+        """Make the int8 head now, for a model whose ternary linears will run on the C kernels, if its mode
+        wants one. `rows` holds the head weight's values ([r0:r1] gives those rows as a float tensor of the
+        model's dtype): loaders pass rows read from the file, so the head's float pages need not become
+        resident, and call this before repacking the linears, so the two copies' temporaries never add up."""
+        self._int8_head(rows, native_linears=True)
+
+    def _int8_head(self, rows: HeadRows, native_linears: bool | None) -> Int8Head | None:
         mode = self.head_mode or os.environ.get(HEAD_ENV, "auto")
         if mode not in ("auto", "int8", "float"):
             raise ConfigError(f"lm_head mode must be auto, int8 or float, got {mode!r}")
         if mode == "float" or self.lm_head.weight.device.type != "cpu" or not cpu_kernels.native_available():
             self.lm_head_int8 = None
             return None
-        if mode == "auto" and not _runs_native_cpu_kernels(self):
+        if native_linears is None:
+            native_linears = _runs_native_cpu_kernels(self)
+        if mode == "auto" and not native_linears:
             return None
         if self.lm_head_int8 is None:
-            self.lm_head_int8 = Int8Head.from_float(self.lm_head.weight)
+            self.lm_head_int8 = Int8Head.from_float(rows)
         return self.lm_head_int8
