@@ -402,6 +402,7 @@ def _decode_rate(eng, prompts, steps: int) -> tuple[float, float]:
 def check_greedy(results: dict) -> None:
     """GPU engine vs CPU reference kernel, greedy, 64 tokens, random small model."""
     from pybitnet.engine.cuda_graph import CudaGraphEngine
+    from pybitnet.models.greedy import greedy_decode
     from pybitnet.models.presets import preset
     from pybitnet.models.random_init import random_model
 
@@ -411,7 +412,7 @@ def check_greedy(results: dict) -> None:
         model = random_model(cfg, seed=3, dtype=dtype, kernel="reference")
         model.head_mode = "float"  # the reference: integer-exact ternary linears, the float output head
         prompt = [1, 17, 33, 250, 9, 77, 401, 5]
-        ref = _reference_greedy(model, prompt, 64)
+        ref = greedy_decode(model, prompt, 64)
         gpu_model = random_model(cfg, seed=3, dtype=dtype, kernel="reference").cuda()
         for head in ("float", "int8"):
             eng = CudaGraphEngine(gpu_model, max_batch_size=2, max_len=128, lm_head=head)
@@ -423,19 +424,6 @@ def check_greedy(results: dict) -> None:
                 "first_difference": first_diff,
                 "batched_equal": both == toks,
             }
-
-
-@torch.inference_mode()
-def _reference_greedy(model, prompt: list[int], n: int) -> list[int]:
-    cache = model.new_cache(1, len(prompt) + n)
-    logits = model(torch.tensor([prompt]), torch.arange(len(prompt))[None], cache, last_only=True)[:, -1]
-    out = []
-    for i in range(n):
-        tok = int(logits.argmax(-1))
-        out.append(tok)
-        pos = torch.tensor([[len(prompt) + i]])
-        logits = model(torch.tensor([[tok]]), pos, cache)[:, -1]
-    return out
 
 
 def print_table(results: dict) -> None:

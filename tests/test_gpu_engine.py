@@ -18,6 +18,7 @@ from pybitnet.engine.cuda_graph import CudaGraphEngine, CudaGraphRunner
 from pybitnet.engine.cuda_graph_runner import make_runner
 from pybitnet.engine.runner import ModelRunner
 from pybitnet.errors import ContextLengthError, InvalidRequestError
+from pybitnet.models.greedy import greedy_decode
 from pybitnet.models.presets import preset
 from pybitnet.models.random_init import random_model
 
@@ -36,20 +37,9 @@ def _model(dtype=torch.float32):
     return model
 
 
-@torch.inference_mode()
-def _reference_greedy(model, prompt: list[int], n: int) -> list[int]:
-    cache = model.new_cache(1, len(prompt) + n)
-    logits = model(torch.tensor([prompt]), torch.arange(len(prompt))[None], cache, last_only=True)[:, -1]
-    out = []
-    for i in range(n):
-        out.append(int(logits.argmax(-1)))
-        logits = model(torch.tensor([[out[-1]]]), torch.tensor([[len(prompt) + i]]), cache)[:, -1]
-    return out
-
-
 def test_greedy_tokens_equal_the_reference_kernel_on_cpu():
     model = _model()
-    ref = _reference_greedy(model, PROMPT, NEW_TOKENS)
+    ref = greedy_decode(model, PROMPT, NEW_TOKENS)
     engine = CudaGraphEngine(model.to(DEV), max_batch_size=2, max_len=96, lm_head="float")
     assert engine.generate([PROMPT], NEW_TOKENS) == [ref]
     # a second, shorter prompt in the same batch changes nothing for the first (rows are independent)

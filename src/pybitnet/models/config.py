@@ -174,21 +174,15 @@ class ModelConfig:
         except (TypeError, ValueError) as e:
             raise ConfigError(f"config.json has a value of the wrong type: {e}") from None
 
-    def to_hf(self, latent: bool = False) -> dict[str, Any]:
-        """A config.json dict that transformers (4.x and 5.x) and pybitnet both load.
-
-        `latent` describes a checkpoint of float master weights: transformers then quantizes online
-        (autobitlinear, "online"), and the legacy family gets 1bitLLM's own config form."""
-        if latent and self.family == "legacy":
-            return self._to_hf_legacy()
-        cfg: dict[str, Any] = {
+    def _hf_architecture(self) -> dict[str, Any]:
+        """The config.json keys every saved form shares: shapes, norms, RoPE, activation, special ids."""
+        return {
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
             "num_hidden_layers": self.num_hidden_layers,
             "num_attention_heads": self.num_attention_heads,
             "num_key_value_heads": self.num_key_value_heads,
-            "head_dim": self.head_dim,
             "max_position_embeddings": self.max_position_embeddings,
             "rms_norm_eps": self.rms_norm_eps,
             "rope_theta": self.rope_theta,
@@ -198,17 +192,27 @@ class ModelConfig:
             "eos_token_id": self.eos_token_id,
             "pad_token_id": self.pad_token_id,
             "attention_bias": False,
+        }
+
+    def to_hf(self, latent: bool = False) -> dict[str, Any]:
+        """A config.json dict that transformers (4.x and 5.x) and pybitnet both load.
+
+        `latent` describes a checkpoint of float master weights: transformers then quantizes online
+        (autobitlinear, "online"), and the legacy family gets 1bitLLM's own config form."""
+        if latent and self.family == "legacy":
+            return self._to_hf_legacy()
+        cfg: dict[str, Any] = {
+            **self._hf_architecture(),
+            "head_dim": self.head_dim,
             "torch_dtype": "bfloat16",
             "quantization_config": {
                 "quant_method": "bitnet",
-                "linear_class": self.linear_class,
-                "quantization_mode": "offline",
+                "linear_class": "autobitlinear" if latent else self.linear_class,
+                "quantization_mode": "online" if latent else "offline",
                 "use_rms_norm": self.use_rms_norm,
                 "rms_norm_eps": self.linear_norm_eps,
             },
         }
-        if latent:
-            cfg["quantization_config"].update(linear_class="autobitlinear", quantization_mode="online")
         if self.rope_scaling:
             cfg["rope_scaling"] = self.rope_scaling
         if self.family == "llama":
@@ -223,22 +227,8 @@ class ModelConfig:
         cfg = {
             "architectures": ["BitnetForCausalLM"],
             "model_type": "llama",
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size,
-            "num_hidden_layers": self.num_hidden_layers,
-            "num_attention_heads": self.num_attention_heads,
-            "num_key_value_heads": self.num_key_value_heads,
-            "max_position_embeddings": self.max_position_embeddings,
-            "rms_norm_eps": self.rms_norm_eps,
-            "rope_theta": self.rope_theta,
+            **self._hf_architecture(),
             "rope_scaling": self.rope_scaling,
-            "hidden_act": self.hidden_act,
-            "tie_word_embeddings": self.tie_word_embeddings,
-            "attention_bias": False,
-            "bos_token_id": self.bos_token_id,
-            "eos_token_id": self.eos_token_id,
-            "pad_token_id": self.pad_token_id,
             "input_bits": 8,
             "weight_bits": 1,
             "torch_dtype": "float16",
