@@ -1,8 +1,16 @@
 """Training step time and peak memory of a 4-layer 2B-4T-shaped block stack on one GPU: nn.Linear (bf16
-autocast) against BitLinear's torch straight-through path and the fused Triton kernels, eager and compiled;
-then the loss curves of the reference and fused BitLinear on the same synthetic task.
+autocast) against BitLinear's torch straight-through path and its int8 variants, eager and compiled; then the
+loss curves of the reference and each int8 variant on the same synthetic task.
 
-    python benchmarks/train_bitlinear_speed.py [--batch 4] [--seq 2048] [--layers 4] [--steps 20]
+    python benchmarks/train_bitlinear_speed.py [--kinds linear,reference,int8,int8-gx8]
+        [--modes eager,compiled] [--batch 4] [--seq 2048] [--layers 4] [--steps 20] [--curve-steps 200]
+        [--out results.json]
+
+Kinds (the linear layers of every block):
+- linear: nn.Linear, bf16 autocast (the peer every ratio is against, compiled).
+- reference: BitLinear, fake quantization with straight-through estimators in torch.
+- int8 (alias fused): `pybitnet.train.fused`, int8 GEMM forward, float backward (grad_x_mode "bf16").
+- int8-gx8: the same with grad_x on the int8 GEMM too (grad_x_mode "int8": output gradient rounded to int8).
 
 Step = forward + backward + fused AdamW step, bf16 autocast over float32 master weights.
 """
@@ -40,14 +48,20 @@ class Stack(nn.Module):
         return x
 
 
+# kind -> grad_x_mode of the int8 path (None: not the int8 path)
+INT8_KINDS = {"int8": "bf16", "fused": "bf16", "int8-gx8": "int8"}
+KINDS = ("linear", "reference", *INT8_KINDS)
+
+
 def build(kind: str, layers: int, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     if kind == "linear":
         model = Stack(layers, lambda i, o: nn.Linear(i, o, bias=False))
     else:
         model = Stack(layers, lambda i, o: BitLinear(i, o))
-        if kind == "fused":
-            use_fused_kernels(model)
+        if kind in INT8_KINDS:
+            if use_fused_kernels(model, INT8_KINDS[kind]) == 0:
+                raise SystemExit("the int8 kinds need Triton")
             set_fused(model, True)
     with torch.no_grad():
         for p in model.parameters():
@@ -56,8 +70,9 @@ def build(kind: str, layers: int, seed: int = 0) -> nn.Module:
     return model.cuda()
 
 
-def time_steps(model: nn.Module, x: torch.Tensor, target: torch.Tensor, steps: int, compiled: bool):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+def make_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor, compiled: bool, lr: float = 1e-4):
+    """One training step (forward, backward, fused AdamW), returning the loss on the device (no sync)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, fused=True)
     fwd = torch.compile(model) if compiled else model
 
     def step() -> torch.Tensor:
@@ -66,8 +81,13 @@ def time_steps(model: nn.Module, x: torch.Tensor, target: torch.Tensor, steps: i
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return loss
+        return loss.detach()
 
+    return step
+
+
+def time_steps(model: nn.Module, x: torch.Tensor, target: torch.Tensor, steps: int, compiled: bool):
+    step = make_step(model, x, target, compiled)
     for _ in range(3):
         step()
     torch.cuda.synchronize()
@@ -84,16 +104,7 @@ def profile_step(model: nn.Module, x, target) -> str:
     """The top CUDA kernels of one compiled training step."""
     from torch.profiler import ProfilerActivity, profile
 
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    fwd = torch.compile(model)
-
-    def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = (fwd(x).float() - target).square().mean()
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
+    step = make_step(model, x, target, compiled=True)
     for _ in range(3):
         step()
     torch.cuda.synchronize()
@@ -104,22 +115,17 @@ def profile_step(model: nn.Module, x, target) -> str:
 
 
 def loss_curve(kind: str, layers: int, x, target, steps: int) -> list[float]:
-    model = build(kind, layers, seed=1)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
-    fwd = torch.compile(model)
-    out = []
-    for _ in range(steps):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = (fwd(x).float() - target).square().mean()
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        out.append(loss.detach())
-    return [v.item() for v in out]
+    step = make_step(build(kind, layers, seed=1), x, target, compiled=True, lr=1e-3)
+    return [v.item() for v in [step() for _ in range(steps)]]  # one sync, at the end
 
 
-def check_fused_on_gpu() -> dict:
-    """The int8 GEMM and the fused layer against the torch path on this GPU."""
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def check_fused_on_gpu(int8_kinds: list[str]) -> dict:
+    """The int8 GEMM (integer-exact against the reference kernel) and each int8 layer against the torch path
+    on this GPU, in float32 (relative errors of the output and both gradients)."""
     from pybitnet.kernels.reference import ternary_matmul_int
     from pybitnet.train.fused import fused_bitlinear, int8_matmul
 
@@ -127,26 +133,41 @@ def check_fused_on_gpu() -> dict:
     xq = torch.randint(-128, 128, (509, 2560), dtype=torch.int8, device="cuda")
     codes = torch.randint(-1, 2, (6912, 2560), dtype=torch.int8, device="cuda")
     torch.backends.cuda.matmul.allow_tf32 = False
-    exact = torch.equal(int8_matmul(xq, codes, torch.ones(509, device="cuda"), torch.float32),
-                        ternary_matmul_int(xq, codes).float())  # fmt: skip
+    out = {"gemm_exact": torch.equal(int8_matmul(xq, codes, torch.ones(509, device="cuda"), torch.float32),
+                                     ternary_matmul_int(xq, codes).float())}  # fmt: skip
     layer = BitLinear(2560, 6912).cuda()
     x = torch.randn(4, 509, 2560, device="cuda", requires_grad=True)
     y_ref = layer(x)
     y_ref.square().sum().backward()
     gx, gw = x.grad.clone(), layer.weight.grad.clone()
-    x.grad = layer.weight.grad = None
-    y = fused_bitlinear(x, layer.weight)
-    y.square().sum().backward()
+    for kind in int8_kinds:
+        x.grad = layer.weight.grad = None
+        y = fused_bitlinear(x, layer.weight, grad_x_mode=INT8_KINDS[kind])
+        y.square().sum().backward()
+        out[kind] = {"y_rel": rel(y, y_ref), "gx_rel": rel(x.grad, gx), "gw_rel": rel(layer.weight.grad, gw)}
     torch.backends.cuda.matmul.allow_tf32 = True
+    return out
 
-    def rel(a, b):
-        return ((a - b).norm() / b.norm()).item()
 
+def curve_summary(curves: dict[str, list[float]]) -> dict:
+    """First/last loss of each curve, and each curve's largest per-step relative gap to the reference; the
+    reference run on a 0.1 % perturbed input is the noise floor to compare those gaps with."""
+
+    def max_rel(a, b):
+        return round(max(abs(u - v) / abs(u) for u, v in zip(a, b, strict=True)), 5)
+
+    def mean_last(c, n=20):
+        return round(sum(c[-n:]) / len(c[-n:]), 5)
+
+    ref = curves["reference"]
     return {
-        "gemm_exact": exact,
-        "y_rel": rel(y, y_ref),
-        "gx_rel": rel(x.grad, gx),
-        "gw_rel": rel(layer.weight.grad, gw),
+        name: {
+            "first": round(c[0], 5),
+            "last": round(c[-1], 5),
+            "mean_last_20": mean_last(c),
+            "max_rel_gap_to_reference": max_rel(ref, c),
+        }
+        for name, c in curves.items()
     }
 
 
@@ -157,53 +178,67 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--curve-steps", type=int, default=200)
-    ap.add_argument("--kinds", default="linear,reference,fused")
-    ap.add_argument("--modes", default="eager,compiled")
-    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--kinds", default="linear,reference,int8,int8-gx8")
+    ap.add_argument("--modes", default="compiled", help="eager, compiled or both (comma-separated)")
+    ap.add_argument("--profile", action="store_true", help="print the top kernels of each kind's step")
+    ap.add_argument("--out", help="also write the results as JSON to this path")
     args = ap.parse_args()
-    print(json.dumps({"fused_check": check_fused_on_gpu()}), flush=True)
+    kinds = args.kinds.split(",")
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown:
+        raise SystemExit(f"--kinds: unknown {unknown}; known: {', '.join(KINDS)}")
+    int8_kinds = [k for k in kinds if k in INT8_KINDS]
+    results: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "args": vars(args)}
+    if int8_kinds:
+        results["fused_check"] = check_fused_on_gpu(int8_kinds)
+        print(json.dumps({"fused_check": results["fused_check"]}), flush=True)
     torch.backends.cuda.matmul.allow_tf32 = True
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(args.batch, args.seq, 2560, device="cuda", generator=g)
     target = torch.randn(args.batch, args.seq, 2560, device="cuda", generator=g) * 0.5
-    results = {}
-    for kind in args.kinds.split(","):
+    steps = {}
+    for kind in kinds:
         for mode in args.modes.split(","):
+            t0 = time.perf_counter()
             model = build(kind, args.layers)
             ms, gib = time_steps(model, x, target, args.steps, mode == "compiled")
-            results[f"{kind}/{mode}"] = {"ms": round(ms, 2), "peak_gib": round(gib, 2)}
-            print(json.dumps({f"{kind}/{mode}": results[f"{kind}/{mode}"]}), flush=True)
+            steps[f"{kind}/{mode}"] = {"ms": round(ms, 2), "peak_gib": round(gib, 3)}
+            print(json.dumps({f"{kind}/{mode}": steps[f"{kind}/{mode}"],
+                              "wall_s": round(time.perf_counter() - t0, 1)}), flush=True)  # fmt: skip
             del model
             torch.cuda.empty_cache()
-    base = results.get("linear/compiled")
-    if base:
-        for r in results.values():
-            r["vs_linear_compiled"] = round(r["ms"] / base["ms"], 3)
-            r["mem_vs_linear_compiled"] = round(r["peak_gib"] / base["peak_gib"], 3)
+    for peer in ("linear/compiled", "reference/compiled"):
+        if peer in steps:
+            for r in steps.values():
+                r[f"time_vs_{peer}"] = round(r["ms"] / steps[peer]["ms"], 3)
+                r[f"mem_vs_{peer}"] = round(r["peak_gib"] / steps[peer]["peak_gib"], 3)
+    results["steps"] = steps
     if args.curve_steps:
         small_x, small_t = x[:1, :512], target[:1, :512]
-        ref = loss_curve("reference", args.layers, small_x, small_t, args.curve_steps)
-        fus = loss_curve("fused", args.layers, small_x, small_t, args.curve_steps)
-        # noise floor: the reference path again on a 1e-3 perturbation of the input
-        noisy = loss_curve("reference", args.layers, small_x * 1.001, small_t, args.curve_steps)
-
-        def max_rel(a, b):
-            return round(max(abs(u - v) / abs(u) for u, v in zip(a, b, strict=True)), 5)
-
-        results["curve"] = {
-            "reference_first_last": [round(ref[0], 5), round(ref[-1], 5)],
-            "fused_first_last": [round(fus[0], 5), round(fus[-1], 5)],
-            "perturbed_reference_first_last": [round(noisy[0], 5), round(noisy[-1], 5)],
-            "fused_vs_reference_max_rel": max_rel(ref, fus),
-            "perturbed_vs_reference_max_rel": max_rel(ref, noisy),
-        }
+        curves = {k: loss_curve(k, args.layers, small_x, small_t, args.curve_steps)
+                  for k in ("reference", *int8_kinds)}  # fmt: skip
+        curves["reference, input * 1.001"] = loss_curve(
+            "reference", args.layers, small_x * 1.001, small_t, args.curve_steps
+        )
+        results["curve"] = curve_summary(curves)
     if args.profile:
-        for kind in ("reference", "fused"):
+        for kind in kinds:
             model = build(kind, args.layers)
             print(kind, profile_step(model, x, target), flush=True)
             del model
-    print(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__, **vars(args)}))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
     print(json.dumps(results, indent=1))
+    print_table(steps)
+
+
+def print_table(steps: dict) -> None:
+    peer = "linear/compiled"
+    print(f"{'kind/mode':<24}{'ms':>9}{'GiB':>8}{'time/' + peer:>24}{'mem/' + peer:>23}")
+    for name, r in steps.items():
+        t, m = r.get("time_vs_" + peer, float("nan")), r.get("mem_vs_" + peer, float("nan"))
+        print(f"{name:<24}{r['ms']:>9.2f}{r['peak_gib']:>8.3f}{t:>24.3f}{m:>23.3f}")
 
 
 if __name__ == "__main__":

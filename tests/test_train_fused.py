@@ -1,50 +1,96 @@
-"""The fused Triton BitLinear training kernels against the torch straight-through path, run by Triton's
-interpreter on CPU (TRITON_INTERPRET=1): the int8 GEMM integer-exact, outputs and gradients equal to the
-straight-through path up to float rounding."""
+"""The int8 BitLinear training path against the torch straight-through (fake-quant) path: the int8 GEMM
+integer-exact, the forward equal to the integer reference product, gradients equal to the straight-through
+path up to float rounding ("bf16" grad_x) or to the rounding of the output gradient to int8 ("int8" grad_x,
+itself integer-exact). On the GPU when there is one, else in Triton's CPU interpreter (TRITON_INTERPRET=1)."""
 
 from __future__ import annotations
 
-import importlib
 import os
 
 import pytest
 import torch
 
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (as tests/conftest.py)
 pytest.importorskip("triton")
-os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are defined: set before importing them
 
+from pybitnet.errors import ConfigError
 from pybitnet.kernels.reference import ternary_matmul_int
 from pybitnet.nn import BitLinear
+from pybitnet.quant import quantize_activations, quantize_weight
 from pybitnet.train import fused
 
-fused = importlib.reload(fused)  # in case another test imported it without the interpreter
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
 
 
 @pytest.mark.parametrize(("m", "k", "n"), [(37, 96, 50), (5, 200, 33), (64, 64, 64)])
 def test_int8_gemm_is_integer_exact(m, k, n):
     torch.manual_seed(m)
-    xq = torch.randint(-128, 128, (m, k), dtype=torch.int8)
-    codes = torch.randint(-1, 2, (n, k), dtype=torch.int8)
-    got = fused.int8_matmul(xq, codes, torch.ones(m), torch.float32)
+    xq = torch.randint(-128, 128, (m, k), dtype=torch.int8, device=DEVICE)
+    codes = torch.randint(-1, 2, (n, k), dtype=torch.int8, device=DEVICE)
+    got = fused.int8_matmul(xq, codes, torch.ones(m, device=DEVICE), torch.float32)
     assert torch.equal(got, ternary_matmul_int(xq, codes).float())  # |acc| < 2**24: exact in float32
-    scale = torch.rand(m) + 0.5
+    scale = torch.rand(m, device=DEVICE) + 0.5
     torch.testing.assert_close(fused.int8_matmul(xq, codes, scale, torch.float32), got * scale[:, None])
 
 
-@pytest.mark.parametrize(("m", "k", "n"), [(37, 96, 50), (64, 64, 64)])
-def test_fused_forward_and_backward_match_the_torch_path(m, k, n):
-    torch.manual_seed(k)
-    layer = BitLinear(k, n)
-    x = torch.randn(2, m, k, requires_grad=True)
-    y_ref = layer(x)
-    y_ref.square().sum().backward()
-    ref_grads = (x.grad.clone(), layer.weight.grad.clone())
-    x.grad = layer.weight.grad = None
-    y = fused.fused_bitlinear(x, layer.weight)
-    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+def test_int8_gemm_falls_back_to_torch_int_mm_on_cpu_without_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    torch.manual_seed(1)
+    xq = torch.randint(-128, 128, (19, 40), dtype=torch.int8)
+    codes = torch.randint(-1, 2, (24, 40), dtype=torch.int8)
+    got = fused.int8_matmul(xq, codes, torch.ones(19), torch.float32)
+    assert torch.equal(got, ternary_matmul_int(xq, codes).float())
+
+
+def reference_step(layer: BitLinear, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    x = x.detach().requires_grad_()
+    layer.weight.grad = None
+    y = layer(x)
     y.square().sum().backward()
-    torch.testing.assert_close(x.grad, ref_grads[0], rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(layer.weight.grad, ref_grads[1], rtol=1e-4, atol=1e-4)
+    return y.detach(), x.grad, layer.weight.grad
+
+
+def fused_step(layer: BitLinear, x: torch.Tensor, mode: str, forward=None):
+    x = x.detach().requires_grad_()
+    layer.weight.grad = None
+    y = fused.fused_bitlinear(x, layer.weight, grad_x_mode=mode) if forward is None else forward(x)
+    y.square().sum().backward()
+    return y.detach(), x.grad, layer.weight.grad
+
+
+@pytest.mark.parametrize(("m", "k", "n"), [(37, 96, 50), (64, 64, 64)])
+def test_forward_is_the_integer_product_and_bf16_mode_gradients_match_the_torch_path(m, k, n):
+    torch.manual_seed(k)
+    layer = BitLinear(k, n).to(DEVICE)
+    x = torch.randn(2, m, k, device=DEVICE)
+    y_ref, gx_ref, gw_ref = reference_step(layer, x)
+    y, gx, gw = fused_step(layer, x, "bf16")
+    xq, a = quantize_activations(x.reshape(-1, k))
+    tw = quantize_weight(layer.weight.detach())
+    exact = ternary_matmul_int(xq, tw.codes).float() * (tw.scale / a)
+    assert torch.equal(y.reshape(-1, n), exact)  # the epilogue is the one float multiply after int32 sums
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gw, gw_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_int8_grad_x_mode_rounds_only_the_output_gradient():
+    torch.manual_seed(3)
+    layer = BitLinear(96, 72).to(DEVICE)
+    x = torch.randn(3, 41, 96, device=DEVICE)
+    _, gx_ref, gw_ref = reference_step(layer, x)
+    y, gx, gw = fused_step(layer, x, "int8")
+    torch.testing.assert_close(gw, gw_ref, rtol=1e-4, atol=1e-4)  # weight gradients keep float g
+    gq, ag = quantize_activations(2 * y.reshape(-1, 72))  # g = d(sum y^2)/dy, as the backward quantizes it
+    tw = quantize_weight(layer.weight.detach())
+    exact = ternary_matmul_int(gq, tw.codes.t().contiguous()).float() * (tw.scale / ag)
+    torch.testing.assert_close(gx.reshape(-1, 96), exact, rtol=1e-6, atol=1e-6)
+    assert 1e-5 < rel(gx, gx_ref) < 2e-2  # 8-bit rounding of g: small, but not nothing
 
 
 def test_fused_layer_swaps_in_place_and_falls_back_during_warmup():
@@ -52,24 +98,52 @@ def test_fused_layer_swaps_in_place_and_falls_back_during_warmup():
     model = torch.nn.Sequential(BitLinear(32, 16), BitLinear(16, 8))
     x = torch.randn(4, 32)
     expected = model(x)
-    assert fused.use_fused_kernels(model) == 2
-    assert isinstance(model[0], fused.FusedBitLinear)
+    assert fused.use_fused_kernels(model, grad_x_mode="int8") == 2
+    assert isinstance(model[0], fused.FusedBitLinear) and model[1].grad_x_mode == "int8"
     torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
     model[0].quant_strength.fill_(0.5)
     fused.set_fused(model, False)  # λ < 1: the straight-through path blends
     torch.testing.assert_close(model[0](x), BitLinear.forward(model[0], x))
-    assert not torch.allclose(model[0](x), expected_first := fused.fused_bitlinear(x, model[0].weight))
-    assert expected_first.shape == (4, 16)
+    assert not torch.allclose(model[0](x), fused.fused_bitlinear(x, model[0].weight))
 
 
-def test_fused_layer_compiles_to_one_graph():
+def test_unknown_grad_x_mode_is_a_config_error():
+    with pytest.raises(ConfigError, match="grad_x_mode"):
+        fused.use_fused_kernels(BitLinear(8, 8), grad_x_mode="fp4")
+    with pytest.raises(ConfigError, match="grad_x_mode"):
+        fused.fused_bitlinear(torch.randn(2, 8), torch.randn(8, 8), grad_x_mode="fp4")
+
+
+@pytest.mark.parametrize("mode", ["bf16", "int8"])
+def test_fused_layer_compiles_to_one_graph_with_its_backward(mode):
     torch._dynamo.reset()
     torch.manual_seed(0)
-    layer = BitLinear(64, 32)
-    fused.use_fused_kernels(layer)
-    x = torch.randn(3, 64, requires_grad=True)
-    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
-    y = compiled(x)
-    y.sum().backward()
-    torch.testing.assert_close(y, BitLinear.forward(layer, x.detach()), rtol=1e-5, atol=1e-5)
-    assert layer.weight.grad is not None and x.grad is not None
+    layer = BitLinear(64, 32).to(DEVICE)
+    fused.use_fused_kernels(layer, grad_x_mode=mode)
+    x = torch.randn(3, 64, device=DEVICE)
+    eager = fused_step(layer, x, mode, layer)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)  # a graph break would raise
+    got = fused_step(layer, x, mode, compiled)
+    for e, c in zip(eager, got, strict=True):
+        torch.testing.assert_close(c, e, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mode", ["bf16", "int8"])
+def test_cuda_inductor_bf16_autocast_matches_the_torch_path(mode):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = BitLinear(512, 384).cuda()
+    x = torch.randn(4, 100, 512, device="cuda")
+
+    def run(forward):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return fused_step(layer, x, mode, forward)
+
+    ref = run(layer)
+    fused.use_fused_kernels(layer, grad_x_mode=mode)
+    got = run(torch.compile(layer, fullgraph=True))
+    assert got[0].dtype == torch.bfloat16
+    tolerance = {"bf16": 1e-2, "int8": 3e-2}[mode]  # bf16 outputs and GEMMs; int8: g rounded too
+    for g, r, tol in zip(got, ref, (1e-2, tolerance, 1e-2), strict=True):
+        assert rel(g.float(), r.float()) < tol

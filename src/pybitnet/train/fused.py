@@ -1,114 +1,39 @@
-"""BitLinear training on int8 tensor cores (Triton): the forward product runs as int8 x int8 -> int32, and the
-backward reads int8 activations saved instead of float ones.
+"""BitLinear training on int8 tensor cores: the forward product runs as int8 x int8 -> int32 (exact), and the
+backward reads the int8 activations saved instead of float ones.
 
 Forward: per-token absmax int8 activations and absmean ternary codes come from the same torch functions as the
 reference path (so the codes are bit-identical, and torch.compile fuses them into the neighbouring norm and
-cast kernels); one Triton int8 GEMM then accumulates exactly in int32 and applies s / a per row in its
-epilogue, like the integer reference kernel. Backward (straight-through): grad_x = g @ (codes * s) and
-grad_w = g^T @ (xq / a), from the saved int8 tensors.
+cast kernels); the Triton int8 GEMM (`int8_gemm`) accumulates exactly in int32 and applies s / a per row in
+its epilogue, like the integer reference kernel.
 
-The GEMM is a torch.library custom op with a fake implementation and an autograd formula, so torch.compile
-captures it without graph breaks. It applies at full quantization only (λ = 1 for weights and activations);
-the trainer switches layers to it when λ reaches 1, from Python floats (no host sync). With TRITON_INTERPRET=1
-the kernel runs on CPU tensors, which is how CI tests it.
+Backward (straight-through), from the saved int8 activations, their scales and the latent weight (a parameter,
+alive anyway, so the ternary codes are recomputed rather than kept: a quarter of the weights' size less memory
+between forward and backward):
+- grad_w = g^T @ bf16(xq / a): the reference's fake-quantized input, bit for bit.
+- grad_x, by `grad_x_mode`:
+  - "bf16": g @ bf16(codes * s), the reference's fake-quantized weight, bit for bit (a float GEMM);
+  - "int8": g quantized per row to int8 (absmax, like activations), then the int8 GEMM with the ternary codes
+    (exact) and s / a_g in the epilogue: about twice the tensor-core rate, at the price of rounding g to
+    8 bits per row (relative error ~1e-2 on grad_x; the weight gradients keep float g).
+
+The layer is a torch.library custom op with a fake implementation and an autograd formula, so torch.compile
+captures it, forward and backward, without graph breaks. It applies at full quantization only (λ = 1 for
+weights and activations); the trainer switches layers to it when λ reaches 1, from Python floats (no host
+sync).
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import nn
 
+from ..errors import ConfigError
 from ..nn import BitLinear
 from ..quant.activations import quantize_activations
 from ..quant.ternary import absmean_scale, ternarize
+from .int8_gemm import int8_matmul, triton_available
 
-
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-if triton_available():
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def _int8_matmul_kernel(
-        a_ptr, b_ptr, c_ptr, f_ptr, M, N, K,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    ):  # fmt: skip
-        """C[M, N] = (A[M, K] int8 @ B[N, K]^T int8, accumulated in int32) * f[m], stored in C's dtype."""
-        pid = tl.program_id(0)
-        num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-        group = pid // (GROUP_M * num_n)  # grouped ordering keeps a band of A in L2
-        first_m = group * GROUP_M
-        size_m = tl.minimum(num_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % (GROUP_M * num_n)) % size_m
-        pid_n = (pid % (GROUP_M * num_n)) // size_m
-        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        rk = tl.arange(0, BLOCK_K)
-        a_rows = a_ptr + rm.to(tl.int64)[:, None] * K
-        b_rows = b_ptr + rn.to(tl.int64)[None, :] * K
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-        for k in range(0, K, BLOCK_K):
-            kk = k + rk
-            a = tl.load(a_rows + kk[None, :], mask=(rm[:, None] < M) & (kk[None, :] < K), other=0)
-            b = tl.load(b_rows + kk[:, None], mask=(rn[None, :] < N) & (kk[:, None] < K), other=0)
-            acc = tl.dot(a, b, acc, out_dtype=tl.int32)
-        f = tl.load(f_ptr + rm, mask=rm < M, other=0.0)
-        c = acc.to(tl.float32) * f[:, None]
-        mask = (rm[:, None] < M) & (rn[None, :] < N)
-        tl.store(c_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :], c.to(c_ptr.dtype.element_ty), mask=mask)
-
-    _GPU_CONFIGS = [
-        triton.Config(
-            {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}, num_stages=4, num_warps=8
-        ),
-        triton.Config(
-            {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 128, "GROUP_M": 8}, num_stages=3, num_warps=8
-        ),
-        triton.Config(
-            {"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}, num_stages=3, num_warps=8
-        ),
-        triton.Config(
-            {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 8}, num_stages=4, num_warps=4
-        ),
-        triton.Config(
-            {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 256, "GROUP_M": 8}, num_stages=3, num_warps=4
-        ),
-    ]
-    _int8_matmul_tuned = triton.autotune(_GPU_CONFIGS, key=["M", "N", "K"])(_int8_matmul_kernel)
-
-
-def int8_matmul(
-    xq: torch.Tensor, wq: torch.Tensor, row_scale: torch.Tensor, dtype: torch.dtype
-) -> torch.Tensor:
-    """(xq [M, K] int8 @ wq [N, K]^T int8, exact in int32) * row_scale [M] (float32), as `dtype`."""
-    m, k = xq.shape
-    n = wq.shape[0]
-    out = torch.empty((m, n), dtype=dtype, device=xq.device)
-    if m == 0:
-        return out
-    if xq.is_cuda and not _interpret():
-        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-        _int8_matmul_tuned[grid](xq, wq, out, row_scale, m, n, k)
-    else:
-        bm = bn = bk = 32
-        grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
-        _int8_matmul_kernel[grid](
-            xq, wq, out, row_scale, m, n, k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=4
-        )
-    return out
+GRAD_X_MODES = ("bf16", "int8")
 
 
 @torch.library.custom_op("pybitnet::bitlinear_int8", mutates_args=())
@@ -120,43 +45,57 @@ def _bitlinear_int8(
     wq: torch.Tensor,
     s: torch.Tensor,
     out_dtype: torch.dtype,
+    grad_x_mode: str,
 ) -> torch.Tensor:
     """y [M, N] = (xq @ wq^T) * s / a. `x` and `w` (the latent inputs) only route the straight-through
     gradients; the forward reads the int8 tensors and their scales (a [M], s [1], float32)."""
-    return int8_matmul(xq.contiguous(), wq.contiguous(), (s / a).contiguous(), out_dtype)
+    return int8_matmul(xq, wq, s / a, out_dtype)
 
 
 @_bitlinear_int8.register_fake
-def _(x, w, xq, a, wq, s, out_dtype):
+def _(x, w, xq, a, wq, s, out_dtype, grad_x_mode):
     return x.new_empty((x.shape[0], w.shape[0]), dtype=out_dtype)
 
 
 def _setup_context(ctx, inputs, output):
-    x, w, xq, a, wq, s, _ = inputs
-    ctx.save_for_backward(xq, a, wq, s)  # int8 activations, not float ones
-    ctx.x_dtype, ctx.w_dtype = x.dtype, w.dtype
+    x, w, xq, a, _, s, _, grad_x_mode = inputs
+    ctx.save_for_backward(xq, a, w, s)  # int8 activations, not float ones; w is the parameter itself
+    ctx.x_dtype, ctx.grad_x_mode = x.dtype, grad_x_mode
+
+
+def _grad_input(g: torch.Tensor, w: torch.Tensor, s: torch.Tensor, mode: str) -> torch.Tensor:
+    """g @ (codes * s) for the codes the forward used (same w, same s, so the same rounding)."""
+    if mode == "int8":
+        gq, ag = quantize_activations(g)
+        codes_t = ternarize(w.t(), s).to(torch.int8).contiguous()  # [K, N]: the GEMM's row-major B^T
+        return int8_matmul(gq, codes_t, s / ag.reshape(-1), g.dtype)
+    return g @ (ternarize(w, s) * s).to(g.dtype)
 
 
 def _backward(ctx, g):
-    xq, a, wq, s = ctx.saved_tensors
-    grad_x = (g @ wq.to(g.dtype)) * s.to(g.dtype)
+    xq, a, w, s = ctx.saved_tensors
+    grad_x = _grad_input(g, w, s, ctx.grad_x_mode)
     x_deq = (xq.float() / a[:, None]).to(g.dtype)  # the fake-quantized input, as the reference path has it
     grad_w = g.t() @ x_deq
-    return grad_x.to(ctx.x_dtype), grad_w.to(ctx.w_dtype), None, None, None, None, None
+    return grad_x.to(ctx.x_dtype), grad_w.to(w.dtype), None, None, None, None, None, None
 
 
 _bitlinear_int8.register_autograd(_backward, setup_context=_setup_context)
 
 
-def fused_bitlinear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def fused_bitlinear(
+    x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, grad_x_mode: str = "bf16"
+) -> torch.Tensor:
     """y = BitLinear(x) at λ = 1 with the int8 GEMM. x [..., K], w [N, K] (latent float weights)."""
+    if grad_x_mode not in GRAD_X_MODES:
+        raise ConfigError(f"grad_x_mode: {grad_x_mode!r} is not one of {', '.join(GRAD_X_MODES)}")
     autocast = x.is_cuda and torch.is_autocast_enabled("cuda")
     dtype = torch.get_autocast_dtype("cuda") if autocast else x.dtype
     x2 = x.reshape(-1, x.shape[-1])
     xq, a = quantize_activations(x2)  # as the reference path: in the dtype x arrives in
     s = absmean_scale(w)
     wq = ternarize(w.detach(), s).to(torch.int8)
-    y = _bitlinear_int8(x2, w, xq, a.reshape(-1), wq, s.reshape(1), dtype)
+    y = _bitlinear_int8(x2, w, xq, a.reshape(-1), wq, s.reshape(1), dtype, grad_x_mode)
     y = y.reshape(*x.shape[:-1], w.shape[0])
     return y if bias is None else y + bias.to(y.dtype)
 
@@ -166,26 +105,29 @@ class FusedBitLinear(BitLinear):
     for weights and activations); otherwise the reference straight-through path."""
 
     fused: bool = True
+    grad_x_mode: str = "bf16"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.fused:
             return super().forward(x)
         if self.input_norm is not None:
             x = self.input_norm(x)
-        return fused_bitlinear(x, self.weight, self.bias)
+        return fused_bitlinear(x, self.weight, self.bias, self.grad_x_mode)
 
 
-def use_fused_kernels(model: nn.Module) -> int:
+def use_fused_kernels(model: nn.Module, grad_x_mode: str = "bf16") -> int:
     """Turn every BitLinear of `model` into a FusedBitLinear (same parameters, buffers); return the count."""
+    if grad_x_mode not in GRAD_X_MODES:
+        raise ConfigError(f"grad_x_mode: {grad_x_mode!r} is not one of {', '.join(GRAD_X_MODES)}")
     if not triton_available():
         return 0
     count = 0
     for m in model.modules():
-        if (
-            type(m) is BitLinear
-        ):  # a class swap keeps the parameters, buffers and state-dict names as they are
+        if type(m) is BitLinear:  # a class swap keeps parameters, buffers and state-dict names as they are
             m.__class__ = FusedBitLinear
             count += 1
+        if isinstance(m, FusedBitLinear):
+            m.grad_x_mode = grad_x_mode
     return count
 
 
@@ -196,6 +138,7 @@ def set_fused(model: nn.Module, enabled: bool) -> None:
 
 
 __all__ = [
+    "GRAD_X_MODES",
     "FusedBitLinear",
     "fused_bitlinear",
     "int8_matmul",
