@@ -18,6 +18,7 @@ from ..errors import ConfigError
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULES = ("constant", "cosine", "linear", "exponential", "wsd", "two_stage")
 PRECISIONS = ("fp32", "bf16")
+GRAD_X_MODES = ("bf16", "int8")  # how the int8 BitLinear computes grad_x (pybitnet.train.fused)
 DISTRIBUTED = ("auto", "none", "ddp", "fsdp")
 LOGGERS = ("console", "csv", "jsonl", "tensorboard")
 DATA_FORMATS = ("auto", "text", "jsonl", "json", "csv", "parquet")
@@ -67,6 +68,7 @@ class TrainConfig:
     precision: str = "bf16"  # bf16 = float32 masters with bf16 autocast
     compile: bool = False
     fused_kernels: bool = True  # Triton BitLinear kernels on CUDA when available
+    fused_grad_x: str = "bf16"  # "int8": grad_x on the int8 GEMM too (faster, g rounded to 8 bits per row)
     seed: int = 1337
     deterministic: bool = False
     device: str = "auto"
@@ -89,6 +91,7 @@ class TrainConfig:
         _one_of("optimizer", self.optimizer, OPTIMIZERS)
         _one_of("schedule", self.schedule, SCHEDULES)
         _one_of("precision", self.precision, PRECISIONS)
+        _one_of("fused_grad_x", self.fused_grad_x, GRAD_X_MODES)
         _one_of("distributed", self.distributed, DISTRIBUTED)
         _one_of("data_format", self.data_format, DATA_FORMATS)
         _one_of("on_bad_record", self.on_bad_record, ("fail", "skip"))

@@ -31,9 +31,8 @@ from ..errors import ConfigError
 from ..nn import BitLinear
 from ..quant.activations import quantize_activations
 from ..quant.ternary import absmean_scale, ternarize
+from .config import GRAD_X_MODES
 from .int8_gemm import int8_matmul, triton_available
-
-GRAD_X_MODES = ("bf16", "int8")
 
 
 @torch.library.custom_op("pybitnet::bitlinear_int8", mutates_args=())

@@ -194,7 +194,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     model, source_dir = build_model(cfg)
     freeze(model, cfg.freeze)
     model.to(device)
-    fused = cfg.quantize and cfg.fused_kernels and device.type == "cuda" and use_fused_kernels(model) > 0
+    fused = cfg.quantize and cfg.fused_kernels and device.type == "cuda"
+    fused = fused and use_fused_kernels(model, cfg.fused_grad_x) > 0
     skeleton = copy.deepcopy(model).to("meta") if info.mode == "fsdp" else None
     raw_model = model
     model = distributed.wrap(model, info, device)
