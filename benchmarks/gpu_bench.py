@@ -9,10 +9,15 @@
    kept. Then the engine's fused variants (RMSNorm + quantization in the GEMV; gated relu² and residual
    epilogues), the tensor-core GEMM at 64 rows (batched decode) and 2048 rows (prefill), and the decode
    attention are tuned the same way; the winners go to `matmul.TUNED` / `attention.DECODE_CONFIGS`, which the
-   engine reads.
+   engine reads. These variants compete in the same sweeps: the transposed tensor-core product (`swap`) at 64
+   rows, a private quantized row per GEMV program (`private_row`), split decode attention (`splits`), and, at
+   64 and 2048 rows, weights expanded to int8 (expanded.py: cuBLASLt `torch._int_mm` + epilogue kernel, or
+   int8 `tl.dot`) next to bf16 cuBLAS; `choose_mm_backend` sets `matmul.EXPAND_MIN_ROWS` / `EXPAND_BACKEND`
+   from those sums and reports them under "mm_backend_choice".
 2. End to end on a random bitnet-2b-4t model (bf16): decode tok/s at batch 1 and 64 (decode steps replayed
    from a CUDA graph, timed with events), and prefill tok/s for 2048 tokens, against the same engine on
-   dequantized bf16 weights (cuBLAS).
+   dequantized bf16 weights (cuBLAS), and against the same engine with the earlier paths (no weight expansion,
+   unsplit attention).
 3. Greedy output of the GPU engine equals the CPU reference for 64 tokens on a random small model.
 """
 
@@ -33,6 +38,7 @@ from collections.abc import Callable
 import torch
 import triton
 
+from pybitnet.kernels.triton import expanded as ex
 from pybitnet.kernels.triton import matmul as mm
 from pybitnet.kernels.triton.matmul import MMConfig, int8_weight, ternary_gemv, ternary_mm
 from pybitnet.kernels.triton.quant import norm_quant
@@ -66,27 +72,41 @@ DOT1_CONFIGS = [
                                (16, 1024, 1, 4, 2)]
 ]  # fmt: skip
 M64_CONFIGS = [
-    MMConfig(bm=64, bn=bn, bk=bk, split_k=sk, num_warps=nw, num_stages=ns)
-    for bn, bk, sk, nw, ns in [(32, 256, 1, 4, 4), (16, 256, 1, 4, 4), (32, 512, 1, 4, 3), (16, 512, 1, 4, 3),
-                               (64, 256, 1, 4, 4), (32, 128, 1, 4, 4)]
+    MMConfig(bm=64, bn=bn, bk=bk, split_k=sk, num_warps=nw, num_stages=ns, swap=sw)
+    for bn, bk, sk, nw, ns, sw in [
+        (32, 256, 1, 4, 4, False), (16, 256, 1, 4, 4, False), (32, 512, 1, 4, 3, False),
+        (16, 512, 1, 4, 3, False), (64, 256, 1, 4, 4, False), (32, 128, 1, 4, 4, False),
+        (64, 256, 1, 4, 3, True), (32, 256, 1, 4, 4, True), (64, 512, 1, 4, 3, True),
+        (64, 256, 2, 4, 3, True), (128, 256, 1, 4, 3, True),
+    ]
+]  # fmt: skip
+# the engine's one-row GEMV normalizes and quantizes the float row itself: also try a private row per program
+ENGINE_GEMV_CONFIGS = GEMV_CONFIGS + [
+    MMConfig(bn=bn, bk=bk, num_warps=nw, num_stages=ns, gemv=True, private_row=True)
+    for bn, bk, nw, ns in [(32, 1024, 8, 1), (16, 2048, 8, 1), (16, 512, 4, 2), (8, 1024, 4, 1)]
 ]  # fmt: skip
 PREFILL_CONFIGS = [
     MMConfig(bm=bm, bn=bn, bk=bk, num_warps=nw, num_stages=ns)
     for bm, bn, bk, nw, ns in [(128, 128, 256, 8, 3), (128, 256, 128, 8, 3), (128, 128, 128, 8, 4),
                                (64, 128, 256, 4, 3), (128, 256, 256, 8, 2)]
-]  # fmt: skip
+] + [MMConfig(bm=128, bn=128, bk=256, num_warps=8, num_stages=3, swap=True)]  # fmt: skip
 LM_CONFIGS = [
     MMConfig(bm=bm, bn=bn, bk=bk, num_warps=nw, num_stages=ns)
     for bm, bn, bk, nw, ns in [(16, 64, 256, 4, 4), (16, 64, 512, 4, 3), (16, 128, 256, 4, 4)]
 ]  # fmt: skip
-ATTN_CONFIGS = [
-    (32, 4, 2),
-    (64, 4, 2),
-    (64, 4, 3),
-    (128, 4, 2),
-    (128, 8, 2),
-    (64, 2, 2),
-]  # block, warps, stages
+W8_CONFIGS = {  # tiles (bm, bn, bk, warps, stages) of `_mm_kernel` on expanded int8 weights, by rows
+    m: [MMConfig(bm=bm, bn=bn, bk=bk, num_warps=nw, num_stages=ns) for bm, bn, bk, nw, ns in tiles]
+    for m, tiles in {
+        64: [(64, 64, 128, 4, 4), (64, 32, 256, 4, 4), (64, 128, 128, 4, 3)],
+        2048: [(128, 128, 128, 8, 4), (128, 256, 128, 8, 3), (128, 64, 128, 4, 4), (256, 128, 128, 8, 3),
+               (128, 256, 64, 8, 4)],
+    }.items()
+}  # fmt: skip
+ATTN_CONFIGS = {  # batch: (block, warps, stages, sequence splits)
+    1: [(128, 8, 2, 1), (64, 4, 2, 1), (64, 4, 2, 4), (64, 4, 2, 8), (32, 4, 2, 8), (32, 4, 2, 16),
+        (64, 8, 2, 8), (16, 4, 2, 16)],
+    64: [(128, 8, 2, 1), (64, 4, 2, 1), (128, 4, 2, 1), (64, 4, 2, 2), (128, 8, 2, 2)],
+}  # fmt: skip
 
 
 def graph_time_us(fns: list[Callable[[], object]], launches: int = 100, replays: int = 7) -> float:
@@ -234,9 +254,9 @@ def bench_engine_shapes(results: dict, quick: bool) -> None:
         tw, pw0 = random_packed(rows_w, k, True, g)
         copies = [pw0] + [_clone(pw0) for _ in range(copies_for(pw0.data.numel(), l2) - 1)]
         gain = (1 + 0.1 * torch.randn(k, device="cuda")).to(torch.bfloat16)
-        for m, cfgs in ((1, GEMV_CONFIGS), (64, M64_CONFIGS), (2048, PREFILL_CONFIGS)):
-            if quick:
-                cfgs = cfgs[:3]
+        for m, cfgs in ((1, ENGINE_GEMV_CONFIGS), (64, M64_CONFIGS), (2048, PREFILL_CONFIGS)):
+            if quick:  # the first configs and the last (newest) variants
+                cfgs = cfgs[:2] + cfgs[-2:]
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16) * 2
             resid = torch.randn(m, n, device="cuda", dtype=torch.bfloat16) if res else None
             ref = _engine_ref(x, gain, tw, act, resid)
@@ -247,13 +267,17 @@ def bench_engine_shapes(results: dict, quick: bool) -> None:
             else:
                 xq, a, _ = norm_quant(x, gain)
 
-                def run(c, w, o, xq=xq, a=a, resid=resid):
-                    ternary_mm(xq, a, w, torch.bfloat16, residual=resid, act=act, out=o, config=c)
+                def run(c, w, o, xq=xq, a=a, resid=resid):  # the 2-bit kernel, whatever EXPAND_MIN_ROWS says
+                    ternary_mm(
+                        xq, a, w, torch.bfloat16, residual=resid, act=act, out=o, config=c, backend="i2"
+                    )
 
             cfg, t = tune(
                 f"engine_{role}_m{m}", run, cfgs, ref, copies if m < 2048 else copies[:3], log, m > 1
             )
             table[f"{role}_m{m}"] = {"us": t, "config": cfg and cfg.__dict__}
+            if m > 1:
+                _compare_backends(table, log, role, m, xq, a, resid, act, ref, copies, quick)
             if m == 2048:
                 xq, a, _ = norm_quant(x, gain)
                 if COMPILE_ONLY is None:
@@ -276,6 +300,57 @@ def bench_engine_shapes(results: dict, quick: bool) -> None:
         table[f"lm_head_m{m}"] = {"us": t, "config": cfg and cfg.__dict__}
         if cfg:
             mm.TUNED[(64, n, k, False)] = cfg
+    if COMPILE_ONLY is None:
+        results["mm_backend_choice"] = choose_mm_backend(table)
+
+
+def _compare_backends(table, log, role, m, xq, a, resid, act, ref, copies, quick) -> None:
+    """The expanded-weight products (expand + cuBLASLt int8, expand + int8 tl.dot) and bf16 cuBLAS on the
+    same projection; exactness checked as for the 2-bit kernel."""
+
+    def run(backend):
+        def go(c, w, o):
+            ternary_mm(xq, a, w, torch.bfloat16, residual=resid, act=act, out=o, config=c, backend=backend)
+
+        return go
+
+    ws = copies if m < 2048 else copies[:3]
+    for backend, cfgs in (("int_mm", [MMConfig()]), ("w8", W8_CONFIGS[m][:2] if quick else W8_CONFIGS[m])):
+        cfg, t = tune(f"engine_{role}_m{m}_{backend}", run(backend), cfgs, ref, ws, log)
+        table[f"{role}_m{m}_{backend}"] = {"us": t, "config": cfg and cfg.__dict__}
+        if backend == "w8" and cfg:
+            n_rows, k = copies[0].shape
+            ex.W8_TUNED[(mm.rows_bucket(m), n_rows // 2 if act else n_rows, k, act is not None)] = cfg
+    if COMPILE_ONLY is None:
+        n_rows, k = copies[0].shape
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        wb = torch.randn(n_rows, k, device="cuda", dtype=torch.bfloat16)
+        table[f"{role}_m{m}_bf16"] = {"us": graph_time_us([lambda: torch.matmul(x, wb.T)], launches=20)}
+
+
+def choose_mm_backend(table: dict) -> dict:
+    """Sum the four projections' times per backend at 64 and 2048 rows and set matmul.EXPAND_MIN_ROWS /
+    EXPAND_BACKEND for the rest of the run: expanded weights from 64 rows if they win there, else from 256
+    rows if they win at 2048 (between the two nothing is measured), else never."""
+    roles = ("qkv", "o", "gate_up", "down")
+    totals = {}
+    for m in (64, 2048):
+        for backend in mm.MM_BACKENDS:
+            key = "" if backend == "i2" else f"_{backend}"
+            totals[f"m{m}_{backend}"] = sum(
+                table.get(f"{r}_m{m}{key}", {}).get("us", math.nan) for r in roles
+            )
+    best = {}
+    for m in (64, 2048):
+        timed = {b: totals[f"m{m}_{b}"] for b in mm.MM_BACKENDS if not math.isnan(totals[f"m{m}_{b}"])}
+        best[m] = min(timed, key=timed.get) if timed else "i2"
+    if best[64] != "i2":
+        mm.EXPAND_MIN_ROWS, mm.EXPAND_BACKEND = 17, best[64]
+    elif best[2048] != "i2":
+        mm.EXPAND_MIN_ROWS, mm.EXPAND_BACKEND = 256, best[2048]
+    else:
+        mm.EXPAND_MIN_ROWS = None
+    return {"totals_us": totals, "EXPAND_MIN_ROWS": mm.EXPAND_MIN_ROWS, "EXPAND_BACKEND": mm.EXPAND_BACKEND}
 
 
 def _engine_ref(x, gain, tw, act, resid):
@@ -303,6 +378,7 @@ def bench_attention(results: dict, quick: bool) -> None:
     table = results.setdefault("attention", {})
     h, kv, d, ctx, s_max = 20, 5, 128, 384, 512
     for b, key in ((1, "small"), (64, "large")):
+        configs = ATTN_CONFIGS[b][:1] + ATTN_CONFIGS[b][-3:] if quick else ATTN_CONFIGS[b]
         qkv = torch.randn(b, (h + 2 * kv) * d, device="cuda", dtype=torch.bfloat16)
         cos = torch.randn(s_max, d, device="cuda", dtype=torch.bfloat16)
         sin = torch.randn(s_max, d, device="cuda", dtype=torch.bfloat16)
@@ -315,23 +391,38 @@ def bench_attention(results: dict, quick: bool) -> None:
         ]  # fmt: skip
         out = torch.empty(b, h * d, device="cuda", dtype=torch.bfloat16)
         best = None
-        for block, warps, stages in ATTN_CONFIGS[:2] if quick else ATTN_CONFIGS:
-            att.DECODE_CONFIGS[key] = {"block": block, "num_warps": warps, "num_stages": stages}
-            t = graph_time_us(
-                [
-                    lambda c=c: att.decode_attention(qkv, cos, sin, pos, c[0], c[1], h, kv, out=out)
-                    for c in caches
-                ]
-            )
-            table[f"b{b}_block{block}_w{warps}_s{stages}"] = t
+        ref = att.decode_attention(qkv, cos, sin, pos, *caches[0], h, kv, block=128, splits=1).float()
+        for block, warps, stages, splits in configs:
+            att.DECODE_CONFIGS[key] = {
+                "block": block,
+                "num_warps": warps,
+                "num_stages": stages,
+                "splits": splits,
+            }
+            try:
+                out.fill_(float("nan"))
+                att.decode_attention(qkv, cos, sin, pos, *caches[0], h, kv, out=out)
+                err = (out.float() - ref).abs().max().item()
+                if not err < 2e-2:  # bf16 rounding of a differently ordered sum; nan fails too
+                    raise ValueError(f"differs from the unsplit kernel by {err}")
+                t = graph_time_us(
+                    [
+                        lambda c=c: att.decode_attention(qkv, cos, sin, pos, c[0], c[1], h, kv, out=out)
+                        for c in caches
+                    ]
+                )
+            except Exception as e:  # logged; the other launch shapes still compete
+                table[f"b{b}_block{block}_w{warps}_s{stages}_split{splits}"] = repr(e)[:300]
+                continue
+            table[f"b{b}_block{block}_w{warps}_s{stages}_split{splits}"] = t
             if best is None or t < best[0]:
                 best = (t, dict(att.DECODE_CONFIGS[key]))
-        att.DECODE_CONFIGS[key] = best[1]
-        table[f"b{b}_best"] = {"us": best[0], **best[1]}
+        if best is not None:
+            att.DECODE_CONFIGS[key] = best[1]
+            table[f"b{b}_best"] = {"us": best[0], **best[1]}
 
 
 def bench_e2e(results: dict, quick: bool) -> None:
-    from pybitnet.engine.cuda_graph import CudaGraphEngine
     from pybitnet.models.presets import preset
     from pybitnet.models.random_init import random_model
 
@@ -341,42 +432,83 @@ def bench_e2e(results: dict, quick: bool) -> None:
     e2e = results.setdefault("e2e", {})
     prompt_len, steps = 128, 64 if quick else 256
     gen = torch.Generator().manual_seed(0)
-    variants = [("ternary", "int8", True), ("bf16", "float", True)]
-    variants += [] if quick else [("ternary", "float", True), ("ternary", "int8", False)]
-    for weights, head, fuse in variants:
-        key = f"{weights}_{head}head" + ("" if fuse else "_separate_norm")
-        eng = CudaGraphEngine(model, max_batch_size=64, max_len=prompt_len + steps + 8, weights=weights,
-                              lm_head=head, fuse_norm=fuse)  # fmt: skip
-        for batch in (1,) if not fuse else (1, 64):
-            prompts = torch.randint(0, 128000, (batch, prompt_len), generator=gen).tolist()
-            eng.generate(prompts, 4)  # captures the graph, compiles everything
-            tok_s, step_ms = _decode_rate(eng, prompts, steps)
-            e2e[f"{key}_decode_b{batch}"] = {
-                "tok_s": tok_s,
-                "step_ms": step_ms,
-                "context": prompt_len + steps,
-            }
-        if not fuse:
-            del eng
-            continue
-        prompt = torch.randint(0, 128000, (1, 2048), generator=gen).tolist()
-        big = CudaGraphEngine(model, max_batch_size=1, max_len=2048, weights=weights, lm_head=head)
-        big.prefill(prompt)
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(3 if quick else 5):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            big.prefill(prompt)
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        e2e[f"{key}_prefill2048"] = {
-            "tok_s": 2048 / (statistics.median(times) / 1000),
-            "ms": statistics.median(times),
+    # (key, engine options, earlier paths: no weight expansion, attention unsplit); "decode_only" variants
+    # differ from the first one at batch 1 only
+    variants = [
+        ("ternary_int8head", {}, False),
+        ("bf16_floathead", {"weights": "bf16", "lm_head": "float"}, False),
+        ("ternary_int8head_earlier_paths", {}, True),
+        ("ternary_int8head_norm_in_producer", {"norm_in_producer": True, "decode_only": True}, False),
+    ]
+    if not quick:
+        variants += [
+            ("ternary_floathead", {"lm_head": "float"}, False),
+            ("ternary_int8head_separate_norm", {"fuse_norm": False, "decode_only": True}, False),
+        ]
+    for key, opts, earlier in variants:
+        try:
+            with _earlier_paths(earlier):
+                _e2e_variant(e2e, model, gen, key, dict(opts), prompt_len, steps, quick)
+        except Exception:  # recorded; the other variants still run
+            import traceback
+
+            e2e[f"{key}_error"] = traceback.format_exc()[-2000:]
+            print(f"e2e {key} failed:\n{e2e[f'{key}_error']}")
+            torch.cuda.empty_cache()
+        save(results)  # a timeout later in the stage keeps the variants measured so far
+
+
+@contextlib.contextmanager
+def _earlier_paths(on: bool):
+    """With `on`, the products and attention as before weight expansion and split attention existed."""
+    from pybitnet.kernels.triton import attention as att
+
+    saved = mm.EXPAND_MIN_ROWS, {k: dict(v) for k, v in att.DECODE_CONFIGS.items()}
+    if on:
+        mm.EXPAND_MIN_ROWS = None
+        for cfg in att.DECODE_CONFIGS.values():
+            cfg.update(block=128, num_warps=8, num_stages=2, splits=1)
+    try:
+        yield
+    finally:
+        mm.EXPAND_MIN_ROWS = saved[0]
+        att.DECODE_CONFIGS.update(saved[1])
+
+
+def _e2e_variant(e2e, model, gen, key, opts, prompt_len, steps, quick) -> None:
+    from pybitnet.engine.cuda_graph import CudaGraphEngine
+
+    decode_only = opts.pop("decode_only", False)
+    eng = CudaGraphEngine(model, max_batch_size=64, max_len=prompt_len + steps + 8, **opts)
+    for batch in (1,) if decode_only else (1, 64):
+        prompts = torch.randint(0, 128000, (batch, prompt_len), generator=gen).tolist()
+        eng.generate(prompts, 4)  # captures the graph, compiles everything
+        tok_s, step_ms = _decode_rate(eng, prompts, steps)
+        e2e[f"{key}_decode_b{batch}"] = {
+            "tok_s": tok_s,
+            "step_ms": step_ms,
+            "context": prompt_len + steps,
         }
-        del eng, big
-        torch.cuda.empty_cache()
+    if decode_only:
+        return
+    prompt = torch.randint(0, 128000, (1, 2048), generator=gen).tolist()
+    big = CudaGraphEngine(model, max_batch_size=1, max_len=2048, **opts)
+    big.prefill(prompt)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(3 if quick else 5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        big.prefill(prompt)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    e2e[f"{key}_prefill2048"] = {
+        "tok_s": 2048 / (statistics.median(times) / 1000),
+        "ms": statistics.median(times),
+    }
+    del eng, big
+    torch.cuda.empty_cache()
 
 
 @torch.inference_mode()
@@ -447,7 +579,10 @@ def print_table(results: dict) -> None:
             + f" | {bf} | {ms} | {tgt} |"
         )
     for k, v in results.get("engine_tuning", {}).items():
-        print(f"tuned {k}: {v['us']:.2f} us {v['config']}")
+        print(f"tuned {k}: {v['us']:.2f} us {v.get('config', '')}")
+    choice = results.get("mm_backend_choice")
+    if choice:
+        print(f"large-M products: {choice}")
     for k, v in results.get("attention", {}).items():
         if k.endswith("best"):
             print(f"attention {k}: {v}")
@@ -455,6 +590,28 @@ def print_table(results: dict) -> None:
         print(f"e2e {k}: {v}")
     for k, v in results.get("greedy", {}).items():
         print(f"greedy {k}: {v}")
+    e2e = results.get("e2e", {})
+    for fig in ("decode_b1", "decode_b64", "prefill2048"):
+        ours, bf16 = e2e.get(f"ternary_int8head_{fig}"), e2e.get(f"bf16_floathead_{fig}")
+        earlier = e2e.get(f"ternary_int8head_earlier_paths_{fig}")
+        if ours and bf16:
+            line = f"{fig}: ternary {ours['tok_s']:.0f} tok/s, bf16 {bf16['tok_s']:.0f}, "
+            line += f"ratio {ours['tok_s'] / bf16['tok_s']:.2f}x"
+            if earlier:
+                line += f"; earlier paths {earlier['tok_s']:.0f}"
+            producer = e2e.get(f"ternary_int8head_norm_in_producer_{fig}")
+            if producer:
+                line += f"; norm in producer {producer['tok_s']:.0f}"
+            print(line)
+
+
+OUT_PATH: str | None = None  # where main writes the JSON
+
+
+def save(results: dict) -> None:
+    if OUT_PATH:
+        with open(OUT_PATH, "w") as f:
+            json.dump(results, f, indent=1, default=str)
 
 
 def _compile_worker(rank: int, world: int, quick: bool) -> None:
@@ -490,6 +647,8 @@ def main() -> None:
         "--precompile", type=int, default=0, help="compile the tuning variants in N processes first"
     )
     args = p.parse_args()
+    global OUT_PATH
+    OUT_PATH = args.out
     torch.backends.cuda.matmul.allow_tf32 = False
     results: dict = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -513,8 +672,7 @@ def main() -> None:
             results.setdefault("errors", {})[name] = traceback.format_exc()[-3000:]
             print(f"stage {name} failed: {e!r}")
         results.setdefault("stage_s", {})[name] = time.perf_counter() - t0
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1, default=str)
+        save(results)
     print_table(results)
 
 

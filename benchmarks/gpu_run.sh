@@ -17,5 +17,5 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 timeout "${TEST_TIMEOUT:-240}" python3 -m pytest tests/test_triton_kernels.py tests/test_gpu_engine.py -q -n 8 \
   -p no:cacheprovider >"$OUT/pytest.log" 2>&1
 tail -25 "$OUT/pytest.log"
-timeout "${BENCH_TIMEOUT:-330}" python3 benchmarks/gpu_bench.py --out "$OUT/bench.json" "$@" >"$OUT/bench.log" 2>&1
+timeout "${BENCH_TIMEOUT:-420}" python3 benchmarks/gpu_bench.py --out "$OUT/bench.json" "$@" >"$OUT/bench.log" 2>&1
 tail -60 "$OUT/bench.log"

@@ -18,6 +18,7 @@ from pybitnet.engine.cuda_graph import CudaGraphEngine, CudaGraphRunner
 from pybitnet.engine.cuda_graph_runner import make_runner
 from pybitnet.engine.runner import ModelRunner
 from pybitnet.errors import ContextLengthError, InvalidRequestError
+from pybitnet.kernels.triton import matmul as mm
 from pybitnet.models.greedy import greedy_decode
 from pybitnet.models.presets import preset
 from pybitnet.models.random_init import random_model
@@ -59,6 +60,30 @@ def test_int8_lm_head_and_bf16_baseline_track_the_model():
         cos = torch.nn.functional.cosine_similarity(logits, ref, dim=0)
         assert cos > 0.99, (weights, head, cos)
         model.cpu()
+
+
+@pytest.mark.parametrize("head", ["float", "int8"])
+def test_norm_in_producer_decodes_the_same_tokens(head):
+    """Batch 1 with each input norm + quantization done by the producing GEMV's last program: the same greedy
+    tokens as the fused-prologue engine (the same math; a norm's sum may be added in another order)."""
+    model = _model().to(DEV)
+    ref = CudaGraphEngine(model, max_batch_size=1, max_len=32, lm_head=head).generate([PROMPT], NEW_TOKENS)
+    engine = CudaGraphEngine(model, max_batch_size=1, max_len=32, lm_head=head, norm_in_producer=True)
+    assert engine.generate([PROMPT], NEW_TOKENS) == ref
+
+
+@pytest.mark.parametrize("backend", ["int_mm", "w8"])
+def test_prefill_through_expanded_weights_is_identical(monkeypatch, backend):
+    """The large-M products (codes expanded to int8) are integer-exact with the same epilogue: a prefill that
+    uses them gives the same logits, bit for bit, as the 2-bit tensor-core kernel."""
+    model = _model()
+    engine = CudaGraphEngine(model.to(DEV), max_batch_size=1, max_len=32, lm_head="float")
+    prompt = (PROMPT * 3)[:20]  # more than 16 rows: torch._int_mm takes it
+    monkeypatch.setattr(mm, "EXPAND_MIN_ROWS", None)
+    ref = engine.prefill([prompt])
+    monkeypatch.setattr(mm, "EXPAND_MIN_ROWS", 2)
+    monkeypatch.setattr(mm, "EXPAND_BACKEND", backend)
+    assert torch.equal(engine.prefill([prompt]), ref)
 
 
 def test_sampling_is_reproducible_and_respects_top_k():

@@ -18,6 +18,7 @@ pytest.importorskip("triton")
 from pybitnet.kernels import get_kernel, select_kernel
 from pybitnet.kernels.reference import reference_linear, scale_output, ternary_matmul_int
 from pybitnet.kernels.triton.attention import decode_attention
+from pybitnet.kernels.triton.expanded import expand_codes
 from pybitnet.kernels.triton.matmul import MMConfig, int8_weight, ternary_gemv, ternary_mm
 from pybitnet.kernels.triton.quant import norm_quant
 from pybitnet.models.transformer import apply_rope
@@ -93,6 +94,8 @@ MM_CASES = [  # (M, N, K, config)
     (17, 33, 129, MMConfig(bm=16, bn=32, bk=256, split_k=2)),
     (1, 48, 256, MMConfig(bm=16, bn=16, bk=128, split_k=3)),
     (70, 24, 520, MMConfig(bm=64, bn=16, bk=256)),
+    (21, 70, 300, MMConfig(bm=16, bn=64, bk=128, swap=True)),
+    (40, 33, 260, MMConfig(bm=32, bn=64, bk=256, split_k=2, swap=True)),
 ]
 
 
@@ -107,9 +110,37 @@ def test_mm_is_integer_exact(m, n, k, cfg, per_row):
     assert torch.equal(y.cpu(), _ref(x, tw, torch.float32))
 
 
+@pytest.mark.parametrize("n,k", [(40, 264), (24, 300)])
+def test_expand_codes_matches_unpack(n, k):
+    tw = _ternary(n, k, torch.Generator().manual_seed(n))
+    assert torch.equal(expand_codes(_packed(tw)).cpu(), tw.codes)
+
+
+@pytest.mark.parametrize("backend", ["int_mm", "w8"])
+@pytest.mark.parametrize("m,n,k", [(37, 40, 264), (20, 24, 300)])  # K = 300: int_mm falls back to w8
+@pytest.mark.parametrize("epilogue", ["plain", "gated", "residual"])
+def test_expanded_backends_are_exact(backend, m, n, k, epilogue):
+    """The large-M paths (codes expanded to int8, then cuBLASLt int8 + epilogue kernel, or int8 tl.dot) give
+    what the 2-bit tensor-core kernel gives, value for value, with each epilogue."""
+    g = torch.Generator().manual_seed(m + n + k)
+    act = "relu2" if epilogue == "gated" else None
+    tw = _ternary(2 * n if act else n, k, g, per_row=True)
+    xq, a = quantize_activations(torch.randn(m, k, generator=g))
+    xq, a = xq.to(DEV), a[:, 0].to(DEV)
+    resid = torch.randn(m, n, generator=g).to(DEV) if epilogue == "residual" else None
+    kw = {"residual": resid, "act": act}
+    ref = ternary_mm(xq, a, _packed(tw), torch.float32, backend="i2", **kw)
+    if epilogue == "plain":
+        exact = scale_output(
+            ternary_matmul_int(xq.cpu(), tw.codes), tw.scale, a.cpu()[:, None], torch.float32
+        )
+        assert torch.equal(ref.cpu(), exact)
+    assert torch.equal(ternary_mm(xq, a, _packed(tw), torch.float32, backend=backend, **kw), ref)
+
+
 GEMV_CASES = [
     (48, 200, MMConfig(bn=16, bk=128, gemv=True)),
-    (40, 300, MMConfig(bn=8, bk=256, split_k=2, gemv=True)),
+    (40, 300, MMConfig(bn=8, bk=256, split_k=2, gemv=True, private_row=True)),
     (130, 1000, MMConfig(bn=32, bk=512, split_k=3, gemv=True)),
 ]
 
@@ -157,7 +188,7 @@ def test_gated_and_residual_epilogues(dtype, act, m):
     else:
         xq, a, _ = norm_quant(xn.to(DEV))
         h = ternary_mm(
-            xq, a, _packed(fused), dtype, act=act, config=MMConfig(bm=16, bn=16, bk=128, split_k=2)
+            xq, a, _packed(fused), dtype, act=act, config=MMConfig(bm=16, bn=16, bk=128, split_k=2, swap=True)
         )
         xq, a, _ = norm_quant(hn.to(DEV))
         out = ternary_mm(xq, a, _packed(o), dtype, residual=resid.to(DEV))
@@ -171,6 +202,29 @@ def test_gated_and_residual_epilogues(dtype, act, m):
             h_dense.cpu().float(), h_ref.float(), rtol=tol, atol=tol * h_ref.abs().max().item()
         )
     assert torch.equal(out.cpu(), out_ref)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_gain", [True, False])
+def test_gemv_then_quant_equals_norm_quant_of_its_output(dtype, with_gain):
+    """The last program of a GEMV normalizes and quantizes the output row as norm_quant does; a second launch
+    finds the arrival counter zeroed again."""
+    g = torch.Generator().manual_seed(11)
+    tw = _ternary(130, 200, g)
+    x = (torch.randn(1, 200, generator=g) * 2).to(dtype).to(DEV)
+    gain = _norm(130, dtype, g).weight.to(DEV) if with_gain else None
+    cfg = MMConfig(bn=16, bk=128, gemv=True)
+    for _ in range(2):
+        q2 = torch.empty(1, 130, dtype=torch.int8, device=DEV)
+        a2 = torch.empty(1, dtype=torch.float32, device=DEV)
+        y = ternary_gemv(x, _packed(tw), config=cfg, then_quant=(gain, q2, a2))
+        assert torch.equal(y, ternary_gemv(x, _packed(tw), config=cfg))
+        ref_q, ref_a, _ = norm_quant(y, gain)
+        if gain is None:  # max and products only: exact
+            assert torch.equal(q2, ref_q) and torch.equal(a2, ref_a)
+        else:  # the sum of squares may be added in another order on the GPU (see the norm_quant test)
+            assert (q2.int() - ref_q.int()).abs().max() <= 1
+            assert torch.allclose(a2, ref_a, rtol=4 * torch.finfo(dtype).eps)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -218,7 +272,11 @@ def test_cuda_selects_the_triton_kernel():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_decode_attention_matches_rope_and_sdpa(dtype):
+@pytest.mark.parametrize("splits,block", [(1, None), (4, 16)])
+def test_decode_attention_matches_rope_and_sdpa(dtype, splits, block):
+    """One program per KV head, or the sequence split four ways (one split empty for the short row, three
+    active for the long one) and combined by the last program to arrive; a second launch reuses the zeroed
+    arrival counters."""
     g = torch.Generator().manual_seed(0)
     b, h, kv, d, s = 2, 4, 2, 32, 80
     positions = torch.tensor([5, 70], dtype=torch.int32)
@@ -230,7 +288,9 @@ def test_decode_attention_matches_rope_and_sdpa(dtype):
     emb = torch.cat((freqs, freqs), dim=-1)
     cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
     kd, vd = k_cache.to(DEV), v_cache.to(DEV)
-    out = decode_attention(qkv.to(DEV), cos.to(DEV), sin.to(DEV), positions.to(DEV), kd, vd, h, kv).cpu()
+    args = (qkv.to(DEV), cos.to(DEV), sin.to(DEV), positions.to(DEV), kd, vd, h, kv)
+    out = decode_attention(*args, block=block, splits=splits).cpu()
+    assert torch.equal(decode_attention(*args, block=block, splits=splits).cpu(), out)
 
     q, k, v = qkv.view(b, h + 2 * kv, 1, d).split([h, kv, kv], dim=1)
     pc, ps = cos[positions.long()][:, None], sin[positions.long()][:, None]

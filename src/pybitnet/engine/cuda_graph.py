@@ -4,21 +4,23 @@ decode step captured once per batch size in a CUDA graph (sampling included), so
 `GpuForward` holds the fused weights (q/k/v stacked, gate/up stacked, per-row scales) packed once in the
 "triton_i2" layout, and runs prefill and decode with fused kernels: at batch 1 every projection is one launch
 (RMSNorm + int8 quantization + W2A8 GEMV + epilogue); at larger batches a norm + quantize launch feeds the
-tensor-core GEMM. `weights="bf16"` runs the same engine on dequantized bf16 weights through cuBLAS (the
-baseline the benchmarks compare against). `CudaGraphEngine.generate` decodes many sequences with no host round
-trip per token; `CudaGraphRunner` offers the same graphs behind the engine's ModelRunner interface.
+tensor-core GEMM. With `norm_in_producer`, batch 1 instead normalizes and quantizes each projection's input
+once, in the last program of the GEMV that produces the row. `weights="bf16"` runs the same engine on
+dequantized bf16 weights through cuBLAS (the baseline the benchmarks compare against).
+`CudaGraphEngine.generate` decodes many sequences with no host round trip per token; `CudaGraphRunner` offers
+the same graphs behind the engine's ModelRunner interface.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import ContextLengthError, InvalidRequestError, UnsupportedModelError
 from ..kernels.triton.attention import decode_attention
-from ..kernels.triton.matmul import MMConfig, int8_weight, ternary_gemv, ternary_mm
+from ..kernels.triton.matmul import MMConfig, default_config, int8_weight, ternary_gemv, ternary_mm
 from ..kernels.triton.quant import norm_quant
 from ..models import KVCache, Transformer
 from ..models.transformer import apply_rope
@@ -65,6 +67,7 @@ class GpuForward:
         decode_gemv: bool = True,
         max_len: int | None = None,
         fuse_norm: bool = True,
+        norm_in_producer: bool = False,
     ) -> None:
         if weights not in ("ternary", "bf16"):
             raise InvalidRequestError(f"weights must be 'ternary' or 'bf16', got {weights!r}")
@@ -77,6 +80,7 @@ class GpuForward:
         self.dense = weights == "bf16"
         self.decode_gemv = decode_gemv
         self.fuse_norm = fuse_norm
+        self.norm_in_producer = norm_in_producer
         self.act = c.hidden_act
         self.eps = c.rms_norm_eps
         self.n_heads, self.n_kv, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
@@ -175,6 +179,8 @@ class GpuForward:
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """One token per row: tokens [B] at positions [B] (int32), rows 0..B-1 of `cache` -> logits [B, V]."""
         x = F.embedding(tokens, self.embed)
+        if self.norm_in_producer and x.shape[0] == 1 and self.decode_gemv and not self.dense:
+            return self._decode_quant_chain(x, positions, cache)
         for i, layer in enumerate(self.layers):
             qkv = self._attention_in(x, layer)
             attn = decode_attention(
@@ -182,6 +188,39 @@ class GpuForward:
             )
             x = self._attention_out(attn, x, layer)
             x = self._mlp(x, layer)
+        return self.logits(x)
+
+    def _gemv(self, name: str, x: torch.Tensor, w: PackedWeight, next_gain: torch.Tensor | None, **kw):
+        """One-row projection whose last program also normalizes (next_gain) and quantizes the output row for
+        the next projection: (output row, its int8 row, its scale)."""
+        n = w.shape[0] // 2 if kw.get("act") else w.shape[0]
+        q = torch.empty((1, n), dtype=torch.int8, device=x.device)
+        a = torch.empty((1,), dtype=torch.float32, device=x.device)
+        cfg = self.configs.get((name, 1)) or default_config(1, n, w.shape[1], gated=kw.get("act") is not None)
+        cfg = replace(cfg, split_k=1)  # the arrival count covers one program per output tile
+        y = ternary_gemv(x, w, eps=self.eps, config=cfg, then_quant=(next_gain, q, a), **kw)
+        return y, q, a
+
+    def _decode_quant_chain(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Decode at batch 1 with each input norm + quantization done once, by the projection producing the
+        row (the last program of its GEMV), instead of by every program of the GEMV that reads it; the
+        attention output is still normalized inside the o projection."""
+        xq, xa, _ = norm_quant(x, self.layers[0].ln1, self.eps)
+        dt = x.dtype
+        for i, layer in enumerate(self.layers):
+            qkv = ternary_gemv(xq, layer.qkv, a=xa, out_dtype=dt, config=self.configs.get(("qkv", 1)))
+            attn = decode_attention(
+                qkv, self.cos, self.sin, positions, cache.k[i], cache.v[i], self.n_heads, self.n_kv
+            )
+            h, hq, ha = self._gemv("o", attn, layer.o, layer.ln2, gain=layer.attn_norm, residual=x)
+            _, mq, ma = self._gemv(
+                "gate_up", hq, layer.gate_up, layer.ffn_norm, a=ha, out_dtype=dt, act=self.act
+            )
+            last = i + 1 == len(self.layers)
+            nxt = self.norm if last else self.layers[i + 1].ln1
+            x, xq, xa = self._gemv("down", mq, layer.down, nxt, a=ma, out_dtype=dt, residual=h)
+        if self.lm_int8 is not None:  # xq, xa: the final norm of x, quantized
+            return ternary_mm(xq, xa, self.lm_int8, torch.float32, config=self.configs.get(("lm_head", 1)))
         return self.logits(x)
 
     def prefill(
@@ -261,7 +300,8 @@ class CudaGraphEngine:
     """Batched generation on one GPU: prefill, then decode steps replayed from a CUDA graph.
 
     `generate` takes up to `max_batch_size` prompts of token ids and returns each one's new tokens (up to and
-    including a stop token). `weights`, `lm_head`, `decode_gemv`, `fuse_norm`: see GpuForward.
+    including a stop token). `weights`, `lm_head`, `decode_gemv`, `fuse_norm`, `norm_in_producer`: see
+    GpuForward.
     `use_graph=False` runs the same step eagerly (for debugging, and on CPU under TRITON_INTERPRET=1).
     """
 
@@ -275,13 +315,16 @@ class CudaGraphEngine:
         decode_gemv: bool = True,
         use_graph: bool = True,
         fuse_norm: bool = True,
+        norm_in_producer: bool = False,
     ) -> None:
         c = model.config
         self.max_len = max_len or c.max_position_embeddings
         self.max_batch_size = max_batch_size
         self.device = model.device
         self.use_graph = use_graph and self.device.type == "cuda"
-        self.forward = GpuForward(model, weights, lm_head, decode_gemv, self.max_len, fuse_norm)
+        self.forward = GpuForward(
+            model, weights, lm_head, decode_gemv, self.max_len, fuse_norm, norm_in_producer
+        )
         self.cache = KVCache(
             c.num_hidden_layers, max_batch_size, c.num_key_value_heads, self.max_len, c.head_dim,
             self.forward.dtype, self.device,

@@ -1,5 +1,9 @@
 """Decode attention for one new token per sequence: RoPE on q and k, the KV-cache write and attention over the
-sequence's cached positions, in one launch (one program per sequence and KV head, its query heads together).
+sequence's cached positions, in one launch. One program per sequence, KV head (its query heads together) and
+split of the sequence: with SPLITS > 1 (flash-decoding) each program attends over its share of the positions
+and writes a partial result (running max, sum, unnormalized output); the last program of a (sequence, head) to
+arrive (an arrival counter decides) combines them, so batch 1 uses more than one program per KV head without
+a second launch.
 
 RoPE rounds as the model's `apply_rope` does in the activation dtype (x*cos and rotated*sin each rounded, then
 their sum); the scores and the softmax run in float32 with an online softmax, as flash attention does.
@@ -11,13 +15,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import LAUNCH_OPTS, on_gpu, round_to
+from .common import LAUNCH_OPTS, on_gpu, round_to, scratch_buffer
 
-# launch shape by batch (rows <= 8: "small", else "large"): cache positions per loop step, warps, stages; the
-# fastest measured on an H200 at context 384 (benchmarks/gpu_bench.py, 2026-11-30)
+# launch shape by batch (rows <= 8: "small", else "large"): cache positions per loop step, warps, stages and
+# sequence splits; benchmarks/gpu_bench.py measures the alternatives on an H200 and sets the fastest
 DECODE_CONFIGS = {
-    "small": {"block": 128, "num_warps": 8, "num_stages": 2},
-    "large": {"block": 128, "num_warps": 8, "num_stages": 2},
+    "small": {"block": 128, "num_warps": 8, "num_stages": 2, "splits": 1},
+    "large": {"block": 128, "num_warps": 8, "num_stages": 2, "splits": 1},
 }
 
 
@@ -30,64 +34,107 @@ def _rope(ptrs, rot_ptrs, sign, cos, sin, mask, XDT: tl.constexpr, NATIVE: tl.co
 
 
 @triton.jit
+def _combine_splits(part_ptr, ml_ptr, o_rows, n_active, G: tl.constexpr, GR: tl.constexpr, D: tl.constexpr,
+                    SPLITS: tl.constexpr):  # fmt: skip
+    """out = sum_s acc_s * exp(m_s - m) / sum_s l_s * exp(m_s - m) over the first n_active splits' partials
+    (part [SPLITS, GR, D], ml [SPLITS, 2, GR]); .cg loads read L2, where the other programs' stores are."""
+    sp = tl.arange(0, SPLITS)
+    r = tl.arange(0, GR)
+    d = tl.arange(0, D)
+    ok = (sp < n_active)[:, None] & (r < G)[None, :]
+    m_s = tl.load(ml_ptr + sp[:, None] * (2 * GR) + r[None, :], mask=ok, other=float("-inf"),
+                  cache_modifier=".cg")  # fmt: skip
+    l_s = tl.load(ml_ptr + sp[:, None] * (2 * GR) + GR + r[None, :], mask=ok, other=0.0, cache_modifier=".cg")
+    acc_s = tl.load(part_ptr + (sp[:, None, None] * GR + r[None, :, None]) * D + d[None, None, :],
+                    mask=ok[:, :, None], other=0.0, cache_modifier=".cg")  # fmt: skip
+    m = tl.max(m_s, axis=0)
+    w = tl.where(ok, tl.exp(m_s - m[None, :]), 0.0)
+    l_sum = tl.sum(l_s * w, axis=0)
+    out = tl.sum(acc_s * w[:, :, None], axis=0) / l_sum[:, None]
+    tl.store(o_rows + r[:, None] * D + d[None, :], out.to(o_rows.dtype.element_ty), mask=(r < G)[:, None])
+
+
+@triton.jit
 def _decode_attention_kernel(
-    qkv_ptr, cos_ptr, sin_ptr, pos_ptr, k_ptr, v_ptr, o_ptr,
+    qkv_ptr, cos_ptr, sin_ptr, pos_ptr, k_ptr, v_ptr, o_ptr, part_ptr, ml_ptr, cnt_ptr,
     stride_qkv, stride_cb, stride_ch, stride_cs, stride_o, sm_scale,
-    H: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr, GP: tl.constexpr, BS: tl.constexpr,
-    IEEE: tl.constexpr, NATIVE: tl.constexpr,
+    H: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr, GP: tl.constexpr, GR: tl.constexpr,
+    BS: tl.constexpr, SPLITS: tl.constexpr, IEEE: tl.constexpr, NATIVE: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0)
     g = tl.program_id(1)
+    sid = tl.program_id(2)
     G: tl.constexpr = H // KVH
     xdt = qkv_ptr.dtype.element_ty
     pos = tl.load(pos_ptr + b)
-    d = tl.arange(0, D)
-    rot = (d + D // 2) % D
-    sign = tl.where(d < D // 2, -1.0, 1.0)
-    cos = tl.load(cos_ptr + pos * D + d).to(tl.float32)
-    sin = tl.load(sin_ptr + pos * D + d).to(tl.float32)
-    row = qkv_ptr + b.to(tl.int64) * stride_qkv
-    k_col = row + (H + g) * D
-    k_new = _rope(k_col + d, k_col + rot, sign, cos, sin, d < D, xdt, NATIVE)
-    v_new = tl.load(row + (H + KVH + g) * D + d)
-    k_base = k_ptr + b.to(tl.int64) * stride_cb + g * stride_ch
-    v_base = v_ptr + b.to(tl.int64) * stride_cb + g * stride_ch
-    tl.store(k_base + pos * stride_cs + d, k_new.to(k_ptr.dtype.element_ty))
-    tl.store(v_base + pos * stride_cs + d, v_new.to(v_ptr.dtype.element_ty))
+    # positions 0..pos in splits of `chunk` (a multiple of BS); splits past the end have nothing to do
+    chunk = tl.cdiv(tl.cdiv(pos + 1, SPLITS), BS) * BS
+    n_active = tl.cdiv(pos + 1, chunk)
+    start = sid * chunk
+    if start <= pos:
+        d = tl.arange(0, D)
+        rot = (d + D // 2) % D
+        sign = tl.where(d < D // 2, -1.0, 1.0)
+        cos = tl.load(cos_ptr + pos * D + d).to(tl.float32)
+        sin = tl.load(sin_ptr + pos * D + d).to(tl.float32)
+        row = qkv_ptr + b.to(tl.int64) * stride_qkv
+        k_base = k_ptr + b.to(tl.int64) * stride_cb + g * stride_ch
+        v_base = v_ptr + b.to(tl.int64) * stride_cb + g * stride_ch
+        if pos < start + chunk:  # the split holding the new position writes its key and value
+            k_col = row + (H + g) * D
+            k_new = _rope(k_col + d, k_col + rot, sign, cos, sin, d < D, xdt, NATIVE)
+            v_new = tl.load(row + (H + KVH + g) * D + d)
+            tl.store(k_base + pos * stride_cs + d, k_new.to(k_ptr.dtype.element_ty))
+            tl.store(v_base + pos * stride_cs + d, v_new.to(v_ptr.dtype.element_ty))
 
-    hq = tl.arange(0, GP)
-    q_ok = hq < G
-    q_rows = row + (g * G + hq)[:, None] * D
-    q = _rope(q_rows + d[None, :], q_rows + rot[None, :], sign[None, :], cos[None, :], sin[None, :],
-              q_ok[:, None], xdt, NATIVE)  # fmt: skip
-    tl.debug_barrier()  # the new key and value are in the cache before the block reads them back
+        hq = tl.arange(0, GP)
+        q_ok = hq < G
+        q_rows = row + (g * G + hq)[:, None] * D
+        q = _rope(q_rows + d[None, :], q_rows + rot[None, :], sign[None, :], cos[None, :], sin[None, :],
+                  q_ok[:, None], xdt, NATIVE)  # fmt: skip
+        tl.debug_barrier()  # the new key and value are in the cache before the block reads them back
 
-    m_i = tl.full((GP,), float("-inf"), tl.float32)
-    l_i = tl.zeros((GP,), tl.float32)
-    acc = tl.zeros((GP, D), tl.float32)
-    for s0 in range(0, pos + 1, BS):
-        sp = s0 + tl.arange(0, BS)
-        s_ok = sp <= pos
-        kt = tl.load(k_base + sp[:, None] * stride_cs + d[None, :], mask=s_ok[:, None], other=0.0).to(xdt)
-        vt = tl.load(v_base + sp[:, None] * stride_cs + d[None, :], mask=s_ok[:, None], other=0.0).to(xdt)
-        if IEEE or not NATIVE:  # float32 products; the interpreter's dot mishandles bfloat16
-            scores = tl.dot(q.to(tl.float32), tl.trans(kt.to(tl.float32)), input_precision="ieee")
+        m_i = tl.full((GP,), float("-inf"), tl.float32)
+        l_i = tl.zeros((GP,), tl.float32)
+        acc = tl.zeros((GP, D), tl.float32)
+        for s0 in range(start, tl.minimum(start + chunk, pos + 1), BS):
+            sp = s0 + tl.arange(0, BS)
+            s_ok = sp <= pos
+            kt = tl.load(k_base + sp[:, None] * stride_cs + d[None, :], mask=s_ok[:, None], other=0.0).to(xdt)
+            vt = tl.load(v_base + sp[:, None] * stride_cs + d[None, :], mask=s_ok[:, None], other=0.0).to(xdt)
+            if IEEE or not NATIVE:  # float32 products; the interpreter's dot mishandles bfloat16
+                scores = tl.dot(q.to(tl.float32), tl.trans(kt.to(tl.float32)), input_precision="ieee")
+            else:
+                scores = tl.dot(q, tl.trans(kt))
+            scores = tl.where(s_ok[None, :], scores * sm_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(scores - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            if IEEE or not NATIVE:
+                pv = tl.dot(p.to(xdt).to(tl.float32), vt.to(tl.float32), input_precision="ieee")
+            else:
+                pv = tl.dot(p.to(xdt), vt)
+            acc = acc * alpha[:, None] + pv
+            m_i = m_new
+        o_rows = o_ptr + b.to(tl.int64) * stride_o + g * G * D
+        if SPLITS == 1:
+            out = acc / l_i[:, None]
+            tl.store(
+                o_rows + hq[:, None] * D + d[None, :], out.to(o_ptr.dtype.element_ty), mask=q_ok[:, None]
+            )
         else:
-            scores = tl.dot(q, tl.trans(kt))
-        scores = tl.where(s_ok[None, :], scores * sm_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(scores - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        if IEEE or not NATIVE:
-            pv = tl.dot(p.to(xdt).to(tl.float32), vt.to(tl.float32), input_precision="ieee")
-        else:
-            pv = tl.dot(p.to(xdt), vt)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
-    out = acc / l_i[:, None]
-    o_rows = o_ptr + b.to(tl.int64) * stride_o + (g * G + hq)[:, None] * D
-    tl.store(o_rows + d[None, :], out.to(o_ptr.dtype.element_ty), mask=q_ok[:, None])
+            pair = b * KVH + g
+            part = part_ptr + pair.to(tl.int64) * (SPLITS * GR * D)
+            ml = ml_ptr + pair.to(tl.int64) * (SPLITS * 2 * GR)
+            tl.store(part + (sid * GR + hq[:, None]) * D + d[None, :], acc, mask=q_ok[:, None])
+            tl.store(ml + sid * 2 * GR + hq, m_i, mask=q_ok)
+            tl.store(ml + sid * 2 * GR + GR + hq, l_i, mask=q_ok)
+            tl.debug_barrier()  # every thread's partials are stored before the arrival is counted
+            arrived = tl.atomic_add(cnt_ptr + pair, 1)
+            if arrived == n_active - 1:
+                tl.atomic_xchg(cnt_ptr + pair, 0)
+                _combine_splits(part, ml, o_rows, n_active, G, GR, D, SPLITS)
 
 
 def decode_attention(
@@ -101,19 +148,30 @@ def decode_attention(
     num_kv_heads: int,
     out: torch.Tensor | None = None,
     block: int | None = None,
+    splits: int | None = None,
 ) -> torch.Tensor:
     """qkv [B, (H + 2 KVH) D] (q, k, v of one new token per row, before RoPE); cos, sin [max_len, D];
     positions [B] int32 (where each row's token goes); k_cache, v_cache [B', KVH, max_len, D] (one layer).
-    Writes the roped key and the value into the caches and returns attention [B, H D] in qkv's dtype."""
+    Writes the roped key and the value into the caches and returns attention [B, H D] in qkv's dtype.
+    `block`, `splits` (a power of two): override DECODE_CONFIGS."""
     b = qkv.shape[0]
     d = cos.shape[-1]
     cfg = DECODE_CONFIGS["small" if b <= 8 else "large"]
+    n_split = splits or cfg.get("splits", 1)
     out = torch.empty((b, num_heads * d), dtype=qkv.dtype, device=qkv.device) if out is None else out
-    _decode_attention_kernel[(b, num_kv_heads)](
-        qkv, cos, sin, positions, k_cache, v_cache, out,
+    group = num_heads // num_kv_heads
+    gr = triton.next_power_of_2(group)
+    part = ml = cnt = out
+    if n_split > 1:
+        pairs = b * num_kv_heads
+        ws = scratch_buffer(qkv.device, pairs * n_split * gr * (d + 2), "attn").view(torch.float32)
+        part, ml = ws, ws[pairs * n_split * gr * d :]
+        cnt = scratch_buffer(qkv.device, pairs, "attn_count")
+    _decode_attention_kernel[(b, num_kv_heads, n_split)](
+        qkv, cos, sin, positions, k_cache, v_cache, out, part, ml, cnt,
         qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0), d**-0.5,
-        H=num_heads, KVH=num_kv_heads, D=d, GP=max(16, triton.next_power_of_2(num_heads // num_kv_heads)),
-        BS=block or cfg["block"], IEEE=qkv.dtype == torch.float32, NATIVE=on_gpu(qkv),
+        H=num_heads, KVH=num_kv_heads, D=d, GP=max(16, gr), GR=gr, BS=block or cfg["block"], SPLITS=n_split,
+        IEEE=qkv.dtype == torch.float32, NATIVE=on_gpu(qkv),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **LAUNCH_OPTS,
     )  # fmt: skip
     return out

@@ -61,6 +61,8 @@ def absmax_scale(amax):
 
 
 _SCRATCH: dict[tuple[torch.device, str], torch.Tensor] = {}
+# buffers replaced by larger ones stay allocated: a CUDA graph captured earlier still reads their address
+_RETIRED: list[torch.Tensor] = []
 
 
 def scratch_buffer(device: torch.device, numel: int, kind: str) -> torch.Tensor:
@@ -69,11 +71,15 @@ def scratch_buffer(device: torch.device, numel: int, kind: str) -> torch.Tensor:
     "acc" / "count": split-K kernels add partial sums into it and count arrivals per output tile; the last
     program of a tile reads and zeroes its part again, so the buffer is zero between launches and a launch
     needs no memset (it can live in a CUDA graph). "row": the quantized activation row of a fused GEMV.
-    Kernels on one device share these buffers: launch them on one stream.
+    "attn" / "attn_count": split decode attention's partial results and arrivals; "then_quant_count": the
+    arrivals of a GEMV that quantizes its own output row; "codes": ternary weights expanded to int8 for the
+    large-M products. Kernels on one device share these buffers: launch them on one stream.
     """
     key = (torch.device(device), kind)
     buf = _SCRATCH.get(key)
     if buf is None or buf.numel() < numel:
+        if buf is not None:
+            _RETIRED.append(buf)
         buf = torch.zeros(max(numel, 1024), dtype=torch.int32, device=device)
         _SCRATCH[key] = buf
     return buf

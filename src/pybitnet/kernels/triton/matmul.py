@@ -3,7 +3,8 @@
 Two kernels:
 - `_mm_kernel`: any number of rows on int8 tensor cores (`tl.dot`); the 2-bit codes of a weight tile are
   expanded to int8 {-1, 0, 1} in registers, four 32-column slices per byte column (the "triton_i2" layout).
-  Also takes int8 weights (the int8 lm_head).
+  Also takes int8 weights (the int8 lm_head, and ternary weights expanded once per call for many rows:
+  expanded.py, from EXPAND_MIN_ROWS rows on).
 - `_gemv_kernel`: one row (decode at batch 1) on the integer ALUs. Each 32-bit register holds 16 codes; on the
   GPU one inline-PTX block per register expands them with shifts and masks and multiplies with `dp4a`, four
   products per instruction, against codes w+1 in {0,1,2}; the row sum of the activations is subtracted once.
@@ -29,15 +30,13 @@ from ...quant.layouts import PackedWeight
 from .common import (
     ACTIVATIONS,
     LAUNCH_OPTS,
-    absmax_scale,
     gated_activation,
     interpreting,
     on_gpu,
-    quantize_i8,
     round_to,
     scratch_buffer,
 )
-from .quant import rms_apply, rms_inverse
+from .quant import load_norm_quant
 
 
 @triton.jit
@@ -141,13 +140,22 @@ def _signed_codes(wt, NATIVE: tl.constexpr):
 
 
 @triton.jit
-def _dot_slices(x0, x1, x2, x3, wt, acc, NATIVE: tl.constexpr):
-    """acc += x @ W.T for one K block: x0..x3 [BM, BK/4] the activations of the four slices, wt [BN, BK/4]."""
+def _dot_slices(x0, x1, x2, x3, wt, acc, SWAP: tl.constexpr, NATIVE: tl.constexpr):
+    """acc += x @ W.T for one K block: x0..x3 [BM, BK/4] the activations of the four slices, wt [BN, BK/4].
+    SWAP: acc is [BN, BM] and gets W @ x.T, so the decoded codes are the first operand, which Hopper's wgmma
+    can read from registers (no shared-memory round trip for the weights)."""
     c0, c1, c2, c3 = _signed_codes(wt, NATIVE)
-    acc = tl.dot(x0, tl.trans(c0), acc, out_dtype=tl.int32)
-    acc = tl.dot(x1, tl.trans(c1), acc, out_dtype=tl.int32)
-    acc = tl.dot(x2, tl.trans(c2), acc, out_dtype=tl.int32)
-    return tl.dot(x3, tl.trans(c3), acc, out_dtype=tl.int32)
+    if SWAP:
+        acc = tl.dot(c0, tl.trans(x0), acc, out_dtype=tl.int32)
+        acc = tl.dot(c1, tl.trans(x1), acc, out_dtype=tl.int32)
+        acc = tl.dot(c2, tl.trans(x2), acc, out_dtype=tl.int32)
+        acc = tl.dot(c3, tl.trans(x3), acc, out_dtype=tl.int32)
+    else:
+        acc = tl.dot(x0, tl.trans(c0), acc, out_dtype=tl.int32)
+        acc = tl.dot(x1, tl.trans(c1), acc, out_dtype=tl.int32)
+        acc = tl.dot(x2, tl.trans(c2), acc, out_dtype=tl.int32)
+        acc = tl.dot(x3, tl.trans(c3), acc, out_dtype=tl.int32)
+    return acc
 
 
 @triton.jit
@@ -155,10 +163,12 @@ def _mm_kernel(
     x_ptr, a_ptr, w_ptr, s_ptr, o_ptr, r_ptr, ws_ptr, cnt_ptr,
     M, N, K, KW, stride_x, stride_o, stride_r,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, W8: tl.constexpr,
-    ACT: tl.constexpr, RESIDUAL: tl.constexpr, ROW_SCALE: tl.constexpr, NATIVE: tl.constexpr,
+    ACT: tl.constexpr, RESIDUAL: tl.constexpr, ROW_SCALE: tl.constexpr, SWAP: tl.constexpr,
+    NATIVE: tl.constexpr,
 ):  # fmt: skip
     """out[M, N] = epilogue(xq[M, K] @ W[N, K].T): int8 activations, W ternary ("triton_i2", KW bytes a row)
     or int8 (W8, KW = row stride). ACT (1 relu², 2 silu): W holds 2N rows, gate then up; out = act(gate) * up.
+    SWAP (ternary W): accumulate the transposed product (see `_dot_slices`).
     """
     rm = tl.program_id(1) * BM + tl.arange(0, BM)
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
@@ -167,14 +177,21 @@ def _mm_kernel(
     x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_x
     w_rows = w_ptr + rn.to(tl.int64)[:, None] * KW
     u_rows = w_rows + N * KW
-    acc = tl.zeros((BM, BN), tl.int32)
-    acc_u = tl.zeros((BM, BN), tl.int32)
+    if SWAP:
+        acc = tl.zeros((BN, BM), tl.int32)
+        acc_u = tl.zeros((BN, BM), tl.int32)
+    else:
+        acc = tl.zeros((BM, BN), tl.int32)
+        acc_u = tl.zeros((BM, BN), tl.int32)
     for kb in range(tl.program_id(2), tl.cdiv(K, BK), SPLIT_K):
         if W8:
             ks = kb * BK + tl.arange(0, BK)
             xt = tl.load(x_rows + ks[None, :], mask=m_ok[:, None] & (ks < K)[None, :], other=0)
             wt = tl.load(w_rows + ks[None, :], mask=n_ok[:, None] & (ks < K)[None, :], other=0)
             acc = tl.dot(xt, tl.trans(wt), acc, out_dtype=tl.int32)
+            if ACT != 0:
+                wu = tl.load(u_rows + ks[None, :], mask=n_ok[:, None] & (ks < K)[None, :], other=0)
+                acc_u = tl.dot(xt, tl.trans(wu), acc_u, out_dtype=tl.int32)
         else:
             j = tl.arange(0, BK // 4)
             cols = kb * (BK // 4) + j
@@ -194,9 +211,12 @@ def _mm_kernel(
             x3 = tl.load(
                 x_rows + kbase[None, :] + 96, mask=m_ok[:, None] & (kbase + 96 < K)[None, :], other=0
             )
-            acc = _dot_slices(x0, x1, x2, x3, wt, acc, NATIVE)
+            acc = _dot_slices(x0, x1, x2, x3, wt, acc, SWAP, NATIVE)
             if ACT != 0:
-                acc_u = _dot_slices(x0, x1, x2, x3, wu, acc_u, NATIVE)
+                acc_u = _dot_slices(x0, x1, x2, x3, wu, acc_u, SWAP, NATIVE)
+    if SWAP:
+        acc = tl.trans(acc)
+        acc_u = tl.trans(acc_u)
     a = tl.load(a_ptr + rm, mask=m_ok, other=1.0)
     tile = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
     _finish(acc, acc_u, rm, rn, m_ok, n_ok, a, s_ptr, o_ptr, r_ptr, ws_ptr, cnt_ptr, tile, N,
@@ -240,18 +260,26 @@ def _dot_codes(wt, x0, x1, x2, x3, acc, USE_ASM: tl.constexpr):
 
 @triton.jit
 def _gemv_kernel(
-    x_ptr, g_ptr, a_ptr, q_ptr, w_ptr, s_ptr, o_ptr, r_ptr, ws_ptr, cnt_ptr,
+    x_ptr, g_ptr, a_ptr, q_ptr, w_ptr, s_ptr, o_ptr, r_ptr, ws_ptr, cnt_ptr, g2_ptr, q2_ptr, a2_ptr, tcnt_ptr,
     N, K, KW, eps,
     BN: tl.constexpr, BK: tl.constexpr, KB: tl.constexpr, SPLIT_K: tl.constexpr, X_FLOAT: tl.constexpr,
     NORM: tl.constexpr, ACT: tl.constexpr, RESIDUAL: tl.constexpr, ROW_SCALE: tl.constexpr,
+    PRIVATE_ROW: tl.constexpr, THEN_QUANT: tl.constexpr, NORM2: tl.constexpr, NB: tl.constexpr,
     USE_ASM: tl.constexpr, NATIVE: tl.constexpr,
 ):  # fmt: skip
     """out[N] = epilogue(x[K] @ W[N, K].T) for ternary W ("triton_i2"); KB >= K is a power of two.
 
     x is int8 (q_ptr = x_ptr) with its scale at a_ptr, or (X_FLOAT) a float row, RMS-normalized with gain g
     (NORM) and quantized here, once per program, into the int8 row at q_ptr: every program writes the same
-    bytes there, then reads its slices back like pre-quantized ones."""
+    bytes there, then reads its slices back like pre-quantized ones; with PRIVATE_ROW each program has its
+    own row (KB bytes each), so the programs' identical stores do not queue on the same L2 lines.
+
+    THEN_QUANT: the output row [N] (NB >= N, a power of two) is also RMS-normalized with gain g2 (NORM2) and
+    quantized into q2 / a2 by the last program to arrive (counter at tcnt), so the next GEMV reads int8 and
+    no program of it normalizes the whole row again."""
     pid_k = tl.program_id(1)
+    if PRIVATE_ROW:
+        q_ptr += (tl.program_id(0) * SPLIT_K + pid_k).to(tl.int64) * KB
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
     n_ok = rn < N
     j = tl.arange(0, BK // 4)
@@ -269,13 +297,7 @@ def _gemv_kernel(
     offs = tl.arange(0, KB)
     k_ok = offs < K
     if X_FLOAT:
-        raw = tl.load(x_ptr + offs, mask=k_ok, other=0.0)
-        y = raw.to(tl.float32)
-        if NORM:
-            gv = tl.load(g_ptr + offs, mask=k_ok, other=0.0).to(tl.float32)
-            y = rms_apply(y, rms_inverse(y, K, eps), gv, raw.dtype, NATIVE)
-        a = absmax_scale(tl.max(tl.abs(y), axis=0))
-        q = quantize_i8(y, a, NATIVE)
+        q, a = load_norm_quant(x_ptr, g_ptr, offs, k_ok, K, eps, NORM, False, NATIVE)
         tl.store(q_ptr + offs, q, mask=k_ok)
         tl.debug_barrier()  # the row is in memory before any thread of the program reads a slice of it
     else:
@@ -313,6 +335,15 @@ def _gemv_kernel(
     a_row = tl.zeros((1,), tl.float32) + a
     _finish(out, out_u, rm, rn, rm < 1, n_ok, a_row, s_ptr, o_ptr, r_ptr, ws_ptr, cnt_ptr,
             tl.program_id(0), N, 0, 0, SPLIT_K, ACT, RESIDUAL, ROW_SCALE, NATIVE)  # fmt: skip
+    if THEN_QUANT:  # the last program to finish normalizes and quantizes the whole output row for the next op
+        tl.debug_barrier()  # every thread's outputs are stored before the arrival is counted
+        arrived = tl.atomic_add(tcnt_ptr, 1)
+        if arrived == tl.num_programs(0) - 1:
+            tl.atomic_xchg(tcnt_ptr, 0)
+            offs_n = tl.arange(0, NB)
+            q2, a2 = load_norm_quant(o_ptr, g2_ptr, offs_n, offs_n < N, N, eps, NORM2, True, NATIVE)
+            tl.store(q2_ptr + offs_n, q2, mask=offs_n < N)
+            tl.store(a2_ptr, a2)
 
 
 @dataclass(frozen=True)
@@ -326,6 +357,8 @@ class MMConfig:
     num_warps: int = 4
     num_stages: int = 3
     gemv: bool = False
+    swap: bool = False
+    private_row: bool = False  # fused-norm GEMV: each program quantizes into its own row, not a shared one
 
 
 # (rows bucket, N, K, gated) -> the tiles measured fastest on an H200 (benchmarks/gpu_bench.py, 2026-11-30)
@@ -348,6 +381,16 @@ _H200_2B4T = {
     (128, 2560, 6912, False): MMConfig(bm=64, bn=128, bk=256, num_warps=4, num_stages=3),
 }
 TUNED: dict[tuple[int, int, int, bool], MMConfig] = dict(_H200_2B4T)
+
+# From this many rows on, `ternary_mm` expands the 2-bit codes to int8 and multiplies through EXPAND_BACKEND
+# (see expanded.py: "int_mm" = cuBLASLt int8 + epilogue kernel, "w8" = `_mm_kernel` on int8 weights); below
+# it, or with None, `_mm_kernel` decodes the 2-bit codes in registers. benchmarks/gpu_bench.py measures the
+# three at 64 and 2048 rows and reports the threshold to set here. Off by default: a partial H200 sweep had
+# "w8" ahead at 2048 rows (424 vs 525 µs for the four projections; bf16 370), but the gated "w8" path and the
+# engine's prefill through it have not run on a GPU yet.
+EXPAND_MIN_ROWS: int | None = None
+EXPAND_BACKEND = "w8"
+MM_BACKENDS = ("i2", "int_mm", "w8")
 
 
 def rows_bucket(m: int) -> int:
@@ -400,16 +443,27 @@ def ternary_mm(
     act: str | None = None,
     out: torch.Tensor | None = None,
     config: MMConfig | None = None,
+    backend: str | None = None,
 ) -> torch.Tensor:
     """epilogue(xq [M, K] int8 @ W.T) on tensor cores, W in "triton_i2" or an int8 weight (layout "int8").
 
     Epilogue: y = acc * (s / a) in `out_dtype`; with `act` ("relu2", "silu") W stacks gate and up rows and
-    y = act(gate) * up; with `residual`, y = residual + y. Rounded at each step as the torch model rounds."""
+    y = act(gate) * up; with `residual`, y = residual + y. Rounded at each step as the torch model rounds.
+    `backend` (ternary weights): "i2", "int_mm" or "w8" (see EXPAND_MIN_ROWS); None chooses by rows."""
     m = xq.shape[0]
     n, k, act_code = _check(xq, w, act)
     w8 = w.layout == "int8"
-    cfg = config or default_config(m, n, k, w8, act_code != 0)
+    if backend is None:
+        expand = EXPAND_MIN_ROWS is not None and m >= EXPAND_MIN_ROWS
+        backend = EXPAND_BACKEND if expand else "i2"
+    if backend not in MM_BACKENDS:
+        raise ValueError(f"backend must be one of {MM_BACKENDS}, got {backend!r}")
     out = torch.empty((m, n), dtype=out_dtype, device=xq.device) if out is None else out
+    if backend != "i2" and not w8:
+        from .expanded import expanded_mm  # it builds on this module's kernels
+
+        return expanded_mm(xq, a, w, out, n, act_code, residual, backend, config)
+    cfg = config or default_config(m, n, k, w8, act_code != 0)
     kw = w.data.shape[1]
     grid = (triton.cdiv(n, cfg.bn), triton.cdiv(m, cfg.bm), cfg.split_k)
     ws, cnt = _split_buffers(xq.device, m, 2 * n if act_code else n, grid[0] * grid[1], cfg.split_k)
@@ -418,8 +472,8 @@ def ternary_mm(
         ws if ws is not None else out, cnt if cnt is not None else out,
         m, n, k, kw, xq.stride(0), out.stride(0), residual.stride(0) if residual is not None else 0,
         BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, SPLIT_K=cfg.split_k, W8=w8, ACT=act_code,
-        RESIDUAL=residual is not None, ROW_SCALE=w.scale.numel() > 1, NATIVE=on_gpu(xq),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **LAUNCH_OPTS,
+        RESIDUAL=residual is not None, ROW_SCALE=w.scale.numel() > 1, SWAP=cfg.swap and not w8,
+        NATIVE=on_gpu(xq), num_warps=cfg.num_warps, num_stages=cfg.num_stages, **LAUNCH_OPTS,
     )  # fmt: skip
     return out
 
@@ -437,11 +491,13 @@ def ternary_gemv(
     out: torch.Tensor | None = None,
     config: MMConfig | None = None,
     use_asm: bool | None = None,
+    then_quant: tuple[torch.Tensor | None, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """epilogue(x [1, K] @ W.T) for one row on the integer ALUs (`act`, `residual`: see ternary_mm). With `a`,
     x is int8 already quantized with scale a [1]; without, x is float and is quantized here (after RMSNorm
     with `gain` when given). `use_asm=False` replaces the inline PTX by plain Triton (the interpreter's
-    path)."""
+    path). `then_quant` = (gain or None, q int8 [1, N], a float32 [1]): also write the output row normalized
+    (RMSNorm with gain, eps) and quantized into q and a, as norm_quant would (needs split_k 1)."""
     if x.shape[0] != 1:
         raise ValueError(f"ternary_gemv takes one row, got {x.shape[0]}")
     if w.layout != "triton_i2":
@@ -453,15 +509,23 @@ def ternary_gemv(
     out = torch.empty((1, n), dtype=out_dtype, device=x.device) if out is None else out
     grid = (triton.cdiv(n, cfg.bn), cfg.split_k)
     ws, cnt = _split_buffers(x.device, 1, 2 * n if act_code else n, grid[0], cfg.split_k)
-    q = scratch_buffer(x.device, k, "row").view(torch.int8) if x_float else x
+    private = x_float and cfg.private_row
+    row_bytes = grid[0] * grid[1] * triton.next_power_of_2(k) if private else k
+    q = scratch_buffer(x.device, -(-row_bytes // 4), "row").view(torch.int8) if x_float else x
+    g2, q2, a2 = then_quant or (None, out, out)
+    if then_quant is not None and cfg.split_k != 1:
+        raise ValueError("then_quant needs a config with split_k 1")
+    tcnt = scratch_buffer(x.device, 1, "then_quant_count") if then_quant is not None else out
     _gemv_kernel[grid](
         x, gain if gain is not None else x, a if a is not None else x, q, w.data, w.scale, out,
         residual if residual is not None else out,
         ws if ws is not None else out, cnt if cnt is not None else out,
+        g2 if g2 is not None else out, q2, a2, tcnt,
         n, k, w.data.shape[1], eps,
         BN=cfg.bn, BK=cfg.bk, KB=triton.next_power_of_2(k), SPLIT_K=cfg.split_k, X_FLOAT=x_float,
         NORM=gain is not None, ACT=act_code, RESIDUAL=residual is not None, ROW_SCALE=w.scale.numel() > 1,
-        USE_ASM=on_gpu(x) if use_asm is None else use_asm, NATIVE=on_gpu(x),
+        PRIVATE_ROW=private, THEN_QUANT=then_quant is not None, NORM2=g2 is not None,
+        NB=triton.next_power_of_2(n), USE_ASM=on_gpu(x) if use_asm is None else use_asm, NATIVE=on_gpu(x),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **LAUNCH_OPTS,
     )  # fmt: skip
     return out

@@ -28,6 +28,23 @@ def rms_apply(x, r, g, XDT: tl.constexpr, NATIVE: tl.constexpr):
 
 
 @triton.jit
+def load_norm_quant(x_ptr, g_ptr, offs, mask, K, eps, NORM: tl.constexpr, L2_ONLY: tl.constexpr,
+                    NATIVE: tl.constexpr):  # fmt: skip
+    """(int8 row, scale a) of the float row x[offs] (K values): RMSNorm with gain g when NORM, then per-token
+    absmax quantization. L2_ONLY reads past the L1 cache (rows other programs of the launch just wrote)."""
+    if L2_ONLY:
+        raw = tl.load(x_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
+    else:
+        raw = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    y = raw.to(tl.float32)
+    if NORM:
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        y = rms_apply(y, rms_inverse(y, K, eps), g, raw.dtype, NATIVE)
+    a = absmax_scale(tl.max(tl.abs(y), axis=0))
+    return quantize_i8(y, a, NATIVE), a
+
+
+@triton.jit
 def _norm_quant_kernel(
     x_ptr,
     g_ptr,

@@ -1,0 +1,124 @@
+"""Products for many rows through ternary codes expanded to int8 once per call.
+
+At thousands of rows (prefill) the tensor-core GEMM on 2-bit codes decodes every weight tile once per row tile
+and stages it through shared memory, which keeps it far below the int8 peak. Here one small kernel expands the
+whole weight to int8 {-1, 0, 1} in a scratch buffer (reused, sized for the largest matrix; the 2-bit weights
+stay the only stored copy), then either
+- "int_mm": torch._int_mm (cuBLASLt int8 tensor cores, exact int32 accumulation) and an epilogue kernel that
+  applies the scales, the gated activation and the residual exactly as `_mm_kernel` does, or
+- "w8": `_mm_kernel` on the int8 weight (plain int8 `tl.dot` tiles, epilogue fused).
+`matmul.ternary_mm` routes here from `matmul.EXPAND_MIN_ROWS` rows on.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ...quant.layouts import PackedWeight
+from .common import LAUNCH_OPTS, on_gpu, scratch_buffer
+from .matmul import MMConfig, _epilogue, _mm_kernel, _signed_codes, rows_bucket
+
+BACKENDS = ("int_mm", "w8")
+# `_mm_kernel` tiles on int8 weights, by (rows bucket, N, K, gated) as matmul.TUNED; the default was the
+# fastest measured at 2048 rows on an H200 for the 2B-4T projections and fits shared memory with two weight
+# tiles (gated)
+W8_TUNED: dict[tuple[int, int, int, bool], MMConfig] = {}
+W8_DEFAULT = MMConfig(bm=128, bn=128, bk=128, num_warps=8, num_stages=4)
+
+
+@triton.jit
+def _expand_kernel(w_ptr, o_ptr, N, K, KW, BN: tl.constexpr, BC: tl.constexpr, NATIVE: tl.constexpr):
+    """int8 [N, K] codes {-1, 0, 1} from "triton_i2" bytes [N, KW]: byte column c holds elements
+    (c // 32) * 128 + s * 32 + c % 32 of its row for slices s = 0..3."""
+    rn = tl.program_id(0) * BN + tl.arange(0, BN)
+    c = tl.program_id(1) * BC + tl.arange(0, BC)
+    n_ok = (rn < N)[:, None]
+    wt = tl.load(w_ptr + rn.to(tl.int64)[:, None] * KW + c[None, :], mask=n_ok & (c < KW)[None, :], other=0)
+    c0, c1, c2, c3 = _signed_codes(wt, NATIVE)
+    e = ((c // 32) * 128 + c % 32)[None, :]
+    rows = o_ptr + rn.to(tl.int64)[:, None] * K
+    tl.store(rows + e, c0, mask=n_ok & (e < K))
+    tl.store(rows + e + 32, c1, mask=n_ok & (e + 32 < K))
+    tl.store(rows + e + 64, c2, mask=n_ok & (e + 64 < K))
+    tl.store(rows + e + 96, c3, mask=n_ok & (e + 96 < K))
+
+
+def expand_codes(w: PackedWeight) -> torch.Tensor:
+    """The codes of a "triton_i2" weight as int8 [N, K] in the shared "codes" scratch buffer (valid until the
+    next expansion on this device)."""
+    n, k = w.shape
+    buf = scratch_buffer(w.data.device, -(-n * k // 4), "codes").view(torch.int8)[: n * k].view(n, k)
+    bn, bc = 32, 128
+    grid = (triton.cdiv(n, bn), triton.cdiv(w.data.shape[1], bc))
+    _expand_kernel[grid](w.data, buf, n, k, w.data.shape[1], BN=bn, BC=bc, NATIVE=on_gpu(w.data), num_warps=4)
+    return buf
+
+
+@triton.jit
+def _scale_kernel(
+    acc_ptr, a_ptr, s_ptr, o_ptr, r_ptr, M, N, stride_acc, stride_o, stride_r,
+    BM: tl.constexpr, BN: tl.constexpr, ACT: tl.constexpr, RESIDUAL: tl.constexpr, ROW_SCALE: tl.constexpr,
+    NATIVE: tl.constexpr,
+):  # fmt: skip
+    """`_mm_kernel`'s epilogue on int32 products acc [M, N] (or [M, 2N], gate then up, with ACT)."""
+    rm = tl.program_id(1) * BM + tl.arange(0, BM)
+    rn = tl.program_id(0) * BN + tl.arange(0, BN)
+    m_ok = rm < M
+    n_ok = rn < N
+    mask = m_ok[:, None] & n_ok[None, :]
+    ptrs = acc_ptr + rm.to(tl.int64)[:, None] * stride_acc + rn[None, :]
+    acc = tl.load(ptrs, mask=mask, other=0)
+    acc_u = acc
+    if ACT != 0:
+        acc_u = tl.load(ptrs + N, mask=mask, other=0)
+    a = tl.load(a_ptr + rm, mask=m_ok, other=1.0)
+    _epilogue(acc, acc_u, rm, rn, m_ok, n_ok, a, s_ptr, o_ptr, r_ptr, N, stride_o, stride_r,
+              ACT, RESIDUAL, ROW_SCALE, NATIVE)  # fmt: skip
+
+
+def int_mm_ok(m: int, n_rows: int, k: int) -> bool:
+    """torch._int_mm's shape rules on CUDA (more than 16 rows, K and N multiples of 8)."""
+    return m > 16 and k % 8 == 0 and n_rows % 8 == 0
+
+
+def expanded_mm(
+    xq: torch.Tensor,
+    a: torch.Tensor,
+    w: PackedWeight,
+    out: torch.Tensor,
+    n: int,
+    act_code: int,
+    residual: torch.Tensor | None,
+    backend: str,
+    config: MMConfig | None = None,
+) -> torch.Tensor:
+    """out = epilogue(xq @ expand(W).T) (arguments as matmul.ternary_mm has checked them). "int_mm" falls
+    back to "w8" on shapes torch._int_mm rejects; `config`: the "w8" tiles (else W8_TUNED / W8_DEFAULT)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"expanded-weight backend must be one of {BACKENDS}, got {backend!r}")
+    m, k = xq.shape
+    codes = expand_codes(w)
+    row_scale = w.scale.numel() > 1
+    res = residual if residual is not None else out
+    stride_r = residual.stride(0) if residual is not None else 0
+    if backend == "int_mm" and int_mm_ok(m, codes.shape[0], k):
+        acc = torch._int_mm(xq if xq.is_contiguous() else xq.contiguous(), codes.t())
+        bm, bn = 32, 128
+        _scale_kernel[(triton.cdiv(n, bn), triton.cdiv(m, bm))](
+            acc, a, w.scale, out, res, m, n, acc.stride(0), out.stride(0), stride_r,
+            BM=bm, BN=bn, ACT=act_code, RESIDUAL=residual is not None, ROW_SCALE=row_scale,
+            NATIVE=on_gpu(xq), num_warps=4, **LAUNCH_OPTS,
+        )  # fmt: skip
+        return out
+    cfg = config or W8_TUNED.get((rows_bucket(m), n, k, act_code != 0), W8_DEFAULT)
+    grid = (triton.cdiv(n, cfg.bn), triton.cdiv(m, cfg.bm), 1)
+    _mm_kernel[grid](
+        xq, a, codes, w.scale, out, res, out, out,
+        m, n, k, k, xq.stride(0), out.stride(0), stride_r,
+        BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, SPLIT_K=1, W8=True, ACT=act_code,
+        RESIDUAL=residual is not None, ROW_SCALE=row_scale, SWAP=False, NATIVE=on_gpu(xq),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **LAUNCH_OPTS,
+    )  # fmt: skip
+    return out
