@@ -91,7 +91,7 @@ def main() -> None:
         probe_recipe.write_text(yaml.safe_dump(probe, sort_keys=False))
         flags = ["--no-export", "--no-resume", "--loggers", "[jsonl]"]
         procs[name] = launch(probe_recipe, flags, run_dir / "probe", gpu, run_dir / "probe.log")
-    wait_all(procs)
+    wait_all(procs, deadline=started + args.budget)
     probe_wall = time.time() - started
     step_s = max(step_seconds(d / "probe" / "metrics.jsonl") for d, _, _ in runs.values())
     startup_s = probe_wall - PROBE_STEPS * step_s
