@@ -123,8 +123,8 @@ def tokenize_record(
         text = record[text_field]
         if not isinstance(text, str):
             raise DataError(f"field {text_field!r} must be a string, got {type(text).__name__}")
-        ids, trained = tok.encode_spans(text, [(0, len(text))])
-        ids, trained = _add_bos_eos(tok, ids, trained)
+        ids = tok.tokenizer.encode(text, add_special_tokens=False).ids  # every token trained: no span test
+        ids, trained = _add_bos_eos(tok, ids, [True] * len(ids))
     elif kind == "prompt_completion":
         ids, trained = _prompt_completion(record["prompt"], record["completion"], tok)
     else:
