@@ -1,4 +1,5 @@
-"""The int8 per-row output head against the bf16 head: top-1 agreement and perplexity on the same tokens.
+"""The int8 and 4-bit per-row output heads against the bf16 head: top-1 agreement and perplexity on the same
+tokens.
 
 No real checkpoint is reachable here, so the model is a random ternary model of the bitnet-2b-4t shape and the
 text is the model's own: continuations sampled (temperature 1) with the bf16 head from random prompts. Both
@@ -52,17 +53,23 @@ def main() -> None:
         ids = sample(model, prompts, args.len, g)
         ref, ppl_bf16 = score(model, ids, 8)
         model.lm_head.weight = head
-        model.head_mode = "int8"
-        got, ppl_int8 = score(model, ids, 8)
-    agree = (ref.argmax(-1) == got.argmax(-1)).float().mean().item()
-    kl = torch.nn.functional.kl_div(
-        got.log_softmax(-1), ref.log_softmax(-1), log_target=True, reduction="none"
-    )
-    rel = ((got - ref).pow(2).mean() / ref.pow(2).mean()).sqrt().item()
+        scored = {}
+        for mode in ("int8", "int4"):
+            model.head_mode = mode
+            scored[mode] = score(model, ids, 8)
     print(f"bitnet-2b-4t shape ({args.layers} layers), {args.seqs} x {args.len} sampled tokens")
-    print(f"top-1 agreement int8 vs bf16 head: {agree:.2%}")
-    print(f"perplexity bf16 head {ppl_bf16:.4f}, int8 head {ppl_int8:.4f} ({ppl_int8 / ppl_bf16 - 1:+.3%})")
-    print(f"mean KL(bf16 || int8) {kl.sum(-1).mean().item():.2e} nats; relative RMS logit error {rel:.2e}")
+    for mode, (got, ppl) in scored.items():
+        agree = (ref.argmax(-1) == got.argmax(-1)).float().mean().item()
+        kl = torch.nn.functional.kl_div(
+            got.log_softmax(-1), ref.log_softmax(-1), log_target=True, reduction="none"
+        )
+        rel = ((got - ref).pow(2).mean() / ref.pow(2).mean()).sqrt().item()
+        print(f"{mode} head vs bf16 head: top-1 agreement {agree:.2%}")
+        print(f"  perplexity bf16 {ppl_bf16:.4f}, {mode} {ppl:.4f} ({ppl / ppl_bf16 - 1:+.3%})")
+        print(
+            f"  mean KL(bf16 || {mode}) {kl.sum(-1).mean().item():.2e} nats; "
+            f"relative RMS logit error {rel:.2e}"
+        )
     print(f"logit scale: std {ref.std().item():.1f} (random weights: far more peaked than a trained model's)")
 
 

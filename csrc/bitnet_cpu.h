@@ -55,12 +55,21 @@ typedef struct {
     int64_t ldy;
 } bn_qmat;
 
+/* The 4-bit head: int4 weights w in [-7, 7] with per-row scales, stored as w + 8 in nibbles. Tiles as the int8
+ * head's, in 64-value chunks: for tile t and chunk c the 4 rows' 32 bytes lie side by side at
+ * ((t * (k_pad / 64) + c) * 4 + r) * 32; byte i holds element 64c + i in its low nibble and 64c + 32 + i in its
+ * high nibble, so a mask and a shift give 32 elements each in natural order. Kernels compute
+ * sum((w + 8) * x) - 8 * rowsum(x). Rows past n and columns past k hold w = 0. */
+#define BN_INT4_CHUNK 64
+
 typedef struct {
     const char *name;
     /* y for rows of tiles [t0, t1) of w, for all M activation rows */
     void (*ternary)(const bn_act *x, const bn_tmat *w, int64_t t0, int64_t t1);
     /* y for rows [n0, n1) of w (n0 a multiple of BN_ROWS), for all M activation rows */
     void (*int8)(const bn_act *x, const bn_qmat *w, int64_t n0, int64_t n1);
+    /* the same for the 4-bit head (w->w holds the nibble tiles) */
+    void (*int4)(const bn_act *x, const bn_qmat *w, int64_t n0, int64_t n1);
     /* One row: xq = round_half_even(x * a) with a = (1 / max(max|x|, 1e-5)) * 127, zero padding to k_pad. */
     void (*quantize)(const float *x, int64_t k, int64_t k_pad, int8_t *xq, float *a, int32_t *rowsum);
 } bn_isa_ops;
@@ -94,6 +103,24 @@ static inline void bn_store(const bn_act *x, const bn_tmat *w, int64_t m, int64_
     float s = w->scale[n * w->scale_stride];
     w->y[m * w->ldy + n] = (float)(acc - x->rowsum[m]) * (s / x->a[m]);
 }
+
+/* The 4-bit head's dot products of rows [n0, n1) (n0 a multiple of BN_ROWS): portable, and AVX2 (which the
+ * AVX-512 table shares, as NEON shares the portable one: 4-bit reads are half the int8 head's, so the vector
+ * width matters less than the bandwidth). */
+void bn_int4_scalar(const bn_act *x, const bn_qmat *w, int64_t n0, int64_t n1);
+void bn_int4_avx2(const bn_act *x, const bn_qmat *w, int64_t n0, int64_t n1);
+
+static inline void bn_store_head(const bn_act *x, const bn_qmat *w, int64_t m, int64_t n, int32_t dot) {
+    w->y[m * w->ldy + n] = (float)dot * (w->scale[n] / x->a[m]);
+}
+
+/* Attention's float loops: a dot product as 8 partial sums combined ((0+1)+(2+3))+((4+5)+(6+7)), and
+ * y += a * x. Both versions give the same bits (the build turns floating-point contraction off, so no fused
+ * multiply-add changes a rounding), so which one runs never changes a result. */
+float bn_dot_f32_scalar(const float *a, const float *b, int64_t n);
+void bn_axpy_f32_scalar(float a, const float *x, float *y, int64_t n);
+float bn_dot_f32_avx2(const float *a, const float *b, int64_t n);
+void bn_axpy_f32_avx2(float a, const float *x, float *y, int64_t n);
 
 /* Portable quantization of one row; every ISA's vector version must give the same bytes. */
 void bn_quantize_row_scalar(const float *x, int64_t k, int64_t k_pad, int8_t *xq, float *a, int32_t *rowsum);

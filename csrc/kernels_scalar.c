@@ -63,4 +63,21 @@ static void int8_scalar(const bn_act *x, const bn_qmat *w, int64_t n0, int64_t n
     }
 }
 
-const bn_isa_ops bn_ops_scalar = {"scalar", ternary_scalar, int8_scalar, bn_quantize_row_scalar};
+void bn_int4_scalar(const bn_act *x, const bn_qmat *w, int64_t n0, int64_t n1) {
+    int64_t chunks = x->k_pad / BN_INT4_CHUNK;
+    for (int64_t n = n0; n < n1; n++) {
+        const uint8_t *row = (const uint8_t *)w->w + n / BN_ROWS * chunks * BN_ROWS * 32 + n % BN_ROWS * 32;
+        for (int64_t m = 0; m < x->m; m++) {
+            const int8_t *xr = x->xq + m * x->ldx;
+            int32_t acc = 0;
+            for (int64_t c = 0; c < chunks; c++)
+                for (int i = 0; i < 32; i++) {
+                    unsigned b = row[c * BN_ROWS * 32 + i];
+                    acc += (int32_t)(b & 15) * xr[c * 64 + i] + (int32_t)(b >> 4) * xr[c * 64 + 32 + i];
+                }
+            bn_store_head(x, w, m, n, acc - 8 * x->rowsum[m]);
+        }
+    }
+}
+
+const bn_isa_ops bn_ops_scalar = {"scalar", ternary_scalar, int8_scalar, bn_int4_scalar, bn_quantize_row_scalar};

@@ -14,14 +14,14 @@
 
 #if defined(_WIN32)
 #include <malloc.h>
-static void *aligned_alloc64(size_t n) { return _aligned_malloc(n, BN_ALIGN); }
-static void aligned_free(void *p) { _aligned_free(p); }
+void *bn_aligned_alloc(size_t n) { return _aligned_malloc(n, BN_ALIGN); }
+void bn_aligned_free(void *p) { _aligned_free(p); }
 #else
-static void *aligned_alloc64(size_t n) {
+void *bn_aligned_alloc(size_t n) {
     void *p = NULL;
     return posix_memalign(&p, BN_ALIGN, n) == 0 ? p : NULL;
 }
-static void aligned_free(void *p) { free(p); }
+void bn_aligned_free(void *p) { free(p); }
 #endif
 
 /* Scratch shared by all operations (guarded by the pool lock): grown, never shrunk. */
@@ -32,8 +32,8 @@ static struct {
 
 static void *scratch_get(size_t n) {
     if (n > scratch.size) {
-        aligned_free(scratch.buf);
-        scratch.buf = aligned_alloc64(n);
+        bn_aligned_free(scratch.buf);
+        scratch.buf = bn_aligned_alloc(n);
         scratch.size = scratch.buf ? n : 0;
     }
     return scratch.buf;
@@ -127,22 +127,22 @@ void bn_run_ternary(const bn_isa_ops *ops, const bn_act *x, const bn_tmat *mats,
 }
 
 typedef struct {
-    const bn_isa_ops *ops;
+    void (*kernel)(const bn_act *x, const bn_qmat *w, int64_t n0, int64_t n1);
     const bn_act *x;
     const bn_qmat *w;
-} int8_job;
+} head_job;
 
-static void int8_task(void *p, int tid, int64_t q0, int64_t q1) {
+static void head_task(void *p, int tid, int64_t q0, int64_t q1) {
     (void)tid;
-    int8_job *j = p;
+    head_job *j = p;
     int64_t n0 = q0 * BN_ROWS, n1 = q1 * BN_ROWS < j->w->n ? q1 * BN_ROWS : j->w->n;
-    if (n0 < n1) j->ops->int8(j->x, j->w, n0, n1);
+    if (n0 < n1) j->kernel(j->x, j->w, n0, n1);
 }
 
-void bn_run_int8(const bn_isa_ops *ops, const bn_act *x, const bn_qmat *w) {
-    int8_job job = {ops, x, w};
+void bn_run_head(const bn_isa_ops *ops, const bn_act *x, const bn_qmat *w, int bits) {
+    head_job job = {bits == 4 ? ops->int4 : ops->int8, x, w};
     int64_t quads = (w->n + BN_ROWS - 1) / BN_ROWS, grain = quads / (16 * (int64_t)bn_pool_threads());
-    bn_pool_run(int8_task, &job, quads, grain > 4 ? grain : 4);
+    bn_pool_run(head_task, &job, quads, grain > 4 ? grain : 4);
 }
 
 typedef struct {
@@ -190,15 +190,21 @@ double bn_read_bandwidth(const void *buf, size_t nbytes, int reps, uint64_t *che
 typedef struct {
     const bn_attn *p;
     int64_t items;
+    float (*dot)(const float *a, const float *b, int64_t n);
+    void (*axpy)(float a, const float *x, float *y, int64_t n);
 } attn_job;
 
-static float dot_f32(const float *a, const float *b, int64_t n) {
+float bn_dot_f32_scalar(const float *a, const float *b, int64_t n) {
     float s[8] = {0};
     int64_t i = 0;
     for (; i + 8 <= n; i += 8)
         for (int j = 0; j < 8; j++) s[j] += a[i + j] * b[i + j];
-    for (; i < n; i++) s[0] += a[i] * b[i];
+    for (; i < n; i++) s[i % 8] += a[i] * b[i];
     return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+}
+
+void bn_axpy_f32_scalar(float a, const float *x, float *y, int64_t n) {
+    for (int64_t i = 0; i < n; i++) y[i] += a * x[i];
 }
 
 /* out = x * cos + rotate_half(x) * sin, as the model's apply_rope */
@@ -223,15 +229,14 @@ static void attn_task(void *arg, int tid, int64_t i0, int64_t i1) {
         float *out = p->out + (row * p->heads + h) * p->dim;
         float mx = -INFINITY, sum = 0.0f;
         for (int64_t s = 0; s <= last; s++) {
-            scores[s] = dot_f32(q, k + s * p->dim, p->dim) * p->scale;
+            scores[s] = j->dot(q, k + s * p->dim, p->dim) * p->scale;
             mx = scores[s] > mx ? scores[s] : mx;
         }
         for (int64_t d = 0; d < p->dim; d++) out[d] = 0.0f;
         for (int64_t s = 0; s <= last; s++) {
             float e = expf(scores[s] - mx);
             sum += e;
-            const float *vs = v + s * p->dim;
-            for (int64_t d = 0; d < p->dim; d++) out[d] += e * vs[d];
+            j->axpy(e, v + s * p->dim, out, p->dim);
         }
         float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
         for (int64_t d = 0; d < p->dim; d++) out[d] *= inv;
@@ -252,7 +257,10 @@ int bn_attention(bn_attn *p) {
     int threads = bn_pool_threads();
     p->scratch = scratch_get((size_t)threads * (size_t)(p->keys + p->dim) * sizeof(float));
     if (!p->scratch) return -1;
-    attn_job job = {p, p->batch * p->heads * p->queries};
+    attn_job job = {p, p->batch * p->heads * p->queries, bn_dot_f32_scalar, bn_axpy_f32_scalar};
+#ifdef BN_HAVE_AVX2
+    if (bn_isa_get(BN_ISA_AVX2)) job.dot = bn_dot_f32_avx2, job.axpy = bn_axpy_f32_avx2;
+#endif
     bn_pool_run(attn_task, &job, job.items, 1);
     return 0;
 }

@@ -7,6 +7,10 @@
 
 #include "bitnet_cpu.h"
 
+/* 64-byte aligned heap blocks (NULL when memory runs out). */
+void *bn_aligned_alloc(size_t n);
+void bn_aligned_free(void *p);
+
 /* Float activations [m][ldx] (k used), and the RMSNorm weight to apply first (NULL: none). */
 typedef struct {
     const float *x;
@@ -18,7 +22,8 @@ typedef struct {
 /* Quantize `in` into the shared scratch and describe it in `act`; -1 when memory runs out. */
 int bn_quantize_input(const bn_isa_ops *ops, const bn_input *in, bn_act *act);
 void bn_run_ternary(const bn_isa_ops *ops, const bn_act *x, const bn_tmat *mats, int nmats);
-void bn_run_int8(const bn_isa_ops *ops, const bn_act *x, const bn_qmat *w);
+/* The output head: int8 (bits 8) or 4-bit (bits 4) tiles with per-row scales. */
+void bn_run_head(const bn_isa_ops *ops, const bn_act *x, const bn_qmat *w, int bits);
 /* Attention for `queries` new tokens per sequence. qkv rows (b * queries + t, stride ld_qkv) hold the token's
  * projections [heads + 2 kv_heads][dim] before RoPE; cos, sin [batch * queries][dim]. The caches, [batch (stride
  * kv_batch_stride)][kv_heads (stride kv_head_stride)][keys][dim], receive the rotated keys and the values at each

@@ -189,6 +189,25 @@ def test_int8_head_matches_integer_reference():
     assert torch.equal(head(x), ref)
 
 
+def test_int4_head_matches_integer_reference():
+    from pybitnet.kernels.cpu_head import Int4Head
+
+    g = torch.Generator().manual_seed(8)
+    w = torch.randn(1003, 300, generator=g)
+    w[5, 7] = 40.0  # an outlier row: its range is clipped rather than spent on one value
+    head = Int4Head.from_float(w)
+    assert head.q.shape == (251, 6, 4, 32) and head.q.dtype == torch.uint8
+    rows = head.rows()
+    assert rows.abs().max() == 7 and rows.shape == (1003, 300)
+    err = (head.dequantize() - w).pow(2).sum(1)
+    plain = w.abs().amax(1) / 7  # absmax scales: the clip search never does worse
+    assert (err <= ((w / plain[:, None]).round() * plain[:, None] - w).pow(2).sum(1) + 1e-4).all()
+    x = torch.randn(2, 3, 300, generator=g)
+    xq, a = quantize_activations(x)
+    acc = xq.double() @ rows.double().T
+    assert torch.equal(head(x), (acc.float() * (head.scale / a)).float())
+
+
 def test_decode_attention_matches_torch():
     """RoPE + cache write + causal GQA attention in C against apply_rope, KVCache.update and SDPA."""
     from pybitnet.models.kv_cache import KVCache

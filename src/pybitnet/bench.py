@@ -159,7 +159,7 @@ def backend_name(model: nn.Module) -> str:
 
         kernel = f"cpu ({cpu.best_isa()})"
     head = model.int8_head() if hasattr(model, "int8_head") else None
-    return f"{kernel}, {'int8' if head is not None else 'float'} head"
+    return f"{kernel}, {f'int{head.bits}' if head is not None else 'float'} head"
 
 
 def default_threads() -> int:

@@ -15,6 +15,9 @@ from ..engine.default_model import model_or_default
 GIB = 1024**3
 
 
+LM_HEAD_HELP = "auto (int8 with the C kernels), int8, int4 (CPU: half the bytes, less exact) or float."
+
+
 def register(app: typer.Typer) -> None:
     app.command("bench")(bench_command)
 
@@ -83,7 +86,7 @@ def bench_command(
     kernel: Annotated[
         str | None, typer.Option("--kernel", help="Force a kernel (e.g. cpu-avx2, reference).")
     ] = None,
-    lm_head: Annotated[str, typer.Option("--lm-head", help="auto, int8 or float.")] = "auto",
+    lm_head: Annotated[str, typer.Option("--lm-head", help=LM_HEAD_HELP)] = "auto",
 ) -> None:
     """Measure prompt processing (pp) and generation (tg) speed, as llama-bench does."""
     if model is not None and preset is not None:

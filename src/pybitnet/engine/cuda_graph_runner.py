@@ -24,7 +24,8 @@ def cuda_graph_supported(model: Transformer) -> bool:
 
 def make_runner(model: Transformer, max_model_len: int):
     """CudaGraphRunner for a supported CUDA model, else ModelRunner. The output head follows the model's
-    head mode ($PYBITNET_LM_HEAD): "float" keeps the float head, "int8" and "auto" use the int8 one."""
+    head mode ($PYBITNET_LM_HEAD): "float" keeps the float head; "int8", "auto" and "int4" (a CPU-only
+    layout) use the int8 one."""
     if not cuda_graph_supported(model):
         return ModelRunner(model, max_model_len)
     from .cuda_graph import CudaGraphRunner

@@ -196,25 +196,33 @@ def linear_many(
     return [y] if len(plan.sizes) == 1 else list(y.split(plan.sizes, dim=-1))
 
 
-def run_int8(
-    x: torch.Tensor, norm_ptr: int, eps: float, q: torch.Tensor, scale: torch.Tensor, y: torch.Tensor
+def run_head(
+    bits: int,
+    x: torch.Tensor,
+    norm_ptr: int,
+    eps: float,
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    y: torch.Tensor,
 ) -> None:
-    """y = quant(rms_norm?(x)) @ (q * scale).T on the best instruction set; x float32 [M, K] contiguous,
-    q int8 tiles [ceil(N/4), Kp/32, 4, 32] (Kp = K rounded up to 128), scale float32 [N], y float32 [M, N]."""
+    """y = quant(rms_norm?(x)) @ (w * scale).T on the best instruction set; x float32 [M, K] contiguous,
+    scale float32 [N], y float32 [M, N]; w int8 tiles [ceil(N/4), Kp/32, 4, 32] (bits 8) or 4-bit nibble tiles
+    uint8 [ceil(N/4), Kp/64, 4, 32] (bits 4), Kp = K rounded up to 128 (see csrc/bitnet_cpu.h)."""
     _ensure_threads()
     m, k = x.shape
     n = scale.numel()
-    tiles = (-(-n // 4), padded_cols(k) // 32, 4, 32)
-    if q.dtype != torch.int8 or tuple(q.shape) != tiles or not q.is_contiguous():
-        raise LayoutError(f"int8 head must be contiguous int8 {list(tiles)}, got {q.dtype} {tuple(q.shape)}")
+    chunk, dtype = (32, torch.int8) if bits == 8 else (64, torch.uint8)
+    tiles = (-(-n // 4), padded_cols(k) // chunk, 4, 32)
+    if q.dtype != dtype or tuple(q.shape) != tiles or not q.is_contiguous():
+        raise LayoutError(
+            f"a {bits}-bit head must be contiguous {dtype} {list(tiles)}, got {q.dtype} {tuple(q.shape)}"
+        )
     if scale.dtype != torch.float32 or tuple(y.shape) != (m, n) or y.dtype != torch.float32:
-        raise LayoutError("int8 head: scale must be float32 [N] and y float32 [M, N]")
+        raise LayoutError("head: scale must be float32 [N] and y float32 [M, N]")
     if k > MAX_K // 2:
-        raise KernelError(f"the int8 head takes at most {MAX_K // 2} input features, got {k}")
-    isa = ISAS[best_isa()]
-    _native.int8(
-        isa, x.data_ptr(), m, k, k, norm_ptr, eps, q.data_ptr(), n, scale.data_ptr(), y.data_ptr(), n
-    )
+        raise KernelError(f"the output head takes at most {MAX_K // 2} input features, got {k}")
+    ptrs = (q.data_ptr(), n, scale.data_ptr(), y.data_ptr(), n)
+    _native.head(_best_isa_id(), bits, x.data_ptr(), m, k, k, norm_ptr, eps, *ptrs)
 
 
 def attention_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: torch.Tensor) -> bool:

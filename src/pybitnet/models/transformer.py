@@ -16,7 +16,8 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..kernels import cpu as cpu_kernels
-from ..kernels.cpu_head import HeadRows, Int8Head
+from ..kernels.cpu_decoder import NativeDecoder
+from ..kernels.cpu_head import HeadRows, Int4Head, Int8Head
 from ..nn import PackedBitLinear, RMSNorm
 from ..nn.bitlinear import fused_linears
 from .config import ModelConfig
@@ -25,7 +26,7 @@ from .kv_cache import KVCache
 # (in_features, out_features) -> a ternary linear module (training BitLinear or inference PackedBitLinear)
 LinearFactory = Callable[[int, int], nn.Module]
 DECODE_ATTENTION_MAX_T = 4  # new tokens per sequence up to which cached attention runs in C on CPU
-HEAD_ENV = "PYBITNET_LM_HEAD"  # auto | int8 | float: the output head's default mode
+HEAD_ENV = "PYBITNET_LM_HEAD"  # auto | int8 | int4 | float: the output head's default mode
 
 
 def _runs_native_cpu_kernels(model: nn.Module) -> bool:
@@ -212,9 +213,15 @@ class Transformer(nn.Module):
             c.num_key_value_heads,
             max_len,
             c.head_dim,
-            dtype or self.compute_dtype,
+            dtype or self.cache_dtype,
             self.device,
         )
+
+    @property
+    def cache_dtype(self) -> torch.dtype:
+        """float32 where the C decoder runs the layers (it computes in float32), else the compute dtype."""
+        native = self.device.type == "cpu" and NativeDecoder.supports(self) is not None
+        return torch.float32 if native else self.compute_dtype
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -241,8 +248,12 @@ class Transformer(nn.Module):
             )
         x = self.embed_tokens(input_ids).to(self.compute_dtype)
         cos, sin = self.rope(positions)
-        for block in self.layers:
-            x = block(x, cos, sin, positions, cache)
+        native = None if cache is None else NativeDecoder.for_model(self)
+        if native is not None and native.fits(x, cache):  # all layers in one C call (same math, float32)
+            x = native(x, cos, sin, positions, cache)
+        else:
+            for block in self.layers:
+                x = block(x, cos, sin, positions, cache)
         if last_only:
             x = x[:, -1:]
         head = self.int8_head()
@@ -253,7 +264,8 @@ class Transformer(nn.Module):
 
     def int8_head(self) -> Int8Head | None:
         """The int8 per-row copy of the output head, made on first use, when `head_mode` is "int8", or "auto"
-        (the default, also set by $PYBITNET_LM_HEAD) on CPU with the C kernels; None means the float head."""
+        (the default, also set by $PYBITNET_LM_HEAD) on CPU with the C kernels; a 4-bit one for "int4"; None
+        means the float head."""
         return self._int8_head(self.lm_head.weight, native_linears=None)
 
     def build_int8_head(self, rows: HeadRows) -> None:
@@ -265,8 +277,8 @@ class Transformer(nn.Module):
 
     def _int8_head(self, rows: HeadRows, native_linears: bool | None) -> Int8Head | None:
         mode = self.head_mode or os.environ.get(HEAD_ENV, "auto")
-        if mode not in ("auto", "int8", "float"):
-            raise ConfigError(f"lm_head mode must be auto, int8 or float, got {mode!r}")
+        if mode not in ("auto", "int8", "int4", "float"):
+            raise ConfigError(f"lm_head mode must be auto, int8, int4 or float, got {mode!r}")
         if mode == "float" or self.lm_head.weight.device.type != "cpu" or not cpu_kernels.native_available():
             self.lm_head_int8 = None
             return None
@@ -274,6 +286,7 @@ class Transformer(nn.Module):
             native_linears = _runs_native_cpu_kernels(self)
         if mode == "auto" and not native_linears:
             return None
-        if self.lm_head_int8 is None:
-            self.lm_head_int8 = Int8Head.from_float(rows)
+        head_type = Int4Head if mode == "int4" else Int8Head  # int4: opt-in, half the bytes, less exact
+        if type(self.lm_head_int8) is not head_type:
+            self.lm_head_int8 = head_type.from_float(rows)
         return self.lm_head_int8
