@@ -10,20 +10,10 @@
 
 #define ELEMENT_GRAIN 8192 /* floats per task of the elementwise passes: below that, waking a thread costs more */
 
-/* Activation buffers of a run, grown, never shrunk (guarded by the pool lock, as ops.c's scratch). */
-static struct {
-    float *buf;
-    size_t floats;
-} work;
+/* Activation buffers of a run (guarded by the pool lock, as ops.c's scratch). */
+static bn_growbuf work;
 
-static float *work_get(size_t floats) {
-    if (floats > work.floats) {
-        bn_aligned_free(work.buf);
-        work.buf = bn_aligned_alloc(floats * sizeof(float));
-        work.floats = work.buf ? floats : 0;
-    }
-    return work.buf;
-}
+static float *work_get(size_t floats) { return bn_grow(&work, floats * sizeof(float)); }
 
 static size_t padded(int64_t n) { return ((size_t)n + 15) / 16 * 16; } /* whole cache lines per buffer */
 

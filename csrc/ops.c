@@ -24,20 +24,19 @@ void *bn_aligned_alloc(size_t n) {
 void bn_aligned_free(void *p) { free(p); }
 #endif
 
-/* Scratch shared by all operations (guarded by the pool lock): grown, never shrunk. */
-static struct {
-    void *buf;
-    size_t size;
-} scratch;
-
-static void *scratch_get(size_t n) {
-    if (n > scratch.size) {
-        bn_aligned_free(scratch.buf);
-        scratch.buf = bn_aligned_alloc(n);
-        scratch.size = scratch.buf ? n : 0;
+void *bn_grow(bn_growbuf *b, size_t n) {
+    if (n > b->size) {
+        bn_aligned_free(b->buf);
+        b->buf = bn_aligned_alloc(n);
+        b->size = b->buf ? n : 0;
     }
-    return scratch.buf;
+    return b->buf;
 }
+
+/* Scratch shared by all operations (guarded by the pool lock). */
+static bn_growbuf scratch;
+
+static void *scratch_get(size_t n) { return bn_grow(&scratch, n); }
 
 static size_t round_up(size_t n, size_t to) { return (n + to - 1) / to * to; }
 

@@ -11,6 +11,14 @@
 void *bn_aligned_alloc(size_t n);
 void bn_aligned_free(void *p);
 
+/* A buffer that grows to the largest size asked for and never shrinks (callers hold the pool lock). */
+typedef struct {
+    void *buf;
+    size_t size;
+} bn_growbuf;
+/* At least n bytes of `b` (its old contents are not kept); NULL when memory runs out. */
+void *bn_grow(bn_growbuf *b, size_t n);
+
 /* Float activations [m][ldx] (k used), and the RMSNorm weight to apply first (NULL: none). */
 typedef struct {
     const float *x;
