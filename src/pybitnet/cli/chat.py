@@ -11,29 +11,13 @@ from ..engine import LLM, SamplingParams
 from ..engine.chat_session import ChatSession, parse_command
 from ..errors import PyBitNetError
 from .common import (
-    CtxSize,
-    Device,
-    Dtype,
-    FrequencyPenalty,
-    IgnoreEos,
-    KernelOpt,
-    MinP,
+    LoadOptions,
     ModelArg,
-    NPredict,
-    PresencePenalty,
-    RepeatPenalty,
-    Seed,
-    Stop,
     System,
-    Temp,
-    Threads,
-    TopK,
-    TopP,
     Verbose,
     err,
-    load_llm,
+    generation_options,
     print_timings,
-    sampling_params,
     user_errors,
     write_out,
 )
@@ -54,43 +38,18 @@ def register(app: typer.Typer) -> None:
     app.command("chat")(chat)
 
 
+@generation_options(n_predict=-1)
 def chat(
     model: ModelArg = None,
     system: System = None,
-    n_predict: NPredict = -1,
-    temp: Temp = 0.8,
-    top_k: TopK = 40,
-    top_p: TopP = 0.95,
-    min_p: MinP = 0.05,
-    repeat_penalty: RepeatPenalty = 1.0,
-    presence_penalty: PresencePenalty = 0.0,
-    frequency_penalty: FrequencyPenalty = 0.0,
-    seed: Seed = -1,
-    stop: Stop = None,
-    ignore_eos: IgnoreEos = False,
-    ctx_size: CtxSize = 0,
-    threads: Threads = 0,
-    device: Device = "auto",
-    kernel: KernelOpt = None,
-    dtype: Dtype = "auto",
     verbose: Verbose = False,
+    *,
+    params: SamplingParams,
+    load: LoadOptions,
 ) -> None:
     """Chat with a model in the terminal."""
     with user_errors():
-        params = sampling_params(
-            n_predict,
-            temp,
-            top_k,
-            top_p,
-            min_p,
-            repeat_penalty,
-            presence_penalty,
-            frequency_penalty,
-            seed,
-            stop,
-            ignore_eos,
-        )
-        llm, load_s = load_llm(model, ctx_size, threads, device, kernel, dtype)
+        llm, load_s = load.load(model)
         if llm.tokenizer.chat_template is None:
             raise PyBitNetError(
                 "this model has no chat template, so it cannot chat; use `pybitnet run MODEL PROMPT --raw` "

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 import sys
 import time
-from collections.abc import Iterator
+import typing
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -75,6 +79,30 @@ def user_errors() -> Iterator[None]:
         raise typer.Exit(1) from None
 
 
+# The flags every generation verb takes: name -> (annotation, default). A verb decorated with
+# `generation_options` declares `params: SamplingParams` and `load: LoadOptions` instead and receives them.
+SAMPLING_FLAGS: dict[str, tuple[Any, Any]] = {
+    "n_predict": (NPredict, -1),
+    "temp": (Temp, 0.8),
+    "top_k": (TopK, 40),
+    "top_p": (TopP, 0.95),
+    "min_p": (MinP, 0.05),
+    "repeat_penalty": (RepeatPenalty, 1.0),
+    "presence_penalty": (PresencePenalty, 0.0),
+    "frequency_penalty": (FrequencyPenalty, 0.0),
+    "seed": (Seed, -1),
+    "stop": (Stop, None),
+    "ignore_eos": (IgnoreEos, False),
+}
+LOAD_FLAGS: dict[str, tuple[Any, Any]] = {
+    "ctx_size": (CtxSize, 0),
+    "threads": (Threads, 0),
+    "device": (Device, "auto"),
+    "kernel": (KernelOpt, None),
+    "dtype": (Dtype, "auto"),
+}
+
+
 def sampling_params(
     n_predict: int,
     temp: float,
@@ -103,27 +131,67 @@ def sampling_params(
     )
 
 
-def load_llm(
-    model: str | None,
-    ctx_size: int,
-    threads: int,
-    device: str,
-    kernel: str | None,
-    dtype: str,
-    max_num_seqs: int = 1,
-) -> tuple[LLM, float]:
-    """The model loaded for generation, and the seconds loading took."""
-    start = time.perf_counter()
-    llm = LLM(
-        model_or_default(model),
-        device=device,
-        threads=threads or None,
-        kernel=kernel,
-        dtype=dtype,
-        max_model_len=ctx_size or None,
-        max_num_seqs=max_num_seqs,
-    )
-    return llm, time.perf_counter() - start
+@dataclass(frozen=True)
+class LoadOptions:
+    """How to load the model (the LOAD_FLAGS)."""
+
+    ctx_size: int = 0
+    threads: int = 0
+    device: str = "auto"
+    kernel: str | None = None
+    dtype: str = "auto"
+
+    def llm(self, model: str | None, max_num_seqs: int = 1, seed: int | None = None) -> LLM:
+        return LLM(
+            model_or_default(model),
+            device=self.device,
+            threads=self.threads or None,
+            kernel=self.kernel,
+            dtype=self.dtype,
+            max_model_len=self.ctx_size or None,
+            max_num_seqs=max_num_seqs,
+            seed=seed,
+        )
+
+    def load(self, model: str | None, max_num_seqs: int = 1) -> tuple[LLM, float]:
+        """The model loaded for generation, and the seconds loading took."""
+        start = time.perf_counter()
+        llm = self.llm(model, max_num_seqs)
+        return llm, time.perf_counter() - start
+
+
+def generation_options(n_predict: int = -1) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Give a typer verb the shared sampling and loading flags (llama.cpp's names). The verb declares
+    `params: SamplingParams` and `load: LoadOptions`; its command line gets SAMPLING_FLAGS and LOAD_FLAGS
+    (`-n` defaulting to `n_predict`), and invalid sampling values end the command with their message."""
+
+    def decorate(verb: Callable[..., Any]) -> Callable[..., Any]:
+        hints = typing.get_type_hints(verb, include_extras=True)
+        own = [
+            p.replace(annotation=hints[p.name])
+            for p in inspect.signature(verb).parameters.values()
+            if p.name not in ("params", "load")
+        ]
+        defaults = {**SAMPLING_FLAGS, "n_predict": (NPredict, n_predict), **LOAD_FLAGS}
+        flags = [
+            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=ann, default=default)
+            for name, (ann, default) in defaults.items()
+        ]
+
+        @functools.wraps(verb)
+        def command(**kwargs: Any) -> Any:
+            sampling = {name: kwargs.pop(name) for name in SAMPLING_FLAGS}
+            load = LoadOptions(**{name: kwargs.pop(name) for name in LOAD_FLAGS})
+            with user_errors():
+                params = sampling_params(**sampling)
+            return verb(**kwargs, params=params, load=load)
+
+        signature = inspect.Signature(own + flags)
+        command.__signature__ = signature  # typer reads the command's options from here
+        command.__annotations__ = {p.name: p.annotation for p in signature.parameters.values()}
+        return command
+
+    return decorate
 
 
 def format_duration(seconds: float) -> str:

@@ -16,30 +16,15 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from ..engine import SamplingParams
 from ..engine.batch_files import BadLine, ResultWriter, check_paths, read_prompts, run_batch
 from .common import (
-    CtxSize,
-    Device,
-    Dtype,
-    FrequencyPenalty,
-    IgnoreEos,
-    KernelOpt,
-    MinP,
+    LoadOptions,
     ModelArg,
-    NPredict,
-    PresencePenalty,
-    RepeatPenalty,
-    Seed,
-    Stop,
-    Temp,
-    Threads,
-    TopK,
-    TopP,
     Verbose,
     err,
     format_duration,
-    load_llm,
-    sampling_params,
+    generation_options,
     user_errors,
 )
 
@@ -48,6 +33,7 @@ def register(app: typer.Typer) -> None:
     app.command("generate")(generate)
 
 
+@generation_options(n_predict=256)
 def generate(
     model: ModelArg = None,
     input: Annotated[
@@ -58,23 +44,10 @@ def generate(
         bool, typer.Option("--overwrite", help="Start over instead of resuming from an existing output.")
     ] = False,
     parallel: Annotated[int, typer.Option("-np", "--parallel", help="Sequences generated together.")] = 8,
-    n_predict: NPredict = 256,
-    temp: Temp = 0.8,
-    top_k: TopK = 40,
-    top_p: TopP = 0.95,
-    min_p: MinP = 0.05,
-    repeat_penalty: RepeatPenalty = 1.0,
-    presence_penalty: PresencePenalty = 0.0,
-    frequency_penalty: FrequencyPenalty = 0.0,
-    seed: Seed = -1,
-    stop: Stop = None,
-    ignore_eos: IgnoreEos = False,
-    ctx_size: CtxSize = 0,
-    threads: Threads = 0,
-    device: Device = "auto",
-    kernel: KernelOpt = None,
-    dtype: Dtype = "auto",
     verbose: Verbose = False,
+    *,
+    params: SamplingParams,
+    load: LoadOptions,
 ) -> None:
     """Generate a completion for every prompt of a file; rerunning resumes where a previous run stopped.
 
@@ -82,22 +55,9 @@ def generate(
     as they are. A malformed line is reported with its line number and the others still run.
     """
     with user_errors():
-        params = sampling_params(
-            n_predict,
-            temp,
-            top_k,
-            top_p,
-            min_p,
-            repeat_penalty,
-            presence_penalty,
-            frequency_penalty,
-            seed,
-            stop,
-            ignore_eos,
-        )
         check_paths(input, output)
         records = list(read_prompts(input))
-        llm, _ = load_llm(model, ctx_size, threads, device, kernel, dtype, max_num_seqs=parallel)
+        llm, _ = load.load(model, max_num_seqs=parallel)
         writer = ResultWriter(output, resume=not overwrite)
         bad_lines: list[BadLine] = []
         columns = (

@@ -10,7 +10,7 @@ from rich.markup import escape
 
 from ..engine.default_model import model_or_default
 from ..errors import InvalidRequestError
-from .common import CtxSize, Device, Dtype, KernelOpt, ModelArg, Threads, err, user_errors
+from .common import CtxSize, Device, Dtype, KernelOpt, LoadOptions, ModelArg, Threads, err, user_errors
 
 
 def register(app: typer.Typer) -> None:
@@ -89,17 +89,10 @@ def serve(
             shutdown_timeout=shutdown_timeout,
         )
 
+        options = LoadOptions(ctx_size, threads, device, kernel, dtype)
+
         def load() -> LLM:
-            return LLM(
-                model,
-                device=device,
-                threads=threads or None,
-                kernel=kernel,
-                dtype=dtype,
-                max_model_len=ctx_size or None,
-                max_num_seqs=parallel,
-                seed=None if seed < 0 else seed,
-            )
+            return options.llm(model, max_num_seqs=parallel, seed=None if seed < 0 else seed)
 
         logging.basicConfig(level=log_level.upper(), format="%(levelname)s:     %(message)s")
         server = build_server(load, settings, host, port, log_level)
