@@ -20,11 +20,31 @@ _BASE_2B4T = dict(
     linear_class="autobitlinear",
 )
 
+# the Llama-architecture ternary models (SiLU, untied head, no sub-norms)
+_LLAMA = dict(
+    family="llama",
+    rms_norm_eps=1e-5,
+    hidden_act="silu",
+    tie_word_embeddings=False,
+    linear_class="bitlinear",
+)
+# the size every tiny test/demo model shares
+_TINY = dict(
+    vocab_size=512,
+    hidden_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
 PRESETS: dict[str, dict] = {
     "bitnet-2b-4t": _BASE_2B4T,
     # 1bitLLM/bitnet_b1_58-3B shape: hidden 3200 is not a multiple of 256
     "bitnet-b1.58-3b": dict(
-        family="llama",
+        _LLAMA,
         vocab_size=32002,
         hidden_size=3200,
         intermediate_size=8640,
@@ -32,17 +52,13 @@ PRESETS: dict[str, dict] = {
         num_attention_heads=32,
         num_key_value_heads=32,
         max_position_embeddings=2048,
-        rms_norm_eps=1e-5,
         rope_theta=10000.0,
-        hidden_act="silu",
-        tie_word_embeddings=False,
-        linear_class="bitlinear",
         bos_token_id=1,
         eos_token_id=2,
     ),
     # HF1BitLLM/Llama3-8B-1.58-100B-tokens shape
     "llama3-8b-1.58": dict(
-        family="llama",
+        _LLAMA,
         vocab_size=128256,
         hidden_size=4096,
         intermediate_size=14336,
@@ -50,59 +66,19 @@ PRESETS: dict[str, dict] = {
         num_attention_heads=32,
         num_key_value_heads=8,
         max_position_embeddings=8192,
-        rms_norm_eps=1e-5,
         rope_theta=500000.0,
-        hidden_act="silu",
-        tie_word_embeddings=False,
-        linear_class="bitlinear",
     ),
-    "tiny-bitnet": dict(
-        _BASE_2B4T,
-        vocab_size=512,
-        hidden_size=128,
-        intermediate_size=352,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        bos_token_id=1,
-        eos_token_id=2,
-    ),
-    "tiny-llama": dict(
-        family="llama",
-        vocab_size=512,
-        hidden_size=128,
-        intermediate_size=344,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        rms_norm_eps=1e-6,
-        rope_theta=10000.0,
-        hidden_act="silu",
-        tie_word_embeddings=False,
-        linear_class="bitlinear",
-        bos_token_id=1,
-        eos_token_id=2,
-    ),
+    "tiny-bitnet": {**_BASE_2B4T, **_TINY, "intermediate_size": 352},
+    "tiny-llama": {**_LLAMA, **_TINY, "intermediate_size": 344, "rms_norm_eps": 1e-6, "rope_theta": 10000.0},
     # 1bitLLM BitnetForCausalLM form: latent float weights, SiLU, sub-norms inner_attn_ln / ffn_layernorm
-    "tiny-legacy": dict(
-        family="legacy",
-        vocab_size=512,
-        hidden_size=128,
-        intermediate_size=352,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=512,
-        rms_norm_eps=1e-5,
-        rope_theta=10000.0,
-        hidden_act="silu",
-        tie_word_embeddings=False,
-        linear_class="bitlinear",
-        bos_token_id=1,
-        eos_token_id=2,
-    ),
+    "tiny-legacy": {
+        **_LLAMA,
+        **_TINY,
+        "family": "legacy",
+        "intermediate_size": 352,
+        "num_key_value_heads": 4,
+        "rope_theta": 10000.0,
+    },
 }
 
 
