@@ -47,3 +47,11 @@ def test_bad_arguments(args):
 
 def test_model_and_preset_exclusive():
     assert runner.invoke(app, ["bench", "org/model", "--preset", "tiny-bitnet"]).exit_code != 0
+
+
+def test_bad_head_mode_and_missing_model_are_user_errors():
+    result = bench("--lm-head", "int5")
+    assert result.exit_code == 2 and "--lm-head must be one of" in result.output
+    missing = runner.invoke(app, ["bench", "/nonexistent/model", "-p", "8", "-n", "0", "-r", "1"])
+    assert missing.exit_code == 1 and "neither an existing path" in missing.output
+    assert missing.exception is None or isinstance(missing.exception, SystemExit)

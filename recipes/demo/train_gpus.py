@@ -74,6 +74,8 @@ def main() -> None:
     for i, spec in enumerate(args.runs):
         name, _, rest = spec.partition("=")
         recipe, *pairs = rest.split(",")
+        if not name or not Path(recipe).is_file() or any("=" not in pair for pair in pairs):
+            raise SystemExit(f"{spec!r}: expected NAME=RECIPE[,key=value...] with an existing recipe file")
         cfg = yaml.safe_load(Path(recipe).read_text())
         cfg.update({k: yaml.safe_load(v) for k, v in (p.split("=", 1) for p in pairs)})
         run_dir = args.out / name

@@ -11,6 +11,8 @@ import typer
 
 from ..bench import BenchResult, backend_name, bench, default_threads
 from ..engine.default_model import model_or_default
+from ..models.transformer import HEAD_MODES
+from .common import user_errors
 
 GIB = 1024**3
 
@@ -93,23 +95,26 @@ def bench_command(
         raise typer.BadParameter("give either MODEL or --preset NAME, not both")
     if output not in ("md", "csv", "json"):
         raise typer.BadParameter(f"--output must be md, csv or json, got {output!r}")
+    if lm_head not in HEAD_MODES:
+        raise typer.BadParameter(f"--lm-head must be one of {', '.join(HEAD_MODES)}, got {lm_head!r}")
     tests = [("pp", n) for n in _ints(n_prompt) if n] + [("tg", n) for n in _ints(n_gen) if n]
     if not tests:
         raise typer.BadParameter("nothing to run: -p and -n are both 0")
-    if preset is not None:
-        from ..models.presets import preset as preset_config
-        from ..models.random_init import random_model
+    with user_errors():
+        if preset is not None:
+            from ..models.presets import preset as preset_config
+            from ..models.random_init import random_model
 
-        net, name = random_model(preset_config(preset), kernel=kernel), preset
-    else:
-        from ..api import load_model
+            net, name = random_model(preset_config(preset), kernel=kernel), preset
+        else:
+            from ..api import load_model
 
-        model = str(model_or_default(model))
-        net, name = load_model(model, kernel=kernel), model
-    net.head_mode = lm_head
-    results: list[BenchResult] = []
-    for t in _ints(threads) if threads else [default_threads()]:
-        results += bench(net, name, backend_name(net), t, tests, reps)
+            model = str(model_or_default(model))
+            net, name = load_model(model, kernel=kernel), model
+        net.head_mode = lm_head
+        results: list[BenchResult] = []
+        for t in _ints(threads) if threads else [default_threads()]:
+            results += bench(net, name, backend_name(net), t, tests, reps)
     if output == "json":
         typer.echo(json.dumps([r.to_dict() for r in results], indent=2))
     elif output == "csv":

@@ -26,7 +26,8 @@ from .kv_cache import KVCache
 # (in_features, out_features) -> a ternary linear module (training BitLinear or inference PackedBitLinear)
 LinearFactory = Callable[[int, int], nn.Module]
 DECODE_ATTENTION_MAX_T = 4  # new tokens per sequence up to which cached attention runs in C on CPU
-HEAD_ENV = "PYBITNET_LM_HEAD"  # auto | int8 | int4 | float: the output head's default mode
+HEAD_ENV = "PYBITNET_LM_HEAD"  # one of HEAD_MODES: the output head's default mode
+HEAD_MODES = ("auto", "int8", "int4", "float")
 
 
 def _runs_native_cpu_kernels(model: nn.Module) -> bool:
@@ -277,8 +278,8 @@ class Transformer(nn.Module):
 
     def _int8_head(self, rows: HeadRows, native_linears: bool | None) -> Int8Head | None:
         mode = self.head_mode or os.environ.get(HEAD_ENV, "auto")
-        if mode not in ("auto", "int8", "int4", "float"):
-            raise ConfigError(f"lm_head mode must be auto, int8, int4 or float, got {mode!r}")
+        if mode not in HEAD_MODES:
+            raise ConfigError(f"lm_head mode must be one of {', '.join(HEAD_MODES)}, got {mode!r}")
         if mode == "float" or self.lm_head.weight.device.type != "cpu" or not cpu_kernels.native_available():
             self.lm_head_int8 = None
             return None
