@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pybitnet.train import DataError, TextTokenizer, TokenDataset, tokenize_record
-from pybitnet.train.tokenize import IGNORE_INDEX
+from pybitnet.train.tokenize import IGNORE_INDEX, tokenize_records
 from test_train_support import make_tokenizer
 
 
@@ -80,6 +80,33 @@ def write_all_formats(root: Path, records: list[dict]) -> dict[str, Path]:
     paths["text"] = root / "d.txt"
     paths["text"].write_text("\n\n".join(r["text"] for r in records) + "\n")
     return paths
+
+
+def test_batched_tokenization_equals_one_record_at_a_time(tok):
+    """Plain-text records go through one encode_batch call; the results and the errors must be those of
+    tokenize_record on each record, in order, whatever kinds are mixed."""
+    records = [
+        {"text": "Hello there."},
+        {"prompt": "The sky is", "completion": " blue."},
+        {"text": 3},  # not a string
+        {"text": "A second text, longer than the first one."},
+        {"nothing": "here"},
+        DataError("line 9: not JSON"),
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]},
+        {"text": ""},
+    ]
+    batched = tokenize_records(records, tok)
+    assert len(batched) == len(records)
+    for record, got in zip(records, batched, strict=True):
+        if isinstance(record, DataError):
+            assert got is record
+            continue
+        try:
+            want = tokenize_record(record, tok)
+        except DataError as e:
+            assert isinstance(got, DataError) and str(got) == str(e)
+        else:
+            assert got == want
 
 
 def test_every_file_format_gives_the_same_samples(tok, tmp_path):

@@ -39,7 +39,8 @@ def main() -> None:
     ap.add_argument("--twin", default="out/demo-fp/final/master")
     ap.add_argument("--kernel", default=None, help="force a kernel, e.g. reference")
     args = ap.parse_args()
-    cfg = config_from_dict(read_recipe(args.recipe))
+    # fp32 as `pybitnet run` computes on a CPU, whatever precision the recipe trained in
+    cfg = config_from_dict({**read_recipe(args.recipe), "precision": "fp32"})
     tok = TextTokenizer.from_dir(cfg.tokenizer)
     val = TokenDataset(cfg.val_data, tok, cfg.seq_len, shuffle=False)
     cpu, info = torch.device("cpu"), DistInfo()

@@ -27,7 +27,6 @@ import yaml
 
 PROBE_STEPS = 40
 EVAL_EXPORT_S = 60  # evaluations (compiled once more in eval mode) and the export
-DATA_S = 60  # tokenizing the training files (~20 M tokens), which the probe skips
 SAFETY = 0.75  # of the measured step rate: checkpoints, evaluations and steadier clocks are not in the probe
 GRACE_S = 60  # past the budget, runs still going are stopped
 
@@ -86,10 +85,8 @@ def main() -> None:
     procs, started = {}, time.time()
     for name, (run_dir, gpu, cfg) in runs.items():
         probe_recipe = run_dir / "probe.yaml"
-        # the held-out file stands in for the training data: the step time does not depend on it, and it
-        # tokenizes in seconds
-        probe = dict(cfg, max_steps=PROBE_STEPS, log_interval=5, save_interval=0)
-        probe.update(train_data=cfg["val_data"], val_data=[])
+        # the real training data, so that its tokenization and sampling are measured too (startup_s below)
+        probe = dict(cfg, max_steps=PROBE_STEPS, log_interval=5, save_interval=0, val_data=[])
         probe_recipe.write_text(yaml.safe_dump(probe, sort_keys=False))
         flags = ["--no-export", "--no-resume", "--loggers", "[jsonl]"]
         procs[name] = launch(probe_recipe, flags, run_dir / "probe", gpu, run_dir / "probe.log")
@@ -97,7 +94,7 @@ def main() -> None:
     probe_wall = time.time() - started
     step_s = max(step_seconds(d / "probe" / "metrics.jsonl") for d, _, _ in runs.values())
     startup_s = probe_wall - PROBE_STEPS * step_s
-    steps = int(SAFETY * (args.budget - startup_s - DATA_S - EVAL_EXPORT_S) / step_s) // 50 * 50
+    steps = int(SAFETY * (args.budget - startup_s - EVAL_EXPORT_S) / step_s) // 50 * 50
     print(json.dumps({"probe_wall_s": round(probe_wall, 1), "step_s": round(step_s, 4), "max_steps": steps}))
     if steps < 100:
         raise SystemExit("the budget fits fewer than 100 steps")

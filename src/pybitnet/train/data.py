@@ -1,10 +1,9 @@
 """Training data: files -> records -> (token ids, labels) -> fixed-length samples -> batches.
 
 Readers stream every format (plain text by paragraph, JSON lines, CSV, Parquet row groups), so files larger
-than memory work with `streaming`. Without it the samples are tokenized once into memory and shuffled
-each epoch
-with a seeded permutation. Either way the position in the data is a small JSON-able state, so a resumed run
-continues with exactly the next sample.
+than memory work with `streaming`. Without it the samples are tokenized once into memory and shuffled each
+epoch with a seeded permutation. Either way the position in the data is a small JSON-able state, so a resumed
+run continues with exactly the next sample.
 
 A sample is seq_len + 1 tokens: inputs are the first seq_len, next-token targets the last seq_len.
 """
@@ -12,6 +11,7 @@ A sample is seq_len + 1 tokens: inputs are the first seq_len, next-token targets
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import warnings
 from collections.abc import Iterator
@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from .errors import DataError
-from .tokenize import IGNORE_INDEX, TextTokenizer, tokenize_record
+from .tokenize import IGNORE_INDEX, TextTokenizer, tokenize_records
 
 SUFFIX_FORMATS = {
     ".txt": "text",
@@ -33,6 +33,7 @@ SUFFIX_FORMATS = {
     ".parquet": "parquet",
 }
 PARQUET_BATCH_ROWS = 1024
+TOKENIZE_CHUNK = 256  # records encoded per batch call
 
 
 def file_format(path: Path, fmt: str) -> str:
@@ -160,21 +161,24 @@ class RecordStream:
         """(file index, records consumed in that file, ids, labels) of every good record from the position."""
         for fi in range(file_idx, len(self.files)):
             start = record_idx if fi == file_idx else 0
-            for ri, (where, record) in enumerate(iter_records(self.files[fi], self.fmt, self.text_field)):
-                if ri < start:
-                    continue
-                tokens = self._tokenize(where, record)
-                if tokens is not None:
-                    yield fi, ri + 1, *tokens
+            records = itertools.islice(iter_records(self.files[fi], self.fmt, self.text_field), start, None)
+            consumed = start
+            while chunk := list(itertools.islice(records, TOKENIZE_CHUNK)):
+                tokenized = tokenize_records([record for _, record in chunk], self.tok, self.text_field)
+                for (where, _), result in zip(chunk, tokenized, strict=True):
+                    consumed += 1
+                    if (tokens := self._check(where, result)) is not None:
+                        yield fi, consumed, *tokens
 
-    def _tokenize(self, where: str, record: Any) -> tuple[list[int], list[int]] | None:
+    def _check(
+        self, where: str, result: tuple[list[int], list[int]] | DataError
+    ) -> tuple[list[int], list[int]] | None:
         try:
-            if isinstance(record, DataError):
-                raise record
-            ids, labels = tokenize_record(record, self.tok, self.text_field)
-            if all(label == IGNORE_INDEX for label in labels):
+            if isinstance(result, DataError):
+                raise result
+            if all(label == IGNORE_INDEX for label in result[1]):
                 raise DataError("no token to train on (empty text or an empty completion)")
-            return ids, labels
+            return result
         except DataError as e:
             if self.on_bad == "fail":
                 raise DataError(f"{where}: {e} (set on_bad_record: skip to skip malformed records)") from None
@@ -200,10 +204,12 @@ class Packer:
         self.ids += ids
         self.labels += labels
         out = []
-        stride = self.window - 1
-        while len(self.ids) >= self.window:
-            out.append((self.ids[: self.window], self.labels[: self.window]))
-            self.ids, self.labels = self.ids[stride:], self.labels[stride:]
+        start, stride = 0, self.window - 1
+        # cut at offsets: one copy of the buffer per record, not one per window
+        while len(self.ids) - start >= self.window:
+            out.append((self.ids[start : start + self.window], self.labels[start : start + self.window]))
+            start += stride
+        self.ids, self.labels = self.ids[start:], self.labels[start:]
         return out
 
 
@@ -238,6 +244,7 @@ class TokenDataset:
         self.pending: list[tuple[list[int], list[int]]] = []  # windows cut but not yet served
         self._records: Iterator | None = None
         self.samples: torch.Tensor | None = None
+        self._order_cache: tuple[int, torch.Tensor] | None = None
         if not streaming:
             self.samples = self._tokenize_all()
 
@@ -256,10 +263,13 @@ class TokenDataset:
         return self.samples.shape[0]
 
     def _order(self, epoch: int) -> torch.Tensor:
-        n = len(self)
-        if not self.shuffle:
-            return torch.arange(n)
-        return torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
+        """This epoch's sample order, drawn once per epoch (a permutation per sample would cost O(N) each)."""
+        if self._order_cache is None or self._order_cache[0] != epoch:
+            n = len(self)
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            order = torch.randperm(n, generator=gen) if self.shuffle else torch.arange(n)
+            self._order_cache = (epoch, order)
+        return self._order_cache[1]
 
     def next_batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         batch = torch.stack([self._next_sample() for _ in range(n)])

@@ -120,16 +120,57 @@ def tokenize_record(
     """
     kind = record_kind(record, text_field)
     if kind == "text":
-        text = record[text_field]
-        if not isinstance(text, str):
-            raise DataError(f"field {text_field!r} must be a string, got {type(text).__name__}")
-        ids = tok.tokenizer.encode(text, add_special_tokens=False).ids  # every token trained: no span test
-        ids, trained = _add_bos_eos(tok, ids, [True] * len(ids))
-    elif kind == "prompt_completion":
+        ids = tok.tokenizer.encode(_plain_text(record, text_field), add_special_tokens=False).ids
+        return _text_labels(tok, ids)
+    if kind == "prompt_completion":
         ids, trained = _prompt_completion(record["prompt"], record["completion"], tok)
     else:
         ids, trained = _messages(record["messages"], tok)
     return ids, [i if t else IGNORE_INDEX for i, t in zip(ids, trained, strict=True)]
+
+
+def tokenize_records(
+    records: list[Any], tok: TextTokenizer, text_field: str = "text"
+) -> list[tuple[list[int], list[int]] | DataError]:
+    """`tokenize_record` of each record, or the DataError it raises (a record may already be one). Plain-text
+    records are encoded in one `encode_batch` call, which the tokenizers library spreads over every core."""
+    out: list[Any] = [None] * len(records)
+    plain: dict[int, str] = {}
+    for i, record in enumerate(records):
+        try:
+            if isinstance(record, DataError):
+                raise record
+            if record_kind(record, text_field) == "text":
+                plain[i] = _plain_text(record, text_field)
+            else:
+                out[i] = tokenize_record(record, tok, text_field)
+        except DataError as e:
+            out[i] = e
+    if plain:
+        encodings = tok.tokenizer.encode_batch(list(plain.values()), add_special_tokens=False)
+        for i, enc in zip(plain, encodings, strict=True):
+            out[i] = _text_labels(tok, enc.ids)
+    return out
+
+
+def _plain_text(record: dict[str, Any], text_field: str) -> str:
+    text = record[text_field]
+    if not isinstance(text, str):
+        raise DataError(f"field {text_field!r} must be a string, got {type(text).__name__}")
+    return text
+
+
+def _text_labels(tok: TextTokenizer, ids: list[int]) -> tuple[list[int], list[int]]:
+    """Plain text trains on every token but a BOS: labels are the ids themselves, no span test."""
+    ids = list(ids)
+    if tok.bos_id is not None:
+        ids = [tok.bos_id, *ids]
+    if tok.eos_id is not None:
+        ids.append(tok.eos_id)
+    labels = list(ids)
+    if tok.bos_id is not None:
+        labels[0] = IGNORE_INDEX
+    return ids, labels
 
 
 def _add_bos_eos(tok: TextTokenizer, ids: list[int], trained: list[bool]) -> tuple[list[int], list[bool]]:
