@@ -67,8 +67,9 @@ def test_norm_in_producer_decodes_the_same_tokens(head):
     """Batch 1 with each input norm + quantization done by the producing GEMV's last program: the same greedy
     tokens as the fused-prologue engine (the same math; a norm's sum may be added in another order)."""
     model = _model().to(DEV)
-    ref = CudaGraphEngine(model, max_batch_size=1, max_len=32, lm_head=head).generate([PROMPT], NEW_TOKENS)
-    engine = CudaGraphEngine(model, max_batch_size=1, max_len=32, lm_head=head, norm_in_producer=True)
+    kw = dict(max_batch_size=1, max_len=len(PROMPT) + NEW_TOKENS, lm_head=head)
+    ref = CudaGraphEngine(model, **kw).generate([PROMPT], NEW_TOKENS)
+    engine = CudaGraphEngine(model, norm_in_producer=True, **kw)
     assert engine.generate([PROMPT], NEW_TOKENS) == ref
 
 

@@ -24,7 +24,12 @@ BACKENDS = ("int_mm", "w8")
 # `_mm_kernel` tiles on int8 weights, by (rows bucket, N, K, gated) as matmul.TUNED; the default was the
 # fastest measured at 2048 rows on an H200 for the 2B-4T projections and fits shared memory with two weight
 # tiles (gated)
-W8_TUNED: dict[tuple[int, int, int, bool], MMConfig] = {}
+W8_TUNED: dict[tuple[int, int, int, bool], MMConfig] = {
+    (128, 3840, 2560, False): MMConfig(bm=256, bn=128, bk=128, num_warps=8),
+    (128, 2560, 2560, False): MMConfig(bm=128, bk=128, num_stages=4),
+    (128, 6912, 2560, True): MMConfig(bm=128, bn=128, bk=128, num_warps=8, num_stages=4),
+    (128, 2560, 6912, False): MMConfig(bm=128, bk=128, num_stages=4),
+}
 W8_DEFAULT = MMConfig(bm=128, bn=128, bk=128, num_warps=8, num_stages=4)
 
 

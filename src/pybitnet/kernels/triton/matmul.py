@@ -364,31 +364,31 @@ class MMConfig:
 # (rows bucket, N, K, gated) -> the tiles measured fastest on an H200 (benchmarks/gpu_bench.py, 2026-11-30)
 # for the 2B-4T projections as the engine runs them; other shapes fall back to `default_config`'s rules.
 _H200_2B4T = {
-    (1, 3840, 2560, False): MMConfig(bn=32, bk=1024, num_warps=8, num_stages=1, gemv=True),
-    (1, 2560, 2560, False): MMConfig(bn=16, bk=2048, num_warps=8, num_stages=1, gemv=True),
-    (1, 6912, 2560, True): MMConfig(bn=16, bk=512, num_warps=4, num_stages=2, gemv=True),
+    (1, 3840, 2560, False): MMConfig(bn=32, bk=1024, num_warps=8, num_stages=1, gemv=True, private_row=True),
+    (1, 2560, 2560, False): MMConfig(bn=32, bk=1024, num_warps=8, num_stages=1, gemv=True, private_row=True),
+    (1, 6912, 2560, True): MMConfig(bn=16, bk=512, num_stages=2, gemv=True, private_row=True),
     (1, 13824, 2560, False): MMConfig(bn=16, bk=512, num_warps=4, num_stages=2, gemv=True),
-    (1, 2560, 6912, False): MMConfig(bn=16, bk=2048, num_warps=8, num_stages=1, gemv=True),
+    (1, 2560, 6912, False): MMConfig(bn=16, bk=2048, num_warps=8, num_stages=1, gemv=True, private_row=True),
     (1, 128256, 2560, False): MMConfig(bm=16, bn=64, bk=256, num_warps=4, num_stages=4),
-    (64, 3840, 2560, False): MMConfig(bm=64, bn=32, bk=512, num_warps=4, num_stages=3),
-    (64, 2560, 2560, False): MMConfig(bm=64, bn=32, bk=512, num_warps=4, num_stages=3),
-    (64, 6912, 2560, True): MMConfig(bm=64, bn=64, bk=256, num_warps=4, num_stages=4),
-    (64, 2560, 6912, False): MMConfig(bm=64, bn=32, bk=512, num_warps=4, num_stages=3),
+    (64, 3840, 2560, False): MMConfig(bn=32, num_stages=4, swap=True),
+    (64, 2560, 2560, False): MMConfig(bn=32, num_stages=4, swap=True),
+    (64, 6912, 2560, True): MMConfig(swap=True),
+    (64, 2560, 6912, False): MMConfig(bn=32, num_stages=4, swap=True),
     (64, 128256, 2560, False): MMConfig(bm=64, bn=64, bk=256, num_warps=4, num_stages=3),
-    (128, 3840, 2560, False): MMConfig(bm=128, bn=256, bk=128, num_warps=8, num_stages=3),
-    (128, 2560, 2560, False): MMConfig(bm=64, bn=128, bk=256, num_warps=4, num_stages=3),
-    (128, 6912, 2560, True): MMConfig(bm=128, bn=128, bk=256, num_warps=8, num_stages=3),
-    (128, 2560, 6912, False): MMConfig(bm=64, bn=128, bk=256, num_warps=4, num_stages=3),
+    (128, 3840, 2560, False): MMConfig(bm=128, bn=256, bk=128, num_warps=8),
+    (128, 2560, 2560, False): MMConfig(bm=128, bn=128, num_warps=8, swap=True),
+    (128, 6912, 2560, True): MMConfig(bm=128, bn=128, num_warps=8, swap=True),
+    (128, 2560, 6912, False): MMConfig(bm=128, bn=128, num_warps=8, swap=True),
 }
 TUNED: dict[tuple[int, int, int, bool], MMConfig] = dict(_H200_2B4T)
 
 # From this many rows on, `ternary_mm` expands the 2-bit codes to int8 and multiplies through EXPAND_BACKEND
 # (see expanded.py: "int_mm" = cuBLASLt int8 + epilogue kernel, "w8" = `_mm_kernel` on int8 weights); below
 # it, or with None, `_mm_kernel` decodes the 2-bit codes in registers. benchmarks/gpu_bench.py measures the
-# three at 64 and 2048 rows and reports the threshold to set here. Off by default: a partial H200 sweep had
-# "w8" ahead at 2048 rows (424 vs 525 µs for the four projections; bf16 370), but the gated "w8" path and the
-# engine's prefill through it have not run on a GPU yet.
-EXPAND_MIN_ROWS: int | None = None
+# three at 64 and 2048 rows and reports the threshold to set here: on an H200 the four projections of a
+# 2B-4T layer take 411 µs through "w8" at 2048 rows against 486 µs for the 2-bit kernel (bf16 cuBLAS 357);
+# at 64 rows the 2-bit kernel wins (57 against 68 µs).
+EXPAND_MIN_ROWS: int | None = 256
 EXPAND_BACKEND = "w8"
 MM_BACKENDS = ("i2", "int_mm", "w8")
 
