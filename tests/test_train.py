@@ -73,6 +73,34 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_losses(tmp_path):
     assert resumed == expected  # bit for bit: same floats, not merely close
 
 
+def test_sigterm_checkpoints_the_step_and_resume_reproduces_the_losses(tmp_path):
+    """A preempted run (SIGTERM) finishes its step, checkpoints it, exits 143 without exporting; the same
+    command resumes and gives the losses of an uninterrupted run."""
+    steps = 30
+    expected = train(config(tmp_path, max_steps=steps, out_dir=str(tmp_path / "straight"))).losses
+    out = tmp_path / "stopped"
+    recipe = write_recipe(tmp_path, "stopped.yaml", max_steps=steps, out_dir=str(out), save_interval=0)
+    proc = subprocess.Popen(train_cmd(recipe), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        done = (out / "metrics.jsonl").read_text().count("\n") if (out / "metrics.jsonl").exists() else 0
+        if done >= 8:
+            break
+        time.sleep(0.005)
+    assert proc.poll() is None, "the run finished before it could be stopped"
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr.decode()
+    assert b"run the same command to resume" in stdout
+    kept = checkpoint_dirs(out / "checkpoints")
+    stopped_at = int(kept[-1].name.split("-")[1])
+    assert 8 <= stopped_at < steps and max(losses(out)) == stopped_at  # the checkpoint is the last step done
+    assert not (out / "final").exists()
+
+    run_train(recipe)
+    assert losses(out) == expected
+
+
 def test_gradient_accumulation_matches_a_larger_micro_batch(tmp_path):
     a = train(
         config(tmp_path, micro_batch_size=4, grad_accum_steps=1, out_dir=str(tmp_path / "a"), loggers=[])

@@ -70,4 +70,7 @@ def run_from_argv(argv: list[str]) -> int:
     print(summary)
     for kind, path in result.exported.items():
         print(f"{kind}: {path}")
+    if result.stopped_by is not None:  # the shell's convention for "ended by a signal"
+        print(f"stopped early by signal {result.stopped_by}; run the same command to resume")
+        return 128 + result.stopped_by
     return 0

@@ -11,6 +11,8 @@ from __future__ import annotations
 import copy
 import math
 import random
+import signal
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -47,6 +49,42 @@ class TrainResult:
     val_loss: float | None = None
     val_ppl: float | None = None
     exported: dict[str, Path] = field(default_factory=dict)
+    stopped_by: int | None = None  # the signal (SIGTERM, SIGINT) that stopped the run early, if one did
+
+
+class StopRequest:
+    """SIGTERM / SIGINT while training: finish the step, checkpoint, return (a scheduler's preemption or a
+    Ctrl-C loses no work). Handlers are installed only from the main thread and restored on exit."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def requested_now(self, info: distributed.DistInfo, device: torch.device, sync_point: bool) -> bool:
+        """Whether to stop after this step. One process: whenever a signal came. Several: only at sync points,
+        and then if any of them got one, so that every process leaves after the same step."""
+        if info.world_size == 1:
+            return self.signum is not None
+        if not sync_point:
+            return False
+        flag = torch.tensor([float(self.signum or 0)], device=device)
+        stop = bool(distributed.all_reduce_sum(flag, info).item())
+        if stop and self.signum is None:
+            self.signum = signal.SIGTERM  # another process's signal
+        return stop
 
 
 def pick_device(name: str) -> torch.device:
@@ -240,60 +278,69 @@ def train(cfg: TrainConfig) -> TrainResult:
     pending: list[dict[str, Any]] = []
     t0 = time.perf_counter()
     model.train()
-    for step in range(start_step, cfg.max_steps):
-        lr, wd = lr_at(step, cfg), weight_decay_at(step, cfg)
-        set_hyperparameters(optimizer, lr, wd)
-        lam_w = quant_strength_at(step, cfg.quant_warmup_steps)
-        lam_a = quant_strength_at(step, cfg.act_warmup)
-        set_quant_strength(raw_model, lam_w, lam_a)
-        if fused:
-            set_fused(raw_model, lam_w == 1.0 and lam_a == 1.0)
+    with StopRequest() as stop:
+        for step in range(start_step, cfg.max_steps):
+            lr, wd = lr_at(step, cfg), weight_decay_at(step, cfg)
+            set_hyperparameters(optimizer, lr, wd)
+            lam_w = quant_strength_at(step, cfg.quant_warmup_steps)
+            lam_a = quant_strength_at(step, cfg.act_warmup)
+            set_quant_strength(raw_model, lam_w, lam_a)
+            if fused:
+                set_fused(raw_model, lam_w == 1.0 and lam_a == 1.0)
 
-        ids, labels = train_data.next_batch(global_batch)
-        n_targets = (labels[:, 1:] != IGNORE_INDEX).sum().clamp(min=1).item()  # known on the host: no sync
-        mine = rank_rows(global_batch, info)
-        ids, labels = ids[mine].to(device), labels[mine].to(device)
-        loss_sum = torch.zeros((), device=device)
-        for micro in range(cfg.grad_accum_steps):
-            rows = slice(micro * cfg.micro_batch_size, (micro + 1) * cfg.micro_batch_size)
-            last = micro == cfg.grad_accum_steps - 1
-            with distributed.no_grad_sync(model, info, last), autocast(cfg, device):
-                loss = summed_loss(model, ids[rows], labels[rows])
-                # DDP/FSDP average gradients over processes; undo that so the global token mean is exact
-                (loss * (info.world_size / n_targets)).backward()
-            loss_sum += loss.detach()
-        grad_norm = None
-        if cfg.grad_clip > 0:
-            trained = [p for p in model.parameters() if p.requires_grad]
-            grad_norm = torch.nn.utils.clip_grad_norm_(trained, cfg.grad_clip)
-            if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
-                grad_norm = grad_norm.full_tensor()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        tokens += global_batch * cfg.seq_len
+            ids, labels = train_data.next_batch(global_batch)
+            # known on the host: no sync
+            n_targets = (labels[:, 1:] != IGNORE_INDEX).sum().clamp(min=1).item()
+            mine = rank_rows(global_batch, info)
+            ids, labels = ids[mine].to(device), labels[mine].to(device)
+            loss_sum = torch.zeros((), device=device)
+            for micro in range(cfg.grad_accum_steps):
+                rows = slice(micro * cfg.micro_batch_size, (micro + 1) * cfg.micro_batch_size)
+                last = micro == cfg.grad_accum_steps - 1
+                with distributed.no_grad_sync(model, info, last), autocast(cfg, device):
+                    loss = summed_loss(model, ids[rows], labels[rows])
+                    # DDP/FSDP average gradients over processes; undo that so the global token mean is exact
+                    (loss * (info.world_size / n_targets)).backward()
+                loss_sum += loss.detach()
+            grad_norm = None
+            if cfg.grad_clip > 0:
+                trained = [p for p in model.parameters() if p.requires_grad]
+                grad_norm = torch.nn.utils.clip_grad_norm_(trained, cfg.grad_clip)
+                if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
+                    grad_norm = grad_norm.full_tensor()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            tokens += global_batch * cfg.seq_len
 
-        row = {"step": step + 1, "loss": distributed.all_reduce_sum(loss_sum, info) / n_targets, "lr": lr}
-        row.update(weight_decay=wd, grad_norm=grad_norm, lambda_w=lam_w, lambda_a=lam_a, tokens=tokens)
-        pending.append(row)
-        last_step = step + 1 == cfg.max_steps
-        evaluating = val_data is not None and (
-            last_step or (cfg.eval_interval and (step + 1) % cfg.eval_interval == 0)
-        )
-        saving = last_step or (cfg.save_interval and (step + 1) % cfg.save_interval == 0)
-        if (step + 1) % cfg.log_interval == 0 or evaluating or saving:
-            _flush(pending, monitor, result, time.perf_counter() - t0)
-        if evaluating:
-            # DDP's forward would broadcast buffers; FSDP's must run on every rank (its collectives)
-            eval_model = model if info.mode == "fsdp" else raw_model
-            val_loss, val_ppl = evaluate(eval_model, val_data, cfg, info, device)
-            result.val_loss, result.val_ppl = val_loss, val_ppl
-            monitor.log({"step": step + 1, "val_loss": val_loss, "val_ppl": val_ppl}, console=True)
-        if saving:
-            state = {"step": step + 1, "tokens": tokens, "data": train_data.state_dict()}
-            state.update(global_batch=global_batch, config=cfg.to_dict())
-            save_checkpoint(ckpt_root, step + 1, model, optimizer, state, cfg.keep_last, info.is_main)
-            distributed.barrier(info)
-        result.steps = step + 1
+            row = {"step": step + 1, "loss": distributed.all_reduce_sum(loss_sum, info) / n_targets, "lr": lr}
+            row.update(weight_decay=wd, grad_norm=grad_norm, lambda_w=lam_w, lambda_a=lam_a, tokens=tokens)
+            pending.append(row)
+            last_step = step + 1 == cfg.max_steps
+            evaluating = val_data is not None and (
+                last_step or (cfg.eval_interval and (step + 1) % cfg.eval_interval == 0)
+            )
+            # a stop request is met at once in one process; with several, at the next log step (where they
+            # synchronize anyway), so that all of them leave after the same step
+            stopping = not last_step and stop.requested_now(info, device, (step + 1) % cfg.log_interval == 0)
+            saving = last_step or stopping or (cfg.save_interval and (step + 1) % cfg.save_interval == 0)
+            if (step + 1) % cfg.log_interval == 0 or evaluating or saving:
+                _flush(pending, monitor, result, time.perf_counter() - t0)
+            if evaluating:
+                # DDP's forward would broadcast buffers; FSDP's must run on every rank (its collectives)
+                eval_model = model if info.mode == "fsdp" else raw_model
+                val_loss, val_ppl = evaluate(eval_model, val_data, cfg, info, device)
+                result.val_loss, result.val_ppl = val_loss, val_ppl
+                monitor.log({"step": step + 1, "val_loss": val_loss, "val_ppl": val_ppl}, console=True)
+            if saving:
+                state = {"step": step + 1, "tokens": tokens, "data": train_data.state_dict()}
+                state.update(global_batch=global_batch, config=cfg.to_dict())
+                save_checkpoint(ckpt_root, step + 1, model, optimizer, state, cfg.keep_last, info.is_main)
+                distributed.barrier(info)
+            result.steps = step + 1
+            if stopping:
+                result.stopped_by = stop.signum
+                monitor.print(f"stopped by signal {stop.signum} after step {step + 1}; checkpoint saved")
+                break
     _flush(pending, monitor, result, time.perf_counter() - t0)
 
     # ---- export
