@@ -45,6 +45,17 @@ def test_tiny_ternary_model_overfits_one_batch(tmp_path):
     assert result.losses[100] < 0.05
 
 
+def wait_for_steps(proc: subprocess.Popen, out: Path, steps: int) -> None:
+    """Until the run has logged `steps` steps; it must still be running then, to be interrupted."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        done = (out / "metrics.jsonl").read_text().count("\n") if (out / "metrics.jsonl").exists() else 0
+        if done >= steps:
+            break
+        time.sleep(0.005)
+    assert proc.poll() is None, "the run finished before it could be interrupted"
+
+
 def test_sigkill_then_resume_reproduces_the_uninterrupted_losses(tmp_path):
     steps = 30
     expected = train(config(tmp_path, max_steps=steps, out_dir=str(tmp_path / "straight"))).losses
@@ -55,13 +66,7 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_losses(tmp_path):
         tmp_path, "killed.yaml", max_steps=steps, out_dir=str(out), save_interval=3, keep_last=2
     )
     proc = subprocess.Popen(train_cmd(killed), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        done = (out / "metrics.jsonl").read_text().count("\n") if (out / "metrics.jsonl").exists() else 0
-        if done >= 8:
-            break
-        time.sleep(0.005)
-    assert proc.poll() is None, "the run finished before it could be killed"
+    wait_for_steps(proc, out, 8)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     kept = checkpoint_dirs(out / "checkpoints")
@@ -81,13 +86,7 @@ def test_sigterm_checkpoints_the_step_and_resume_reproduces_the_losses(tmp_path)
     out = tmp_path / "stopped"
     recipe = write_recipe(tmp_path, "stopped.yaml", max_steps=steps, out_dir=str(out), save_interval=0)
     proc = subprocess.Popen(train_cmd(recipe), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        done = (out / "metrics.jsonl").read_text().count("\n") if (out / "metrics.jsonl").exists() else 0
-        if done >= 8:
-            break
-        time.sleep(0.005)
-    assert proc.poll() is None, "the run finished before it could be stopped"
+    wait_for_steps(proc, out, 8)
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, stderr.decode()
