@@ -1,7 +1,7 @@
 """Train the default model and its twins side by side on the local GPUs, sized to a wall-clock budget.
 
-    python recipes/demo/train_gpus.py --budget 900 --out out/runs demo=recipes/demo-gpu.yaml \\
-        demo-fp=recipes/demo-gpu-fp.yaml demo-fp-lr1e-3=recipes/demo-gpu-fp.yaml,lr=1.0e-3
+    python recipes/demo/train_gpus.py --budget 900 --out out/runs demo=recipes/demo.yaml \\
+        demo-fp=recipes/demo-fp.yaml demo-fp-lr1e-3=recipes/demo-fp.yaml,lr=1.0e-3
 
 Each NAME=RECIPE[,key=value...] is one `pybitnet train` run (values are YAML: 1.0e-3, not 1e-3); runs are
 spread round-robin over the GPUs and all run at once (these models are far too small to fill an H200). A short
