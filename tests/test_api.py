@@ -175,3 +175,25 @@ def test_interrupted_calls_leave_no_requests_behind(llm, monkeypatch):
     monkeypatch.undo()
     llm.engine.step()
     assert not llm.engine.has_unfinished() and not llm._mailboxes
+
+
+def test_token_healing_backs_over_the_prompts_last_token():
+    """The embedded model's tokenizer merges "):" with the newline after it, so a prompt ending in "):" ends
+    mid-token: healing drops that token and lets the first new one be any token that starts with its text."""
+    llm = LLM()
+    prompt = "def fibonacci(n):"
+    ids = llm.tokenizer.encode(prompt)
+    healed, tail, allowed = llm.tokenizer.heal(ids)
+    assert healed == ids[:-1] and tail == "):" and ids[-1] in allowed and len(allowed) >= 2
+    assert all(llm.tokenizer.token_text(i).startswith(tail) for i in allowed)
+    assert llm.tokenizer.heal(ids[:1]) == (ids[:1], "", [])  # a lone BOS: nothing to heal
+
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, token_healing=True)
+    out = llm.generate(prompt, params)[0]
+    assert out.prompt_token_ids == healed and out.token_ids[0] in allowed
+    assert prompt + out.text == llm.tokenizer.decode(healed + out.token_ids)  # the text continues the prompt
+    assert "".join(llm.stream(prompt, params)) == out.text
+    plain = llm.generate(prompt, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))[0]
+    assert plain.token_ids[0] not in allowed  # this model, unhealed, leaves the code it was trained on
+    with pytest.raises(InvalidRequestError, match="token_healing"):
+        SamplingParams(token_healing="yes")

@@ -52,6 +52,14 @@ Stop = Annotated[
     typer.Option("-r", "--reverse-prompt", "--stop", help="Stop when this text appears (repeatable)."),
 ]
 IgnoreEos = Annotated[bool, typer.Option("--ignore-eos", help="Keep generating past end-of-sequence tokens.")]
+TokenHealing = Annotated[
+    bool,
+    typer.Option(
+        "--token-healing",
+        help="Back up over the prompt's last token and let the first new token re-cover its text "
+        "(for prompts that end mid-token, like a bare ':').",
+    ),
+]
 CtxSize = Annotated[int, typer.Option("-c", "--ctx-size", help="Context size in tokens; 0: the model's.")]
 Threads = Annotated[int, typer.Option("-t", "--threads", help="CPU threads; 0: torch's default.")]
 Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
@@ -93,6 +101,7 @@ SAMPLING_FLAGS: dict[str, tuple[Any, Any]] = {
     "seed": (Seed, -1),
     "stop": (Stop, None),
     "ignore_eos": (IgnoreEos, False),
+    "token_healing": (TokenHealing, False),
 }
 LOAD_FLAGS: dict[str, tuple[Any, Any]] = {
     "ctx_size": (CtxSize, 0),
@@ -115,6 +124,7 @@ def sampling_params(
     seed: int,
     stop: list[str] | None,
     ignore_eos: bool,
+    token_healing: bool,
 ) -> SamplingParams:
     return SamplingParams(
         max_tokens=None if n_predict < 0 else n_predict,
@@ -128,6 +138,7 @@ def sampling_params(
         seed=None if seed < 0 else seed,
         stop=list(stop) if stop else None,
         ignore_eos=ignore_eos,
+        token_healing=token_healing,
     )
 
 

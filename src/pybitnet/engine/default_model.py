@@ -1,8 +1,8 @@
 """The model used when none is named: the one place a model shipped with the package plugs in.
 
 The package ships a small ternary code-completion model (src/pybitnet/default_model, trained by pybitnet's own
-trainer with recipes/demo.yaml on the Python sources of the standard library, torch, sympy, networkx and numpy),
-so every verb works offline.
+trainer with recipes/demo.yaml on the Python sources of the standard library, torch, sympy, networkx and
+numpy), so every verb works offline.
 """
 
 from __future__ import annotations

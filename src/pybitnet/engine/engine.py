@@ -114,13 +114,18 @@ class Engine:
         params = params or SamplingParams()
         params.validate()
         ids = self.encode_prompt(prompt)
+        healing: tuple[str, list[int]] = ("", [])
+        if params.token_healing:
+            ids, heal_text, heal_ids = self.tokenizer.heal(ids)
+            healing = (heal_text, heal_ids)
         with self._lock:
             request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
             if request_id in self._live:
                 raise InvalidRequestError(f"request id {request_id!r} is already in use")
             self._live.add(request_id)
             text = prompt if isinstance(prompt, str) else None
-            self._incoming.append(Sequence(request_id, text, ids, params, self.tokenizer, self.max_model_len))
+            seq = Sequence(request_id, text, ids, params, self.tokenizer, self.max_model_len, healing=healing)
+            self._incoming.append(seq)
         return request_id
 
     def abort(self, request_id: str) -> None:

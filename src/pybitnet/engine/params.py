@@ -25,6 +25,9 @@ class SamplingParams:
     stop_token_ids: extra token ids that end generation, besides the model's end-of-sequence tokens
     (which ignore_eos disables). min_tokens: no stop before this many tokens.
     logprobs: also return the log-probabilities of the sampled token and of this many most likely tokens.
+    token_healing: back up over the prompt's last token and make the first new token one whose text starts
+    with it, so that a prompt ending mid-token (a `:` the tokenizer merges with the newline after it) is
+    continued as the model saw such text in training; the returned text still continues the prompt.
     """
 
     max_tokens: int | None = 16
@@ -43,6 +46,7 @@ class SamplingParams:
     logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    token_healing: bool = False
     stop_strings: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -110,6 +114,8 @@ class SamplingParams:
             f"must be between 0 and {MAX_LOGPROBS}",
             self.logprobs,
         )
+        healing = self.token_healing
+        _check(isinstance(healing, bool), "token_healing", "must be true or false", healing)
         _check(
             all(isinstance(s, str) and s for s in self.stop_strings),
             "stop",

@@ -21,6 +21,7 @@ class Sequence:
         params: SamplingParams,
         tokenizer: Tokenizer,
         max_model_len: int,
+        healing: tuple[str, list[int]] = ("", []),
     ) -> None:
         self.request_id = request_id
         self.prompt = prompt
@@ -40,6 +41,9 @@ class Sequence:
         self.generator: torch.Generator | None = None
         self.seen: torch.Tensor | None = None  # [V] bool: prompt and output tokens (repetition penalty)
         self.counts: torch.Tensor | None = None  # [V] int: output token counts (presence/frequency penalties)
+        # token healing: the text of the prompt token backed over (not emitted again) and the ids the first
+        # new token may be
+        self._heal_text, self._heal_ids = healing
         self._emitted_text = 0
         self._emitted_tokens = 0
         self.timings = Timings(prompt_tokens=len(prompt_ids))
@@ -79,6 +83,11 @@ class Sequence:
 
         if self.seen is not None and self.counts is not None:
             apply_penalties(logits, self.params, self.seen, self.counts)
+        if not self.output_ids and self._heal_ids:
+            allowed = torch.tensor([i for i in self._heal_ids if i < logits.shape[-1]], device=logits.device)
+            kept = logits[allowed].clone()
+            logits.fill_(float("-inf"))
+            logits[allowed] = kept
         if len(self.output_ids) < self.params.min_tokens and self.stop_ids:
             ids = [i for i in self.stop_ids if i < logits.shape[-1]]
             logits[ids] = float("-inf")
@@ -106,6 +115,9 @@ class Sequence:
             self.finish("length")
 
     def _add_text(self, delta: str) -> None:
+        if self._heal_text:  # the prompt already has this text: the output starts after it
+            cut = min(len(delta), len(self._heal_text))
+            delta, self._heal_text = delta[cut:], self._heal_text[cut:]
         if not delta:
             return
         start = len(self.text)

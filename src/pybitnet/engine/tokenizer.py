@@ -8,6 +8,7 @@ generation.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -87,6 +88,7 @@ class Tokenizer:
         self.bos_token_id = self._id_of(self.special_tokens.get("bos_token"))
         self.eos_token_id = self._id_of(self.special_tokens.get("eos_token"))
         specials = {t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special}
+        self._special_contents = frozenset(specials)
         stops = set(eos_token_ids)
         stops.update(i for i in (self.eos_token_id,) if i is not None)
         stops.update(self._tok.token_to_id(t) for t in END_OF_TURN_TOKENS if t in specials)
@@ -139,6 +141,24 @@ class Tokenizer:
     def token_text(self, token_id: int) -> str:
         """One token as text (special tokens included; a partial UTF-8 character shows as U+FFFD)."""
         return self._tok.decode([token_id], skip_special_tokens=False)
+
+    @functools.cached_property
+    def token_texts(self) -> list[str]:
+        """Every id's text, as `token_text` gives it (decoded once, in one batch call)."""
+        return self._tok.decode_batch([[i] for i in range(self.vocab_size)], skip_special_tokens=False)
+
+    def heal(self, ids: list[int]) -> tuple[list[int], str, list[int]]:
+        """Token healing: (the prompt without its last token, that token's text, the ids whose text starts
+        with it). Nothing to heal — one token, or a last token that is special — gives (ids, "", [])."""
+        if len(ids) < 2 or self._tok.id_to_token(ids[-1]) in self._special_contents:
+            return ids, "", []
+        full = self.decode(ids, skip_special_tokens=False)
+        head = self.decode(ids[:-1], skip_special_tokens=False)
+        tail = full[len(head) :]
+        if not tail or not full.startswith(head):
+            return ids, "", []
+        allowed = [i for i, text in enumerate(self.token_texts) if text.startswith(tail)]
+        return ids[:-1], tail, allowed
 
     def apply_chat_template(
         self,
