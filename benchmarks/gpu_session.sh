@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Every GPU figure in one command, for a machine held for a fixed time: the Triton/engine tests and
+# benchmarks/gpu_bench.py (through gpu_run.sh), then the training step benchmark. Each stage has its own
+# limit, so a slow stage cannot eat the next one's time; results land in $OUT as at most six files.
+#
+#     OUT=gpu_out bash benchmarks/gpu_session.sh          # ~7 minutes on an H200
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu_out}
+mkdir -p "$OUT"
+OUT=$OUT TEST_TIMEOUT=${TEST_TIMEOUT:-90} BENCH_TIMEOUT=${BENCH_TIMEOUT:-200} \
+  bash benchmarks/gpu_run.sh --precompile 12
+PYTHONPATH=src timeout "${TRAIN_TIMEOUT:-240}" python3 benchmarks/train_bitlinear_speed.py \
+  --out "$OUT/train_speed.json" >"$OUT/train_speed.log" 2>&1
+tail -30 "$OUT/train_speed.log"
