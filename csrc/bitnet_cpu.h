@@ -15,6 +15,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 #define BN_KBLOCK 128
 #define BN_ROWS 4
@@ -121,6 +122,26 @@ float bn_dot_f32_scalar(const float *a, const float *b, int64_t n);
 void bn_axpy_f32_scalar(float a, const float *x, float *y, int64_t n);
 float bn_dot_f32_avx2(const float *a, const float *b, int64_t n);
 void bn_axpy_f32_avx2(float a, const float *x, float *y, int64_t n);
+/* The same loops over bfloat16 keys / values (b, x), widened exactly to float32 first. */
+float bn_dot_bf16_scalar(const float *a, const uint16_t *b, int64_t n);
+void bn_axpy_bf16_scalar(float a, const uint16_t *x, float *y, int64_t n);
+float bn_dot_bf16_avx2(const float *a, const uint16_t *b, int64_t n);
+void bn_axpy_bf16_avx2(float a, const uint16_t *x, float *y, int64_t n);
+
+/* bfloat16 <-> float32 as torch converts: round to nearest even (NaN stays a quiet NaN); widening is exact. */
+static inline uint16_t bn_bf16_from_f32(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+static inline float bn_f32_from_bf16(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
 
 /* Portable quantization of one row; every ISA's vector version must give the same bytes. */
 void bn_quantize_row_scalar(const float *x, int64_t k, int64_t k_pad, int8_t *xq, float *a, int32_t *rowsum);

@@ -28,15 +28,16 @@ typedef struct {
 
 /* One forward over new tokens: x [batch * queries][hidden] float32, updated in place to the last layer's
  * output; token (b, t) has position positions[b * queries + t] and rope factors cos, sin [batch * queries]
- * [head_dim]. The caches are float32 [layers (layer_stride)][batch (batch_stride)][kv_heads (head_stride)]
- * [keys][head_dim]. */
+ * [head_dim]. The caches are [layers (layer_stride)][batch (batch_stride)][kv_heads (head_stride)][keys]
+ * [head_dim] of float32 or bfloat16 (kv_type, see bn_attn; strides count elements). */
 typedef struct {
     float *x;
     int64_t batch, queries;
     const int64_t *positions;
     const float *cos, *sin;
-    float *k_cache, *v_cache;
+    void *k_cache, *v_cache;
     int64_t layer_stride, batch_stride, head_stride, keys;
+    int kv_type; /* BN_KV_F32 (0) or BN_KV_BF16 */
 } bn_step;
 
 /* 0, or -1 when memory runs out, -2 when a position is outside the cache. */

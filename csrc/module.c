@@ -168,17 +168,18 @@ static PyObject *py_attention(PyObject *self, PyObject *args) {
     unsigned long long qkv, cos, sin, kc, vc, pos, out;
     Py_ssize_t ld_qkv, kv_stride, head_stride, batch, heads, kv_heads, queries, keys, dim;
     float scale;
-    if (!PyArg_ParseTuple(args, "KnKKKKnnKKnnnnnnf", &qkv, &ld_qkv, &cos, &sin, &kc, &vc, &kv_stride, &head_stride,
-                          &pos, &out, &batch, &heads, &kv_heads, &queries, &keys, &dim, &scale))
+    int kv_type;
+    if (!PyArg_ParseTuple(args, "KnKKKKnnKKnnnnnnfi", &qkv, &ld_qkv, &cos, &sin, &kc, &vc, &kv_stride, &head_stride,
+                          &pos, &out, &batch, &heads, &kv_heads, &queries, &keys, &dim, &scale, &kv_type))
         return NULL;
     if (batch < 1 || heads < 1 || kv_heads < 1 || heads % kv_heads || queries < 1 || keys < 1 || dim < 2 ||
         dim % 2 || ld_qkv < (heads + 2 * kv_heads) * dim || head_stride < keys * dim ||
-        (batch > 1 && kv_stride < kv_heads * head_stride))
-        return PyErr_Format(PyExc_ValueError, "bad attention sizes");
+        (batch > 1 && kv_stride < kv_heads * head_stride) || (kv_type != BN_KV_F32 && kv_type != BN_KV_BF16))
+        return PyErr_Format(PyExc_ValueError, "bad attention sizes or cache type");
     bn_attn p = {(const float *)(uintptr_t)qkv, ld_qkv, (const float *)(uintptr_t)cos, (const float *)(uintptr_t)sin,
-                 (float *)(uintptr_t)kc, (float *)(uintptr_t)vc, kv_stride, head_stride,
+                 (void *)(uintptr_t)kc, (void *)(uintptr_t)vc, kv_stride, head_stride,
                  (const int64_t *)(uintptr_t)pos,
-                 (float *)(uintptr_t)out, batch, heads, kv_heads, queries, keys, dim, scale, NULL};
+                 (float *)(uintptr_t)out, batch, heads, kv_heads, queries, keys, dim, scale, kv_type, NULL};
     int rc;
     Py_BEGIN_ALLOW_THREADS;
     bn_pool_lock();
@@ -277,8 +278,9 @@ static PyObject *py_decoder_run(PyObject *self, PyObject *args) {
     int isa;
     unsigned long long x, pos, cos, sin, kc, vc;
     Py_ssize_t batch, queries, layer_stride, batch_stride, head_stride, keys;
-    if (!PyArg_ParseTuple(args, "OiKnnKKKKKnnnn", &capsule, &isa, &x, &batch, &queries, &pos, &cos, &sin, &kc, &vc,
-                          &layer_stride, &batch_stride, &head_stride, &keys))
+    int kv_type;
+    if (!PyArg_ParseTuple(args, "OiKnnKKKKKnnnni", &capsule, &isa, &x, &batch, &queries, &pos, &cos, &sin, &kc, &vc,
+                          &layer_stride, &batch_stride, &head_stride, &keys, &kv_type))
         return NULL;
     const bn_decoder *d = PyCapsule_GetPointer(capsule, DECODER_CAPSULE);
     if (!d) return NULL;
@@ -286,11 +288,12 @@ static PyObject *py_decoder_run(PyObject *self, PyObject *args) {
     if (!ops) return NULL;
     if (batch < 1 || queries < 1 || keys < 1 || head_stride < keys * d->head_dim ||
         (batch > 1 && batch_stride < d->kv_heads * head_stride) ||
-        (d->layers > 1 && layer_stride < (batch > 1 ? batch * batch_stride : d->kv_heads * head_stride)))
-        return PyErr_Format(PyExc_ValueError, "bad decoder run sizes or cache strides");
+        (d->layers > 1 && layer_stride < (batch > 1 ? batch * batch_stride : d->kv_heads * head_stride)) ||
+        (kv_type != BN_KV_F32 && kv_type != BN_KV_BF16))
+        return PyErr_Format(PyExc_ValueError, "bad decoder run sizes, cache strides or cache type");
     bn_step s = {(float *)(uintptr_t)x, batch, queries, (const int64_t *)(uintptr_t)pos,
-                 (const float *)(uintptr_t)cos, (const float *)(uintptr_t)sin, (float *)(uintptr_t)kc,
-                 (float *)(uintptr_t)vc, layer_stride, batch_stride, head_stride, keys};
+                 (const float *)(uintptr_t)cos, (const float *)(uintptr_t)sin, (void *)(uintptr_t)kc,
+                 (void *)(uintptr_t)vc, layer_stride, batch_stride, head_stride, keys, kv_type};
     int rc;
     Py_BEGIN_ALLOW_THREADS;
     bn_pool_lock();
@@ -346,13 +349,13 @@ static PyMethodDef methods[] = {
     {"attention", py_attention, METH_VARARGS,
      "attention(qkv, ld_qkv, cos, sin, k_cache, v_cache, kv_batch_stride, kv_head_stride, positions, out, batch, "
      "heads, kv_heads, "
-     "queries, keys, dim, scale): RoPE, KV cache write and causal attention for new tokens"},
+     "queries, keys, dim, scale, kv_type): RoPE, KV cache write and causal attention for new tokens"},
     {"decoder_new", py_decoder_new, METH_VARARGS,
      "decoder_new(hidden, inter, heads, kv_heads, head_dim, eps, attn_scale, act, layers) -> decoder: the layers' "
      "weights as addresses (see decoder.h); the caller keeps the tensors alive"},
     {"decoder_run", py_decoder_run, METH_VARARGS,
      "decoder_run(decoder, isa, x, batch, queries, positions, cos, sin, k_cache, v_cache, layer_stride, "
-     "batch_stride, head_stride, keys): every layer over new tokens, x updated in place"},
+     "batch_stride, head_stride, keys, kv_type): every layer over new tokens, x updated in place"},
     {"read_bandwidth", py_read_bandwidth, METH_VARARGS,
      "read_bandwidth(ptr, nbytes, reps) -> (best GB/s, checksum) of parallel reads"},
     {"isa_available", py_isa_available, METH_O, "isa_available(isa) -> bool"},
@@ -374,6 +377,7 @@ PyMODINIT_FUNC PyInit__cpu(void) {
         PyModule_AddIntConstant(m, "ISA_NEONDOT", BN_ISA_NEONDOT) ||
         PyModule_AddIntConstant(m, "ACT_RELU2", BN_ACT_RELU2) ||
         PyModule_AddIntConstant(m, "ACT_SILU", BN_ACT_SILU) ||
+        PyModule_AddIntConstant(m, "KV_F32", BN_KV_F32) || PyModule_AddIntConstant(m, "KV_BF16", BN_KV_BF16) ||
         PyModule_AddIntConstant(m, "KBLOCK", BN_KBLOCK) || PyModule_AddIntConstant(m, "ROWS", BN_ROWS)) {
         Py_DECREF(m);
         return NULL;

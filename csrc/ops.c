@@ -182,6 +182,11 @@ double bn_read_bandwidth(const void *buf, size_t nbytes, int reps, uint64_t *che
     return best;
 }
 
+/* A thread's float32 copy of the first `done` keys and values of one (batch, kv head) of a bfloat16 cache */
+typedef struct {
+    int64_t id, done;
+} widened_kv;
+
 /* Decode attention: a few new tokens per sequence. Rotates their keys (RoPE, rotate-half pairs (i, i + d/2)) and
  * writes keys and values into the cache at their positions, then each (batch, head, token) item, one task of
  * the pool, rotates its query and attends causally to the cached keys of its sequence. Dot products keep 8
@@ -191,6 +196,10 @@ typedef struct {
     int64_t items;
     float (*dot)(const float *a, const float *b, int64_t n);
     void (*axpy)(float a, const float *x, float *y, int64_t n);
+    float (*dot_bf16)(const float *a, const uint16_t *b, int64_t n);
+    void (*axpy_bf16)(float a, const uint16_t *x, float *y, int64_t n);
+    widened_kv *widened; /* per thread; NULL: read the cache as it is */
+    size_t thread_floats; /* floats of each thread's scratch */
 } attn_job;
 
 float bn_dot_f32_scalar(const float *a, const float *b, int64_t n) {
@@ -206,6 +215,36 @@ void bn_axpy_f32_scalar(float a, const float *x, float *y, int64_t n) {
     for (int64_t i = 0; i < n; i++) y[i] += a * x[i];
 }
 
+float bn_dot_bf16_scalar(const float *a, const uint16_t *b, int64_t n) {
+    float s[8] = {0};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int j = 0; j < 8; j++) s[j] += a[i + j] * bn_f32_from_bf16(b[i + j]);
+    for (; i < n; i++) s[i % 8] += a[i] * bn_f32_from_bf16(b[i]);
+    return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+}
+
+void bn_axpy_bf16_scalar(float a, const uint16_t *x, float *y, int64_t n) {
+    for (int64_t i = 0; i < n; i++) y[i] += a * bn_f32_from_bf16(x[i]);
+}
+
+static size_t kv_size(const bn_attn *p) { return p->kv_type == BN_KV_BF16 ? sizeof(uint16_t) : sizeof(float); }
+
+/* q . key s, and out += e * value s, of one kv head's rows k, v of element type kv_type */
+static float key_dot(const attn_job *j, int kv_type, const float *q, const void *k, int64_t s) {
+    int64_t d = j->p->dim;
+    if (kv_type == BN_KV_BF16) return j->dot_bf16(q, (const uint16_t *)k + s * d, d);
+    return j->dot(q, (const float *)k + s * d, d);
+}
+
+static void add_value(const attn_job *j, int kv_type, float e, const void *v, int64_t s, float *out) {
+    int64_t d = j->p->dim;
+    if (kv_type == BN_KV_BF16)
+        j->axpy_bf16(e, (const uint16_t *)v + s * d, out, d);
+    else
+        j->axpy(e, (const float *)v + s * d, out, d);
+}
+
 /* out = x * cos + rotate_half(x) * sin, as the model's apply_rope */
 static void rope(const float *x, const float *cos, const float *sin, int64_t d, float *out) {
     int64_t half = d / 2;
@@ -213,52 +252,98 @@ static void rope(const float *x, const float *cos, const float *sin, int64_t d, 
     for (int64_t i = half; i < d; i++) out[i] = x[i] * cos[i] + x[i - half] * sin[i];
 }
 
+/* Keys and values [0, n) of (batch, kv head) `id` as float32, widened into the thread's copy w (keys then
+ * values, `keys` rows each) as far as it does not hold them yet: a thread's items run in order, so the rows one
+ * kv head's queries read are widened about once per thread rather than once per query and head. */
+static void widen_kv(const bn_attn *p, widened_kv *w, int64_t id, const uint16_t *k, const uint16_t *v, int64_t n,
+                     float *kf, float *vf) {
+    if (w->id != id) w->id = id, w->done = 0;
+    for (int64_t e = w->done * p->dim; e < n * p->dim; e++) kf[e] = bn_f32_from_bf16(k[e]);
+    for (int64_t e = w->done * p->dim; e < n * p->dim; e++) vf[e] = bn_f32_from_bf16(v[e]);
+    if (n > w->done) w->done = n;
+}
+
 static void attn_task(void *arg, int tid, int64_t i0, int64_t i1) {
     attn_job *j = arg;
     const bn_attn *p = j->p;
     int64_t group = p->heads / p->kv_heads;
-    float *q = p->scratch + (size_t)tid * (size_t)(p->keys + p->dim);
-    float *scores = q + p->dim;
+    float *q = p->scratch + (size_t)tid * j->thread_floats;
+    float *scores = q + p->dim, *kf = scores + p->keys, *vf = kf + p->keys * p->dim;
     for (int64_t i = i0; i < i1; i++) {
         int64_t b = i / (p->heads * p->queries), h = (i / p->queries) % p->heads, t = i % p->queries;
-        int64_t row = b * p->queries + t, last = p->positions[row];
+        int64_t row = b * p->queries + t, n = p->positions[row] + 1; /* keys 0 .. n - 1 */
         rope(p->qkv + row * p->ld_qkv + h * p->dim, p->cos + row * p->dim, p->sin + row * p->dim, p->dim, q);
-        const float *k = p->k_cache + b * p->kv_batch_stride + (h / group) * p->kv_head_stride;
-        const float *v = p->v_cache + b * p->kv_batch_stride + (h / group) * p->kv_head_stride;
+        size_t at = (size_t)(b * p->kv_batch_stride + (h / group) * p->kv_head_stride) * kv_size(p);
+        const void *k = (const char *)p->k_cache + at, *v = (const char *)p->v_cache + at;
+        int kv_type = p->kv_type;
+        if (j->widened) {
+            widen_kv(p, &j->widened[tid], b * p->kv_heads + h / group, k, v, n, kf, vf);
+            k = kf, v = vf, kv_type = BN_KV_F32;
+        }
         float *out = p->out + (row * p->heads + h) * p->dim;
         float mx = -INFINITY, sum = 0.0f;
-        for (int64_t s = 0; s <= last; s++) {
-            scores[s] = j->dot(q, k + s * p->dim, p->dim) * p->scale;
+        for (int64_t s = 0; s < n; s++) {
+            scores[s] = key_dot(j, kv_type, q, k, s) * p->scale;
             mx = scores[s] > mx ? scores[s] : mx;
         }
         for (int64_t d = 0; d < p->dim; d++) out[d] = 0.0f;
-        for (int64_t s = 0; s <= last; s++) {
+        for (int64_t s = 0; s < n; s++) {
             float e = expf(scores[s] - mx);
             sum += e;
-            j->axpy(e, v + s * p->dim, out, p->dim);
+            add_value(j, kv_type, e, v, s, out);
         }
         float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
         for (int64_t d = 0; d < p->dim; d++) out[d] *= inv;
     }
 }
 
+/* One new token's rotated key and its value into one kv head's cache rows, as the cache's element type (rounded
+ * to bfloat16 from the float32 row `tmp`) */
+static void write_kv(const bn_attn *p, size_t at, const float *k, const float *v, const float *cos, const float *sin,
+                     float *tmp) {
+    if (p->kv_type == BN_KV_BF16) {
+        uint16_t *kc = (uint16_t *)p->k_cache + at, *vc = (uint16_t *)p->v_cache + at;
+        rope(k, cos, sin, p->dim, tmp);
+        for (int64_t d = 0; d < p->dim; d++) kc[d] = bn_bf16_from_f32(tmp[d]), vc[d] = bn_bf16_from_f32(v[d]);
+    } else {
+        rope(k, cos, sin, p->dim, (float *)p->k_cache + at);
+        memcpy((float *)p->v_cache + at, v, (size_t)p->dim * sizeof(float));
+    }
+}
+
 int bn_attention(bn_attn *p) {
+    int threads = bn_pool_threads();
+    /* Several queries per sequence (a prompt) read a bfloat16 cache's rows many times: each thread widens them
+     * once into float32 rows of its scratch. One query (a decode step) reads them about once: as they are. */
+    int widen = p->kv_type == BN_KV_BF16 && p->queries > 1;
+    size_t thread_floats = round_up((size_t)(p->dim + p->keys) + (widen ? 2 * (size_t)(p->keys * p->dim) : 0), 16);
+    size_t widened_bytes = widen ? round_up((size_t)threads * sizeof(widened_kv), BN_ALIGN) : 0;
+    char *base = scratch_get(widened_bytes + (size_t)threads * thread_floats * sizeof(float));
+    if (!base) return -1;
+    p->scratch = (float *)(base + widened_bytes);
     for (int64_t row = 0; row < p->batch * p->queries; row++) {
         int64_t b = row / p->queries, pos = p->positions[row];
         if (pos < 0 || pos >= p->keys) return -2;
         const float *src = p->qkv + row * p->ld_qkv + p->heads * p->dim;
         for (int64_t g = 0; g < p->kv_heads; g++) {
             size_t at = (size_t)(b * p->kv_batch_stride + g * p->kv_head_stride + pos * p->dim);
-            rope(src + g * p->dim, p->cos + row * p->dim, p->sin + row * p->dim, p->dim, p->k_cache + at);
-            memcpy(p->v_cache + at, src + (p->kv_heads + g) * p->dim, (size_t)p->dim * sizeof(float));
+            write_kv(p, at, src + g * p->dim, src + (p->kv_heads + g) * p->dim, p->cos + row * p->dim,
+                     p->sin + row * p->dim, p->scratch);
         }
     }
-    int threads = bn_pool_threads();
-    p->scratch = scratch_get((size_t)threads * (size_t)(p->keys + p->dim) * sizeof(float));
-    if (!p->scratch) return -1;
-    attn_job job = {p, p->batch * p->heads * p->queries, bn_dot_f32_scalar, bn_axpy_f32_scalar};
+    attn_job job = {p,
+                    p->batch * p->heads * p->queries,
+                    bn_dot_f32_scalar,
+                    bn_axpy_f32_scalar,
+                    bn_dot_bf16_scalar,
+                    bn_axpy_bf16_scalar,
+                    widen ? (widened_kv *)base : NULL,
+                    thread_floats};
+    for (int t = 0; widen && t < threads; t++) job.widened[t] = (widened_kv){-1, 0};
 #ifdef BN_HAVE_AVX2
-    if (bn_isa_get(BN_ISA_AVX2)) job.dot = bn_dot_f32_avx2, job.axpy = bn_axpy_f32_avx2;
+    if (bn_isa_get(BN_ISA_AVX2))
+        job.dot = bn_dot_f32_avx2, job.axpy = bn_axpy_f32_avx2, job.dot_bf16 = bn_dot_bf16_avx2,
+        job.axpy_bf16 = bn_axpy_bf16_avx2;
 #endif
     bn_pool_run(attn_task, &job, job.items, 1);
     return 0;

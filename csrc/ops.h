@@ -36,17 +36,22 @@ void bn_run_head(const bn_isa_ops *ops, const bn_act *x, const bn_qmat *w, int b
  * projections [heads + 2 kv_heads][dim] before RoPE; cos, sin [batch * queries][dim]. The caches, [batch (stride
  * kv_batch_stride)][kv_heads (stride kv_head_stride)][keys][dim], receive the rotated keys and the values at each
  * token's position; token (b, t) attends to keys 0..positions[b * queries + t]. out [batch * queries][heads][dim].
- * float32 throughout. Returns -2 when a position is outside the cache, -1 when memory runs out. */
+ * The caches hold float32 or bfloat16 elements (kv_type; strides count elements); keys and values are rounded to
+ * the cache's type when written and attention reads them back from it, so a step sees what later steps see. All
+ * arithmetic is float32. Returns -2 when a position is outside the cache, -1 when memory runs out. */
+enum { BN_KV_F32 = 0, BN_KV_BF16 = 1 };
+
 typedef struct {
     const float *qkv;
     int64_t ld_qkv;
     const float *cos, *sin;
-    float *k_cache, *v_cache;
+    void *k_cache, *v_cache;
     int64_t kv_batch_stride, kv_head_stride;
     const int64_t *positions;
     float *out;
     int64_t batch, heads, kv_heads, queries, keys, dim;
     float scale;
+    int kv_type;    /* BN_KV_F32 or BN_KV_BF16 */
     float *scratch; /* set by bn_attention */
 } bn_attn;
 

@@ -141,16 +141,16 @@ static int check_head(int isa, int bits, int64_t m, int64_t n, int64_t k) {
  * code around them is shared), and under the sanitizers no access strays. */
 enum { D_LAYERS = 2, D_HIDDEN = 200, D_INTER = 333, D_HEADS = 6, D_KV = 2, D_DIM = 18, D_BATCH = 2, D_KEYS = 9 };
 
-static void decoder_pass(int isa, const bn_decoder *d, float *x, float *kc, float *vc, int64_t queries,
+static void decoder_pass(int isa, const bn_decoder *d, float *x, void *kc, void *vc, int kv_type, int64_t queries,
                          const int64_t *pos, const float *cs, const float *sn) {
     bn_step s = {x, D_BATCH, queries, pos, cs, sn, kc, vc, (int64_t)D_BATCH * D_KV * D_KEYS * D_DIM,
-                 (int64_t)D_KV * D_KEYS * D_DIM, (int64_t)D_KEYS * D_DIM, D_KEYS};
+                 (int64_t)D_KV * D_KEYS * D_DIM, (int64_t)D_KEYS * D_DIM, D_KEYS, kv_type};
     bn_pool_lock();
     if (bn_decoder_run(bn_isa_get(isa), d, &s)) printf("  decoder run failed\n");
     bn_pool_unlock();
 }
 
-static int check_decoder(int isa) {
+static int check_decoder(int isa, int kv_type) {
     static const int64_t rows[7] = {D_HEADS * D_DIM, D_KV * D_DIM, D_KV * D_DIM, D_HIDDEN, D_INTER, D_INTER, D_HIDDEN};
     static const int64_t cols[7] = {D_HIDDEN, D_HIDDEN, D_HIDDEN, D_HEADS * D_DIM, D_HIDDEN, D_HIDDEN, D_INTER};
     bn_layer layers[D_LAYERS];
@@ -172,43 +172,51 @@ static int check_decoder(int isa) {
         layers[l].ffn_norm = norms[l][2], layers[l].ffn_sub_norm = norms[l][3];
     }
     bn_decoder d = {D_LAYERS, D_HIDDEN, D_INTER, D_HEADS, D_KV, D_DIM, 1e-5f, 0.25f, BN_ACT_RELU2, layers};
-    size_t cache = (size_t)D_LAYERS * D_BATCH * D_KV * D_KEYS * D_DIM;
-    float *x[2], *kc[2], *vc[2], cs[D_BATCH * 3 * D_DIM], sn[D_BATCH * 3 * D_DIM], x0[D_BATCH * 3 * D_HIDDEN];
+    size_t cache = (size_t)D_LAYERS * D_BATCH * D_KV * D_KEYS * D_DIM * (kv_type == BN_KV_BF16 ? 2 : 4);
+    float *x[2];
+    void *kc[2], *vc[2];
+    float cs[D_BATCH * 3 * D_DIM], sn[D_BATCH * 3 * D_DIM], x0[D_BATCH * 3 * D_HIDDEN];
     for (int i = 0; i < D_BATCH * 3 * D_DIM; i++)
         cs[i] = (float)(next_u32() % 2001) / 1000.0f - 1.0f, sn[i] = cs[i] * 0.5f;
     for (int i = 0; i < D_BATCH * 3 * D_HIDDEN; i++) x0[i] = (float)(next_u32() % 2001) / 100.0f - 10.0f;
     int64_t prompt_pos[D_BATCH * 3] = {0, 1, 2, 4, 5, 6}, step_pos[D_BATCH] = {3, 7};
     for (int pass = 0; pass < 2; pass++) {
-        x[pass] = malloc(sizeof x0), kc[pass] = calloc(cache, sizeof(float)), vc[pass] = calloc(cache, sizeof(float));
+        x[pass] = malloc(sizeof x0), kc[pass] = calloc(cache, 1), vc[pass] = calloc(cache, 1);
         memcpy(x[pass], x0, sizeof x0);
         int which = pass ? isa : BN_ISA_SCALAR;
-        decoder_pass(which, &d, x[pass], kc[pass], vc[pass], 3, prompt_pos, cs, sn);
-        decoder_pass(which, &d, x[pass], kc[pass], vc[pass], 1, step_pos, cs, sn); /* x rows 0, 1 as new tokens */
+        decoder_pass(which, &d, x[pass], kc[pass], vc[pass], kv_type, 3, prompt_pos, cs, sn);
+        /* x rows 0, 1 as new tokens */
+        decoder_pass(which, &d, x[pass], kc[pass], vc[pass], kv_type, 1, step_pos, cs, sn);
     }
-    int bad = memcmp(x[0], x[1], sizeof x0) || memcmp(kc[0], kc[1], cache * sizeof(float)) ||
-              memcmp(vc[0], vc[1], cache * sizeof(float));
+    int bad = memcmp(x[0], x[1], sizeof x0) || memcmp(kc[0], kc[1], cache) || memcmp(vc[0], vc[1], cache);
     for (int i = 0; i < D_BATCH * 3 * D_HIDDEN; i++) bad |= !isfinite(x[1][i]);
-    printf("%-11s decoder 2 layers, hidden %d, inter %d %s\n", bn_isa_get(isa)->name, D_HIDDEN, D_INTER,
-           bad ? "FAIL" : "ok");
+    printf("%-11s decoder 2 layers, hidden %d, inter %d, %s cache %s\n", bn_isa_get(isa)->name, D_HIDDEN, D_INTER,
+           kv_type == BN_KV_BF16 ? "bf16" : "f32", bad ? "FAIL" : "ok");
     for (int pass = 0; pass < 2; pass++) free(x[pass]), free(kc[pass]), free(vc[pass]);
     for (int l = 0; l < D_LAYERS; l++)
         for (int i = 0; i < 7; i++) free(packed[l][i]);
     return bad;
 }
 
-/* The vector float loops of attention give the same bits as the portable ones, for odd lengths too. */
+/* The vector float loops of attention give the same bits as the portable ones, for odd lengths too, over float32
+ * and bfloat16 rows. */
 static int check_float_loops(void) {
     int bad = 0;
 #ifdef BN_HAVE_AVX2
     if (!bn_isa_get(BN_ISA_AVX2)) return 0;
     float a[131], b[131], y0[131], y1[131];
+    uint16_t h[131];
     for (int n = 1; n <= 131; n += 13) {
         for (int i = 0; i < n; i++)
             a[i] = (float)(next_u32() % 20001) / 777.0f - 12.0f, b[i] = (float)(next_u32() % 20001) / 333.0f - 30.0f,
-            y0[i] = y1[i] = b[i] * 0.37f;
+            y0[i] = y1[i] = b[i] * 0.37f, h[i] = bn_bf16_from_f32(a[i] * 1.7f);
         float d0 = bn_dot_f32_scalar(a, b, n), d1 = bn_dot_f32_avx2(a, b, n);
         bn_axpy_f32_scalar(0.731f, a, y0, n);
         bn_axpy_f32_avx2(0.731f, a, y1, n);
+        bad |= memcmp(&d0, &d1, sizeof d0) != 0 || memcmp(y0, y1, sizeof(float) * (size_t)n) != 0;
+        d0 = bn_dot_bf16_scalar(b, h, n), d1 = bn_dot_bf16_avx2(b, h, n);
+        bn_axpy_bf16_scalar(-1.37f, h, y0, n);
+        bn_axpy_bf16_avx2(-1.37f, h, y1, n);
         bad |= memcmp(&d0, &d1, sizeof d0) != 0 || memcmp(y0, y1, sizeof(float) * (size_t)n) != 0;
     }
     printf("avx2        attention float loops vs portable %s\n", bad ? "FAIL" : "ok");
@@ -233,9 +241,10 @@ int main(void) {
         fails += check_head(isa, 8, 3, 17, 300);
         fails += check_head(isa, 4, 1, 1003, 2560);
         fails += check_head(isa, 4, 3, 17, 300);
-        fails += check_decoder(isa);
+        fails += check_decoder(isa, BN_KV_F32);
+        fails += check_decoder(isa, BN_KV_BF16);
     }
     fails += check_float_loops();
-    printf("%d kernel tables tested\n%d passed, %d failed\n", ran, ran * 18 + 1 - fails, fails);
+    printf("%d kernel tables tested\n%d passed, %d failed\n", ran, ran * 19 + 1 - fails, fails);
     return fails != 0;
 }

@@ -1,10 +1,13 @@
 """Throughput benchmark in the manner of llama-bench: prompt processing (ppN) and token generation (tgN).
 
 The model is driven directly through forward(input_ids, positions, cache): ppN runs one forward over N
-tokens into an empty cache (logits of the last position only, as llama-bench); tgN decodes N tokens one at a
-time from an empty context, greedily. Each test runs once untimed (warm-up), then `reps` times; t/s = tokens /
-seconds.
-Peak RSS is the high-water mark of the timed runs (reset after loading where the OS allows it).
+tokens from position 0 (logits of the last position only, as llama-bench); tgN decodes N tokens one at a time
+from position 0, greedily. Each test makes one KV cache of N positions and reuses it for every run, as
+llama-bench reuses its context (a token never reads entries past its position, so no clearing is needed), so
+the allocator's reuse of freed caches never shows in the figures. Each test runs once untimed (warm-up), then
+`reps` times; t/s = tokens / seconds.
+Peak RSS is the high-water mark of the timed runs (reset after loading where the OS allows it); runtime RSS is
+what the process held before the model was made (interpreter, torch, pybitnet), which the peak includes.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch
 from torch import nn
 
 from .kernels.cpu_head import Int8Head
+from .models.kv_cache import KVCache
 from .nn import PackedBitLinear
 
 
@@ -36,6 +40,7 @@ class BenchResult:
     ts_sd: float
     samples: list[float]
     peak_rss_bytes: int
+    runtime_rss_bytes: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -80,15 +85,26 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def peak_rss_bytes() -> int:
+def _proc_status_bytes(field: str) -> int | None:
+    """A memory field of /proc/self/status (VmRSS, VmHWM) in bytes; None where /proc is missing."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return None
+
+
+def current_rss_bytes() -> int:
+    """Resident bytes now (0 where /proc is missing)."""
+    return _proc_status_bytes("VmRSS") or 0
+
+
+def peak_rss_bytes() -> int:
+    peak = _proc_status_bytes("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _prompt(model: nn.Module, n: int, seed: int = 0) -> torch.Tensor:
@@ -96,16 +112,18 @@ def _prompt(model: nn.Module, n: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, model.config.vocab_size, (1, n), generator=g)
 
 
-def run_pp(model: nn.Module, n: int) -> float:
+def run_pp(model: nn.Module, n: int, cache: KVCache | None = None) -> float:
+    """Seconds of one forward over n prompt tokens, into `cache` (at least n positions; a new one if None)."""
     ids = _prompt(model, n)
-    cache = model.new_cache(1, n)
+    cache = model.new_cache(1, n) if cache is None else cache
     t = time.perf_counter()
     model(ids, torch.arange(n)[None], cache, last_only=True)
     return time.perf_counter() - t
 
 
-def run_tg(model: nn.Module, n: int) -> float:
-    cache = model.new_cache(1, n)
+def run_tg(model: nn.Module, n: int, cache: KVCache | None = None) -> float:
+    """Seconds of n greedy one-token steps, into `cache` (at least n positions; a new one if None)."""
+    cache = model.new_cache(1, n) if cache is None else cache
     token = _prompt(model, 1)
     t = time.perf_counter()
     for pos in range(n):
@@ -115,9 +133,16 @@ def run_tg(model: nn.Module, n: int) -> float:
 
 
 def bench(
-    model: nn.Module, name: str, backend: str, threads: int, tests: list[tuple[str, int]], reps: int
+    model: nn.Module,
+    name: str,
+    backend: str,
+    threads: int,
+    tests: list[tuple[str, int]],
+    reps: int,
+    runtime_rss: int = 0,
 ) -> list[BenchResult]:
-    """Run each (kind, n) test, kind "pp" or "tg", with the kernels and torch set to `threads` threads."""
+    """Run each (kind, n) test, kind "pp" or "tg", with the kernels and torch set to `threads` threads.
+    `runtime_rss`: current_rss_bytes() before the model was made, reported with the results."""
     from .kernels import cpu
 
     if cpu.native_available():
@@ -129,9 +154,11 @@ def bench(
             # Decode's torch ops are too small to split; torch's idle OpenMP workers would only spin on the
             # cores the kernels' threads need. Prefill's attention is large enough to use them.
             torch.set_num_threads(threads if kind == "pp" else 1)
-            run(model, n)  # warm-up (also builds the int8 head on first use)
+            cache = model.new_cache(1, n)
+            run(model, n, cache)  # warm-up (also builds the int8 head on first use)
             _reset_peak_rss()
-            seconds = [run(model, n) for _ in range(reps)]
+            seconds = [run(model, n, cache) for _ in range(reps)]
+            del cache
             rates = [n / s for s in seconds]
             size, params = weight_bytes_and_params(model)
             results.append(
@@ -146,6 +173,7 @@ def bench(
                     ts_sd=statistics.stdev(rates) if len(rates) > 1 else 0.0,
                     samples=rates,
                     peak_rss_bytes=peak_rss_bytes(),
+                    runtime_rss_bytes=runtime_rss,
                 )
             )
     return results

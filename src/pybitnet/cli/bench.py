@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from ..bench import BenchResult, backend_name, bench, default_threads
+from ..bench import BenchResult, backend_name, bench, current_rss_bytes, default_threads
 from ..engine.default_model import model_or_default
 from ..models.transformer import HEAD_MODES
 from .common import user_errors
@@ -53,9 +53,12 @@ def format_markdown(results: list[BenchResult]) -> str:
             f"{r.threads} | {r.test} | {r.ts_mean:.2f} ± {r.ts_sd:.2f} |"
         )
     peak = max(r.peak_rss_bytes for r in results)
-    size = results[0].size_bytes
+    size, runtime = results[0].size_bytes, results[0].runtime_rss_bytes
     rows.append("")
-    rows.append(f"peak RSS {_size(peak)} = {peak / size:.2f} x the weights ({_size(size)})")
+    line = f"peak RSS {_size(peak)} = {peak / size:.2f} x the weights ({_size(size)})"
+    if runtime:
+        line += f", of which {_size(runtime)} held before loading (Python, torch)"
+    rows.append(line)
     return "\n".join(rows)
 
 
@@ -101,6 +104,7 @@ def bench_command(
     if not tests:
         raise typer.BadParameter("nothing to run: -p and -n are both 0")
     with user_errors():
+        runtime_rss = current_rss_bytes()
         if preset is not None:
             from ..models.presets import preset as preset_config
             from ..models.random_init import random_model
@@ -114,7 +118,7 @@ def bench_command(
         net.head_mode = lm_head
         results: list[BenchResult] = []
         for t in _ints(threads) if threads else [default_threads()]:
-            results += bench(net, name, backend_name(net), t, tests, reps)
+            results += bench(net, name, backend_name(net), t, tests, reps, runtime_rss)
     if output == "json":
         typer.echo(json.dumps([r.to_dict() for r in results], indent=2))
     elif output == "csv":

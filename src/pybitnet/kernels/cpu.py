@@ -29,6 +29,8 @@ except ImportError:  # a source checkout without a build: the reference kernel s
 THREADS_ENV = "PYBITNET_THREADS"
 ISAS = {"scalar": 0, "avx2": 1, "avx512vnni": 2, "neondot": 3}
 MAX_K = 2**16  # keeps |sum| < 2**24, so the int32 -> float32 conversion is exact as in the reference
+# KV-cache element types the C attention reads (it widens bfloat16 exactly and computes in float32)
+_KV_TYPES = {} if _native is None else {torch.float32: _native.KV_F32, torch.bfloat16: _native.KV_BF16}
 
 
 def native_available() -> bool:
@@ -225,12 +227,19 @@ def run_head(
     _native.head(_best_isa_id(), bits, x.data_ptr(), m, k, k, norm_ptr, eps, *ptrs)
 
 
+def kv_type(dtype: torch.dtype) -> int | None:
+    """The C code's id of a KV-cache element type (float32 or bfloat16); None for any other dtype."""
+    return _KV_TYPES.get(dtype)
+
+
 def attention_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: torch.Tensor) -> bool:
     """Whether decode_attention takes these: q, k, v [B, T, *] float32 views of one fused projection buffer
-    (as linear_many returns them) and a float32 cache layer [B', KVH, S, D] with contiguous key rows."""
+    (as linear_many returns them) and a float32 or bfloat16 cache layer [B', KVH, S, D] with contiguous key
+    rows."""
     row = q.stride(-2) if q.dim() > 1 else q.shape[-1]
     return (
-        q.dtype == k.dtype == v.dtype == cache_k.dtype == torch.float32
+        q.dtype == k.dtype == v.dtype == torch.float32
+        and kv_type(cache_k.dtype) is not None
         and q.device.type == "cpu"
         and q.stride(-1) == 1
         and k.data_ptr() == q.data_ptr() + 4 * q.shape[-1]
@@ -258,13 +267,17 @@ def decode_attention(
     """RoPE, KV cache write and causal attention for a few new tokens, in one native call.
 
     q, k, v: [B, T, H*D], [B, T, KVH*D] projections before RoPE (see attention_fits); cos, sin [B, T, D];
-    cache_k, cache_v: one layer's cache [B', KVH, S, D] (B' >= B); positions [B, T]: token (b, t) is written
-    at positions[b, t] and attends to keys 0..positions[b, t]. Returns [B, T, H*D] float32."""
+    cache_k, cache_v: one layer's cache [B', KVH, S, D] (B' >= B), float32 or bfloat16; positions [B, T]:
+    token (b, t) is written at positions[b, t] (rounded to the cache's dtype) and attends to keys
+    0..positions[b, t] as the cache holds them. Returns [B, T, H*D] float32."""
     _ensure_threads()
     b, t, _ = q.shape
     kvh, keys, d = cache_k.shape[1], cache_k.shape[2], cache_k.shape[3]
     if cache_v.stride() != cache_k.stride() or cache_v.shape != cache_k.shape or cache_k.shape[0] < b:
         raise LayoutError("the key and value caches must have the same shape and strides")
+    kind = kv_type(cache_k.dtype)
+    if kind is None or cache_v.dtype != cache_k.dtype:
+        raise LayoutError(f"the KV cache must be float32 or bfloat16, got {cache_k.dtype}, {cache_v.dtype}")
     if q.shape[-1] != heads * d or k.shape[-1] != kvh * d or tuple(cos.shape) != (b, t, d):
         raise LayoutError(f"attention shapes do not match: q {tuple(q.shape)}, cache {tuple(cache_k.shape)}")
     cos = cos.to(torch.float32).contiguous()
@@ -289,6 +302,7 @@ def decode_attention(
         keys,
         d,
         scale,
+        kind,
     )
     return out
 

@@ -9,7 +9,7 @@ thread pool kept hot from the first kernel to the last.
 
 The model is read through its module names (those of the HF checkpoints), so this layer needs nothing from
 the model code; `NativeDecoder.for_model` returns None for a model it cannot run (another kernel, biases,
-float caches of another dtype ...) and the caller keeps the torch path.
+caches of another dtype than float32 or bfloat16 ...) and the caller keeps the torch path.
 """
 
 from __future__ import annotations
@@ -217,7 +217,8 @@ class NativeDecoder:
         return dec
 
     def fits(self, x: torch.Tensor, cache) -> bool:
-        """Whether a forward of x [B, T, hidden] over `cache` (a KVCache or a view of one) can run here."""
+        """Whether a forward of x [B, T, hidden] over `cache` (a KVCache or a view of one; float32 or
+        bfloat16) can run here."""
         k, v = getattr(cache, "k", None), getattr(cache, "v", None)
         if not (isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor) and k.dim() == 5):
             return False
@@ -226,7 +227,8 @@ class NativeDecoder:
             x.device.type == k.device.type == "cpu"
             and not (x.requires_grad and torch.is_grad_enabled())
             and x.shape[1] >= 1
-            and k.dtype == v.dtype == torch.float32
+            and k.dtype == v.dtype
+            and cpu.kv_type(k.dtype) is not None
             and k.shape == v.shape
             and k.stride() == v.stride()
             and layers == self.config.num_hidden_layers
@@ -238,14 +240,21 @@ class NativeDecoder:
         )
 
     def __call__(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, cache
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        positions: torch.Tensor,
+        cache,
+        reuse_input: bool = False,
     ) -> torch.Tensor:
         """x [B, T, hidden] (any float dtype) through every layer; returns float32 [B, T, hidden]. Writes the
-        new tokens' keys and values into the cache at `positions` [B, T]."""
+        new tokens' keys and values into the cache at `positions` [B, T]. `reuse_input`: the caller gives x
+        up, so a float32 contiguous x is updated in place rather than copied (one activation buffer less)."""
         cpu._ensure_threads()
         b, t, _ = x.shape
         h = x.to(torch.float32).contiguous()
-        if h.data_ptr() == x.data_ptr():
+        if h.data_ptr() == x.data_ptr() and not reuse_input:
             h = h.clone()  # updated in place: never the caller's tensor
         pos = positions.to(torch.int64).expand(b, t).contiguous()  # the C code checks 0 <= pos < keys
         cos = cos.to(torch.float32).contiguous()
@@ -280,4 +289,5 @@ class NativeDecoder:
             k.stride(1),
             k.stride(2),
             k.shape[3],
+            cpu.kv_type(k.dtype),
         )
