@@ -255,46 +255,36 @@ void bn_int4_avx2(const bn_act *x, const bn_qmat *w, int64_t n0, int64_t n1) {
     }
 }
 
-float bn_dot_f32_avx2(const float *a, const float *b, int64_t n) {
-    __m256 acc = _mm256_setzero_ps();
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) acc = _mm256_add_ps(acc, _mm256_mul_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i)));
-    float s[8];
-    _mm256_storeu_ps(s, acc);
-    for (; i < n; i++) s[i % 8] += a[i] * b[i];
-    return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
-}
-
-void bn_axpy_f32_avx2(float a, const float *x, float *y, int64_t n) {
-    const __m256 va = _mm256_set1_ps(a);
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8)
-        _mm256_storeu_ps(y + i, _mm256_add_ps(_mm256_loadu_ps(y + i), _mm256_mul_ps(va, _mm256_loadu_ps(x + i))));
-    for (; i < n; i++) y[i] += a * x[i];
-}
-
 /* 8 bfloat16 values widened to float32: the 16 bits become the high half of each lane (exact) */
 static inline __m256 load_bf16x8(const uint16_t *p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
 }
 
-float bn_dot_bf16_avx2(const float *a, const uint16_t *b, int64_t n) {
-    __m256 acc = _mm256_setzero_ps();
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) acc = _mm256_add_ps(acc, _mm256_mul_ps(_mm256_loadu_ps(a + i), load_bf16x8(b + i)));
-    float s[8];
-    _mm256_storeu_ps(s, acc);
-    for (; i < n; i++) s[i % 8] += a[i] * bn_f32_from_bf16(b[i]);
-    return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
-}
+static inline float load_f32(const float *p) { return *p; }
+static inline float load_bf16(const uint16_t *p) { return bn_f32_from_bf16(*p); }
 
-void bn_axpy_bf16_avx2(float a, const uint16_t *x, float *y, int64_t n) {
-    const __m256 va = _mm256_set1_ps(a);
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8)
-        _mm256_storeu_ps(y + i, _mm256_add_ps(_mm256_loadu_ps(y + i), _mm256_mul_ps(va, load_bf16x8(x + i))));
-    for (; i < n; i++) y[i] += a * bn_f32_from_bf16(x[i]);
-}
+/* dot(a, x) and y += a·x for x in float32 or bfloat16 (KV-cache rows): one body, the loads differ; the tail
+   goes into the lane it would have used, so every lane sums in the same order whatever n is */
+#define BN_DOT_AXPY(SUFFIX, T, LOAD8, LOAD1)                                                              \
+    float bn_dot_##SUFFIX##_avx2(const float *a, const T *b, int64_t n) {                                 \
+        __m256 acc = _mm256_setzero_ps();                                                                  \
+        int64_t i = 0;                                                                                     \
+        for (; i + 8 <= n; i += 8) acc = _mm256_add_ps(acc, _mm256_mul_ps(_mm256_loadu_ps(a + i), LOAD8(b + i))); \
+        float s[8];                                                                                        \
+        _mm256_storeu_ps(s, acc);                                                                          \
+        for (; i < n; i++) s[i % 8] += a[i] * LOAD1(b + i);                                                \
+        return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));                         \
+    }                                                                                                      \
+    void bn_axpy_##SUFFIX##_avx2(float a, const T *x, float *y, int64_t n) {                               \
+        const __m256 va = _mm256_set1_ps(a);                                                               \
+        int64_t i = 0;                                                                                     \
+        for (; i + 8 <= n; i += 8)                                                                         \
+            _mm256_storeu_ps(y + i, _mm256_add_ps(_mm256_loadu_ps(y + i), _mm256_mul_ps(va, LOAD8(x + i)))); \
+        for (; i < n; i++) y[i] += a * LOAD1(x + i);                                                       \
+    }
+
+BN_DOT_AXPY(f32, float, _mm256_loadu_ps, load_f32)
+BN_DOT_AXPY(bf16, uint16_t, load_bf16x8, load_bf16)
 
 void bn_quantize_row_avx2(const float *x, int64_t k, int64_t k_pad, int8_t *xq, float *a, int32_t *rowsum) {
     const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
