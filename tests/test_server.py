@@ -172,6 +172,22 @@ def test_sampling_fields_accepted(client):
     assert reply.choices[0].finish_reason == "length"
 
 
+def test_token_healing_field_matches_the_python_api(client):
+    prompt = "Once upon a time"
+    healed = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, token_healing=True)
+    expected = tiny_llm(max_num_seqs=1, max_model_len=256).generate([prompt], healed)[0]
+    reply = client.completions.create(
+        model=MODEL_NAME,
+        prompt=prompt,
+        max_tokens=6,
+        temperature=0,
+        extra_body={"ignore_eos": True, "token_healing": True},
+    )
+    assert reply.choices[0].text == expected.text
+    with pytest.raises(openai.BadRequestError, match="token_healing"):
+        client.completions.create(model=MODEL_NAME, prompt=prompt, extra_body={"token_healing": "yes"})
+
+
 def test_logprobs(client, llm):
     reply = client.chat.completions.create(
         model=MODEL_NAME, messages=MESSAGES, max_tokens=4, temperature=0, logprobs=True, top_logprobs=3

@@ -118,6 +118,7 @@ def sampling_params(
             stop=body.stop,
             stop_token_ids=body.stop_token_ids,
             ignore_eos=bool(body.ignore_eos),
+            token_healing=bool(body.token_healing),
             min_tokens=body.min_tokens or 0,
             logprobs=logprobs,
         )

@@ -4,7 +4,7 @@ spec).
 Requests are validated strictly (no "1" for 1, no true for 1), so a malformed field is a 400 naming it, not a
 silent coercion. Fields OpenAI defines that pybitnet cannot honour are accepted only at their neutral value.
 Besides OpenAI's fields, requests take the extra sampling fields clients of vLLM and llama-server send: top_k,
-min_p, repetition_penalty, min_tokens, ignore_eos, stop_token_ids.
+min_p, repetition_penalty, min_tokens, ignore_eos, stop_token_ids; and pybitnet's token_healing.
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ class SamplingRequest(Request):
     stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_STOPS)] | None = None
     min_tokens: int | None = Field(None, ge=0, lt=2**31)
     ignore_eos: bool | None = False
+    token_healing: bool | None = Field(False, description="Back up over the prompt's last token.")
     n: int | None = Field(1, ge=1, le=MAX_CHOICES)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
