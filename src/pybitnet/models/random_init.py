@@ -20,16 +20,16 @@ def random_ternary(out: int, cols: int, generator: torch.Generator) -> TernaryWe
 
 
 def _init_float_params(model: Transformer, g: torch.Generator) -> None:
-    """Norm gains near 1, unit-variance embeddings, a small untied head, latent weights ~ N(0, 1/in)."""
+    """Norm gains near 1, unit-variance embeddings, a small untied head, latent weights ~ N(0, 1/in). Drawn in
+    place (the same numbers as torch.randn), so a 2B-4T embedding needs no second copy while it is made."""
     for name, p in model.named_parameters():
+        p.normal_(generator=g)
         if name.endswith("norm.weight"):
-            p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+            p.mul_(0.1).add_(1.0)
         elif name.startswith("lm_head."):
-            p.copy_(0.02 * torch.randn(p.shape, generator=g))
-        elif name.startswith("embed_tokens."):
-            p.copy_(torch.randn(p.shape, generator=g))
-        else:
-            p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
+            p.mul_(0.02)
+        elif not name.startswith("embed_tokens."):
+            p.div_(p.shape[-1] ** 0.5)
 
 
 def random_model(
