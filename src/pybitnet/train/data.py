@@ -173,18 +173,16 @@ class RecordStream:
     def _check(
         self, where: str, result: tuple[list[int], list[int]] | DataError
     ) -> tuple[list[int], list[int]] | None:
-        try:
-            if isinstance(result, DataError):
-                raise result
-            if all(label == IGNORE_INDEX for label in result[1]):
-                raise DataError("no token to train on (empty text or an empty completion)")
+        """The tokenized record; for a bad one, None (on_bad_record: skip) or a DataError naming where."""
+        if not isinstance(result, DataError) and all(label == IGNORE_INDEX for label in result[1]):
+            result = DataError("no token to train on (empty text or an empty completion)")
+        if not isinstance(result, DataError):
             return result
-        except DataError as e:
-            if self.on_bad == "fail":
-                raise DataError(f"{where}: {e} (set on_bad_record: skip to skip malformed records)") from None
-            self.skipped += 1
-            warnings.warn(f"skipping malformed record at {where}: {e}", stacklevel=2)
-            return None
+        if self.on_bad == "fail":
+            raise DataError(f"{where}: {result} (set on_bad_record: skip to skip malformed records)")
+        self.skipped += 1
+        warnings.warn(f"skipping malformed record at {where}: {result}", stacklevel=2)
+        return None
 
 
 class Packer:

@@ -118,15 +118,10 @@ def tokenize_record(
 
     Labels are aligned with the ids (not shifted): the trainer shifts them when it makes next-token targets.
     """
-    kind = record_kind(record, text_field)
-    if kind == "text":
-        ids = tok.tokenizer.encode(_plain_text(record, text_field), add_special_tokens=False).ids
-        return _text_labels(tok, ids)
-    if kind == "prompt_completion":
-        ids, trained = _prompt_completion(record["prompt"], record["completion"], tok)
-    else:
-        ids, trained = _messages(record["messages"], tok)
-    return ids, [i if t else IGNORE_INDEX for i, t in zip(ids, trained, strict=True)]
+    (result,) = tokenize_records([record], tok, text_field)
+    if isinstance(result, DataError):
+        raise result
+    return result
 
 
 def tokenize_records(
@@ -140,17 +135,24 @@ def tokenize_records(
         try:
             if isinstance(record, DataError):
                 raise record
-            if record_kind(record, text_field) == "text":
+            kind = record_kind(record, text_field)
+            if kind == "text":
                 plain[i] = _plain_text(record, text_field)
+            elif kind == "prompt_completion":
+                out[i] = _labels(*_prompt_completion(record["prompt"], record["completion"], tok))
             else:
-                out[i] = tokenize_record(record, tok, text_field)
+                out[i] = _labels(*_messages(record["messages"], tok))
         except DataError as e:
             out[i] = e
     if plain:
         encodings = tok.tokenizer.encode_batch(list(plain.values()), add_special_tokens=False)
         for i, enc in zip(plain, encodings, strict=True):
-            out[i] = _text_labels(tok, enc.ids)
+            out[i] = _labels(*_add_bos_eos(tok, enc.ids, [True] * len(enc.ids)))  # plain text: every token
     return out
+
+
+def _labels(ids: list[int], trained: list[bool]) -> tuple[list[int], list[int]]:
+    return ids, [i if t else IGNORE_INDEX for i, t in zip(ids, trained, strict=True)]
 
 
 def _plain_text(record: dict[str, Any], text_field: str) -> str:
@@ -158,19 +160,6 @@ def _plain_text(record: dict[str, Any], text_field: str) -> str:
     if not isinstance(text, str):
         raise DataError(f"field {text_field!r} must be a string, got {type(text).__name__}")
     return text
-
-
-def _text_labels(tok: TextTokenizer, ids: list[int]) -> tuple[list[int], list[int]]:
-    """Plain text trains on every token but a BOS: labels are the ids themselves, no span test."""
-    ids = list(ids)
-    if tok.bos_id is not None:
-        ids = [tok.bos_id, *ids]
-    if tok.eos_id is not None:
-        ids.append(tok.eos_id)
-    labels = list(ids)
-    if tok.bos_id is not None:
-        labels[0] = IGNORE_INDEX
-    return ids, labels
 
 
 def _add_bos_eos(tok: TextTokenizer, ids: list[int], trained: list[bool]) -> tuple[list[int], list[bool]]:
