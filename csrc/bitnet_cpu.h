@@ -143,6 +143,10 @@ static inline float bn_f32_from_bf16(uint16_t h) {
     return f;
 }
 
+/* One element of a float32 or bfloat16 row as float32: the loads the dot/axpy bodies for both row types take */
+static inline float bn_load_f32(const float *p) { return *p; }
+static inline float bn_load_bf16(const uint16_t *p) { return bn_f32_from_bf16(*p); }
+
 /* Portable quantization of one row; every ISA's vector version must give the same bytes. */
 void bn_quantize_row_scalar(const float *x, int64_t k, int64_t k_pad, int8_t *xq, float *a, int32_t *rowsum);
 void bn_quantize_row_avx2(const float *x, int64_t k, int64_t k_pad, int8_t *xq, float *a, int32_t *rowsum);

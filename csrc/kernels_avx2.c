@@ -260,9 +260,6 @@ static inline __m256 load_bf16x8(const uint16_t *p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
 }
 
-static inline float load_f32(const float *p) { return *p; }
-static inline float load_bf16(const uint16_t *p) { return bn_f32_from_bf16(*p); }
-
 /* dot(a, x) and y += a·x for x in float32 or bfloat16 (KV-cache rows): one body, the loads differ; the tail
    goes into the lane it would have used, so every lane sums in the same order whatever n is */
 #define BN_DOT_AXPY(SUFFIX, T, LOAD8, LOAD1)                                                              \
@@ -283,8 +280,8 @@ static inline float load_bf16(const uint16_t *p) { return bn_f32_from_bf16(*p); 
         for (; i < n; i++) y[i] += a * LOAD1(x + i);                                                       \
     }
 
-BN_DOT_AXPY(f32, float, _mm256_loadu_ps, load_f32)
-BN_DOT_AXPY(bf16, uint16_t, load_bf16x8, load_bf16)
+BN_DOT_AXPY(f32, float, _mm256_loadu_ps, bn_load_f32)
+BN_DOT_AXPY(bf16, uint16_t, load_bf16x8, bn_load_bf16)
 
 void bn_quantize_row_avx2(const float *x, int64_t k, int64_t k_pad, int8_t *xq, float *a, int32_t *rowsum) {
     const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));

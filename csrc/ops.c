@@ -202,31 +202,23 @@ typedef struct {
     size_t thread_floats; /* floats of each thread's scratch */
 } attn_job;
 
-float bn_dot_f32_scalar(const float *a, const float *b, int64_t n) {
-    float s[8] = {0};
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8)
-        for (int j = 0; j < 8; j++) s[j] += a[i + j] * b[i + j];
-    for (; i < n; i++) s[i % 8] += a[i] * b[i];
-    return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
-}
+/* dot(a, x) in 8 interleaved partial sums (the order the SIMD versions keep) and y += a·x, for float32 or
+   bfloat16 rows x: one body, the element load differs */
+#define BN_SCALAR_DOT_AXPY(SUFFIX, T, LOAD1)                                                       \
+    float bn_dot_##SUFFIX##_scalar(const float *a, const T *b, int64_t n) {                        \
+        float s[8] = {0};                                                                          \
+        int64_t i = 0;                                                                             \
+        for (; i + 8 <= n; i += 8)                                                                 \
+            for (int j = 0; j < 8; j++) s[j] += a[i + j] * LOAD1(b + i + j);                       \
+        for (; i < n; i++) s[i % 8] += a[i] * LOAD1(b + i);                                        \
+        return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));                 \
+    }                                                                                              \
+    void bn_axpy_##SUFFIX##_scalar(float a, const T *x, float *y, int64_t n) {                     \
+        for (int64_t i = 0; i < n; i++) y[i] += a * LOAD1(x + i);                                  \
+    }
 
-void bn_axpy_f32_scalar(float a, const float *x, float *y, int64_t n) {
-    for (int64_t i = 0; i < n; i++) y[i] += a * x[i];
-}
-
-float bn_dot_bf16_scalar(const float *a, const uint16_t *b, int64_t n) {
-    float s[8] = {0};
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8)
-        for (int j = 0; j < 8; j++) s[j] += a[i + j] * bn_f32_from_bf16(b[i + j]);
-    for (; i < n; i++) s[i % 8] += a[i] * bn_f32_from_bf16(b[i]);
-    return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
-}
-
-void bn_axpy_bf16_scalar(float a, const uint16_t *x, float *y, int64_t n) {
-    for (int64_t i = 0; i < n; i++) y[i] += a * bn_f32_from_bf16(x[i]);
-}
+BN_SCALAR_DOT_AXPY(f32, float, bn_load_f32)
+BN_SCALAR_DOT_AXPY(bf16, uint16_t, bn_load_bf16)
 
 static size_t kv_size(const bn_attn *p) { return p->kv_type == BN_KV_BF16 ? sizeof(uint16_t) : sizeof(float); }
 
