@@ -102,3 +102,36 @@ def test_missing_default_is_a_clear_error(monkeypatch):
     with pytest.raises(ModelNotFoundError, match="no model given"):
         dm.model_or_default(None)
     assert dm.split_model_and_prompt("hello", None) == ("hello", None)
+
+
+def test_chat_bench_and_serve_use_the_default_model(monkeypatch):
+    """Without MODEL, chat, bench and serve run the shipped model too (run: tests above)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    chat = CliRunner().invoke(cli_app(), ["chat", "-n", "8", "-s", "0"], input="import os\n/exit\n")
+    assert chat.exit_code == 0, chat.output
+    assert chat.stdout.replace(">>>", "").strip()
+
+    bench = CliRunner().invoke(cli_app(), ["bench", "-p", "8", "-n", "2", "-r", "1", "-o", "json"])
+    assert bench.exit_code == 0, bench.output
+    (row, *_) = json.loads(bench.stdout)
+    assert row["model"] == str(dm.default_model())
+
+    import pybitnet.server as server_module
+
+    seen = {}
+
+    class FakeServer:  # stands in for uvicorn: loads the model as the real server's startup does
+        class state:
+            error = None
+
+        def __init__(self, load, settings, *args):
+            seen["settings"], seen["load"] = settings, load
+
+        def run(self):
+            seen["llm"] = seen["load"]()
+
+    monkeypatch.setattr(server_module, "build_server", FakeServer)
+    serve = CliRunner().invoke(cli_app(), ["serve", "--port", "0"])
+    assert serve.exit_code == 0, serve.output
+    assert seen["settings"].model_name == "default"
+    assert str(seen["llm"].model_path) == str(dm.default_model())
