@@ -38,6 +38,7 @@ from collections.abc import Callable
 import torch
 import triton
 
+from pybitnet.kernels.triton import common
 from pybitnet.kernels.triton import expanded as ex
 from pybitnet.kernels.triton import matmul as mm
 from pybitnet.kernels.triton.matmul import MMConfig, int8_weight, ternary_gemv, ternary_mm
@@ -64,6 +65,9 @@ GEMV_CONFIGS = [
         (8, 1024, 1, 4, 2), (8, 1024, 1, 4, 1), (4, 1024, 1, 2, 1), (8, 2048, 1, 4, 1), (8, 1024, 1, 2, 1),
         (16, 1024, 1, 4, 1), (16, 512, 1, 4, 2), (32, 1024, 1, 8, 1), (16, 2048, 1, 8, 1), (8, 512, 1, 2, 2),
         (4, 2048, 1, 4, 1), (8, 1024, 2, 4, 1),
+        # one K block holding the whole row: every weight load is issued before the activations are ready
+        # (with PDL, while the previous kernel runs)
+        (8, 4096, 1, 4, 1), (16, 4096, 1, 8, 1), (4, 4096, 1, 4, 1), (8, 8192, 1, 8, 1),
     ]
 ]  # fmt: skip
 DOT1_CONFIGS = [
@@ -129,6 +133,16 @@ def graph_time_us(fns: list[Callable[[], object]], launches: int = 100, replays:
         end.synchronize()
         times.append(start.elapsed_time(end) * 1000 / launches)
     return statistics.median(times)
+
+
+@contextlib.contextmanager
+def pdl(on: bool):
+    """Kernels launched with programmatic dependent launch (the default) or without, for a comparison."""
+    saved, common.PDL = common.PDL, on
+    try:
+        yield
+    finally:
+        common.PDL = saved
 
 
 def copies_for(nbytes: int, l2: int) -> int:
@@ -229,6 +243,11 @@ def bench_kernels(results: dict, quick: bool) -> None:
                 f"{name}_gemv_noasm",
                 lambda c, w, o: ternary_gemv(xq, w, a=a, out=o, config=c, use_asm=False),
                 [cfg], ref, copies, log)[1]  # fmt: skip
+            with pdl(False):  # each launch waits for the previous one to end
+                no_pdl = [tune(f"{name}_gemv_nopdl",
+                               lambda c, w, o: ternary_gemv(xq, w, a=a, out=o, config=c),
+                               [c], ref, copies, log) for c in gemv_cfgs]  # fmt: skip
+            row["gemv_no_pdl_us"] = min(t for _, t in no_pdl)
         cfg1, t1 = tune(f"{name}_dot16", lambda c, w, o: ternary_mm(xq, a, w, out=o, config=c),
                         DOT1_CONFIGS[:2] if quick else DOT1_CONFIGS, ref, copies, log)  # fmt: skip
         row.update(dot16_us=t1, dot16_config=cfg1 and cfg1.__dict__)
@@ -439,6 +458,7 @@ def bench_e2e(results: dict, quick: bool) -> None:
         ("bf16_floathead", {"weights": "bf16", "lm_head": "float"}, False),
         ("ternary_int8head_earlier_paths", {}, True),
         ("ternary_int8head_norm_in_producer", {"norm_in_producer": True, "decode_only": True}, False),
+        ("ternary_int8head_no_pdl", {"pdl": False, "decode_only": True}, False),
     ]
     if not quick:
         variants += [
@@ -476,9 +496,14 @@ def _earlier_paths(on: bool):
 
 
 def _e2e_variant(e2e, model, gen, key, opts, prompt_len, steps, quick) -> None:
+    decode_only = opts.pop("decode_only", False)
+    with pdl(opts.pop("pdl", True)):
+        _e2e_run(e2e, model, gen, key, opts, prompt_len, steps, quick, decode_only)
+
+
+def _e2e_run(e2e, model, gen, key, opts, prompt_len, steps, quick, decode_only) -> None:
     from pybitnet.engine.cuda_graph import CudaGraphEngine
 
-    decode_only = opts.pop("decode_only", False)
     eng = CudaGraphEngine(model, max_batch_size=64, max_len=prompt_len + steps + 8, **opts)
     for batch in (1,) if decode_only else (1, 64):
         prompts = torch.randint(0, 128000, (batch, prompt_len), generator=gen).tolist()
@@ -561,8 +586,9 @@ def check_greedy(results: dict) -> None:
 
 def print_table(results: dict) -> None:
     nan = float("nan")
-    print("\n| shape | N×K | bf16 µs | W2A8 µs | gemv | dot16 | no-asm | issue bf16 | issue MS | target |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    cols = "shape | N×K | bf16 µs | W2A8 µs | gemv | dot16 | no-asm | no-PDL | issue bf16 | issue MS | target"
+    print(f"\n| {cols} |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, r in results.get("kernels", {}).items():
         bf, ms = ISSUE_US[name]
         tern = r.get("ternary_us", r.get("int8_us", nan))
@@ -573,6 +599,7 @@ def print_table(results: dict) -> None:
             r.get("gemv_us", nan),
             r.get("dot16_us", nan),
             r.get("gemv_no_asm_us", nan),
+            r.get("gemv_no_pdl_us", nan),
         ]
         print(
             f"| {name} | {r['N']}×{r['K']} | "
@@ -603,6 +630,9 @@ def print_table(results: dict) -> None:
             producer = e2e.get(f"ternary_int8head_norm_in_producer_{fig}")
             if producer:
                 line += f"; norm in producer {producer['tok_s']:.0f}"
+            no_pdl = e2e.get(f"ternary_int8head_no_pdl_{fig}")
+            if no_pdl:
+                line += f"; without PDL {no_pdl['tok_s']:.0f}"
             print(line)
 
 

@@ -127,3 +127,22 @@ def test_graph_runner_matches_the_model_runner():
 def test_make_runner_uses_cuda_graphs_on_a_gpu_only():
     model = _model().to(DEV)
     assert isinstance(make_runner(model, 32), CudaGraphRunner if GPU else ModelRunner)
+
+
+@pytest.mark.skipif(
+    not GPU or torch.cuda.get_device_capability()[0] < 9,
+    reason="programmatic dependent launch needs compute capability 9.0",
+)
+def test_programmatic_dependent_launch_changes_no_token(monkeypatch):
+    """Decode kernels that start before the previous one ends (PDL, the default on Hopper) wait for its
+    results: the captured decode gives the same tokens with it on and off, alone and batched."""
+    from pybitnet.kernels.triton import common
+
+    model = _model().to(DEV)
+    prompts = [PROMPT, PROMPT[:3]]
+    results = {}
+    for on in (False, True):
+        monkeypatch.setattr(common, "PDL", on)
+        engine = CudaGraphEngine(model, max_batch_size=2, max_len=len(PROMPT) + NEW_TOKENS)
+        results[on] = (engine.generate(prompts[:1], NEW_TOKENS), engine.generate(prompts, NEW_TOKENS))
+    assert results[True] == results[False]

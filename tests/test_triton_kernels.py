@@ -305,3 +305,45 @@ def test_decode_attention_matches_rope_and_sdpa(dtype, splits, block):
     ref = ref.reshape(b, h * d)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert (out.float() - ref).abs().max() < tol
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+    reason="programmatic dependent launch needs compute capability 9.0",
+)
+def test_dependent_launches_in_a_graph_read_finished_results(monkeypatch):
+    """A chain of 24 fused GEMVs and norm + quantize launches, each reading the row the one before wrote,
+    captured in a CUDA graph with programmatic dependent launch (each kernel may start before the previous
+    one ends): the same bits as the chain launched plainly, one kernel after the other."""
+    from pybitnet.kernels.triton import common
+
+    g = torch.Generator().manual_seed(5)
+    k = 1536
+    weights = []
+    for _ in range(24):
+        pw = pack(_ternary(k, k, g, per_row=True), "triton_i2")
+        weights.append(type(pw)(pw.layout, pw.data.cuda(), pw.scale.cuda(), pw.shape))
+    gain = (1 + 0.1 * torch.randn(k, generator=g)).to(torch.bfloat16).cuda()
+    x0 = torch.randn(1, k, generator=g).to(torch.bfloat16).cuda()
+
+    def chain() -> torch.Tensor:
+        x = x0.clone()
+        for i, w in enumerate(weights):
+            if i % 2:
+                xq, a, _ = norm_quant(x, gain)
+                x = ternary_gemv(xq, w, a=a, out_dtype=x.dtype, residual=x)
+            else:
+                x = ternary_gemv(x, w, gain=gain, residual=x)
+        return x
+
+    monkeypatch.setattr(common, "PDL", False)
+    ref = chain()
+    monkeypatch.setattr(common, "PDL", True)
+    chain()  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = chain()
+    for _ in range(3):
+        out.zero_()
+        graph.replay()
+        assert torch.equal(out, ref)

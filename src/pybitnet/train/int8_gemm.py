@@ -81,9 +81,10 @@ if triton_available():
 
 
 @functools.cache
-def _jitted(interpret: bool):
+def _jitted(autotuned: bool):
+    """The kernel, jitted at first use; `autotuned`: picking its tiles from _GPU_CONFIGS per shape."""
     kernel = triton.jit(_int8_matmul_kernel)
-    return kernel if interpret else triton.autotune(_GPU_CONFIGS, key=["M", "N", "K"])(kernel)
+    return triton.autotune(_GPU_CONFIGS, key=["M", "N", "K"])(kernel) if autotuned else kernel
 
 
 def _launch(a: torch.Tensor, b: torch.Tensor, row_scale: torch.Tensor, out: torch.Tensor) -> None:
@@ -92,10 +93,10 @@ def _launch(a: torch.Tensor, b: torch.Tensor, row_scale: torch.Tensor, out: torc
     if _interpret():
         bm = bn = bk = 32
         grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
-        _jitted(True)[grid](a, b, out, row_scale, m, n, k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=4)
+        _jitted(False)[grid](a, b, out, row_scale, m, n, k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=4)
     else:
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-        _jitted(False)[grid](a, b, out, row_scale, m, n, k)
+        _jitted(True)[grid](a, b, out, row_scale, m, n, k)
 
 
 @torch.library.custom_op("pybitnet::int8_mm", mutates_args=())

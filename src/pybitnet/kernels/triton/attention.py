@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import LAUNCH_OPTS, on_gpu, round_to, scratch_buffer
+from .common import launch_opts, on_gpu, pdl_launch, pdl_release, pdl_wait, round_to, scratch_buffer
 
 # launch shape by batch (rows <= 8: "small", else "large"): cache positions per loop step, warps, stages and
 # sequence splits; benchmarks/gpu_bench.py measures the alternatives on an H200 and sets the fastest
@@ -59,8 +59,10 @@ def _decode_attention_kernel(
     qkv_ptr, cos_ptr, sin_ptr, pos_ptr, k_ptr, v_ptr, o_ptr, part_ptr, ml_ptr, cnt_ptr,
     stride_qkv, stride_cb, stride_ch, stride_cs, stride_o, sm_scale,
     H: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr, GP: tl.constexpr, GR: tl.constexpr,
-    BS: tl.constexpr, SPLITS: tl.constexpr, IEEE: tl.constexpr, NATIVE: tl.constexpr,
+    BS: tl.constexpr, SPLITS: tl.constexpr, IEEE: tl.constexpr, NATIVE: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    pdl_wait(PDL)
+    pdl_release(PDL)
     b = tl.program_id(0)
     g = tl.program_id(1)
     sid = tl.program_id(2)
@@ -167,11 +169,12 @@ def decode_attention(
         ws = scratch_buffer(qkv.device, pairs * n_split * gr * (d + 2), "attn").view(torch.float32)
         part, ml = ws, ws[pairs * n_split * gr * d :]
         cnt = scratch_buffer(qkv.device, pairs, "attn_count")
+    pdl = pdl_launch(qkv)
     _decode_attention_kernel[(b, num_kv_heads, n_split)](
         qkv, cos, sin, positions, k_cache, v_cache, out, part, ml, cnt,
         qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0), d**-0.5,
         H=num_heads, KVH=num_kv_heads, D=d, GP=max(16, gr), GR=gr, BS=block or cfg["block"], SPLITS=n_split,
-        IEEE=qkv.dtype == torch.float32, NATIVE=on_gpu(qkv),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **LAUNCH_OPTS,
+        IEEE=qkv.dtype == torch.float32, NATIVE=on_gpu(qkv), PDL=pdl,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **launch_opts(pdl),
     )  # fmt: skip
     return out

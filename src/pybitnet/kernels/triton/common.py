@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -22,6 +23,42 @@ def on_gpu(t: torch.Tensor) -> bool:
 
 # Float work must round exactly as torch does (a product rounded before a sum), so no fused multiply-adds.
 LAUNCH_OPTS = {"enable_fp_fusion": False}
+
+# Programmatic dependent launch (compute capability 9.0 on): a kernel launched with it may start while the
+# previous kernel of the stream still runs. It first issues the loads nothing else writes (weights), then
+# waits for the previous kernel's results (`pdl_wait`), then lets the next kernel start (`pdl_release`), so
+# a decode step's ~150 launches overlap their start-up and first weight reads with the kernel before. Every
+# kernel launched this way must wait before it reads activations, caches or scratch buffers, or writes
+# anything. Module switch: the benchmarks time the engine with it off too.
+PDL = True
+
+
+@functools.cache
+def _pdl_device(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def pdl_launch(t: torch.Tensor) -> bool:
+    """Whether kernels on `t`'s device launch with programmatic dependent launch."""
+    return PDL and on_gpu(t) and _pdl_device(t.device.index if t.device.index is not None else 0)
+
+
+def launch_opts(pdl: bool) -> dict:
+    return {**LAUNCH_OPTS, "launch_pdl": True} if pdl else LAUNCH_OPTS
+
+
+@triton.jit
+def pdl_wait(ON: tl.constexpr):
+    """Wait until the previous kernel of the stream has finished and its writes are visible (see PDL)."""
+    if ON:
+        tl.extra.cuda.gdc_wait()
+
+
+@triton.jit
+def pdl_release(ON: tl.constexpr):
+    """Let the next kernel of the stream launch (it waits for this one before reading its results)."""
+    if ON:
+        tl.extra.cuda.gdc_launch_dependents()
 
 
 @triton.jit

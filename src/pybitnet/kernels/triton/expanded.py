@@ -123,7 +123,7 @@ def expanded_mm(
         xq, a, codes, w.scale, out, res, out, out,
         m, n, k, k, xq.stride(0), out.stride(0), stride_r,
         BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, SPLIT_K=1, W8=True, ACT=act_code,
-        RESIDUAL=residual is not None, ROW_SCALE=row_scale, SWAP=False, NATIVE=on_gpu(xq),
+        RESIDUAL=residual is not None, ROW_SCALE=row_scale, SWAP=False, NATIVE=on_gpu(xq), PDL=False,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **LAUNCH_OPTS,
     )  # fmt: skip
     return out

@@ -29,10 +29,13 @@ import triton.language as tl
 from ...quant.layouts import PackedWeight
 from .common import (
     ACTIVATIONS,
-    LAUNCH_OPTS,
     gated_activation,
     interpreting,
+    launch_opts,
     on_gpu,
+    pdl_launch,
+    pdl_release,
+    pdl_wait,
     round_to,
     scratch_buffer,
 )
@@ -164,12 +167,14 @@ def _mm_kernel(
     M, N, K, KW, stride_x, stride_o, stride_r,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, W8: tl.constexpr,
     ACT: tl.constexpr, RESIDUAL: tl.constexpr, ROW_SCALE: tl.constexpr, SWAP: tl.constexpr,
-    NATIVE: tl.constexpr,
+    NATIVE: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """out[M, N] = epilogue(xq[M, K] @ W[N, K].T): int8 activations, W ternary ("triton_i2", KW bytes a row)
     or int8 (W8, KW = row stride). ACT (1 relu², 2 silu): W holds 2N rows, gate then up; out = act(gate) * up.
     SWAP (ternary W): accumulate the transposed product (see `_dot_slices`).
     """
+    pdl_wait(PDL)
+    pdl_release(PDL)
     rm = tl.program_id(1) * BM + tl.arange(0, BM)
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
     m_ok = rm < M
@@ -265,7 +270,7 @@ def _gemv_kernel(
     BN: tl.constexpr, BK: tl.constexpr, KB: tl.constexpr, SPLIT_K: tl.constexpr, X_FLOAT: tl.constexpr,
     NORM: tl.constexpr, ACT: tl.constexpr, RESIDUAL: tl.constexpr, ROW_SCALE: tl.constexpr,
     PRIVATE_ROW: tl.constexpr, THEN_QUANT: tl.constexpr, NORM2: tl.constexpr, NB: tl.constexpr,
-    USE_ASM: tl.constexpr, NATIVE: tl.constexpr,
+    USE_ASM: tl.constexpr, NATIVE: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """out[N] = epilogue(x[K] @ W[N, K].T) for ternary W ("triton_i2"); KB >= K is a power of two.
 
@@ -285,14 +290,17 @@ def _gemv_kernel(
     j = tl.arange(0, BK // 4)
     w_rows = w_ptr + rn.to(tl.int64)[:, None] * KW
     u_rows = w_rows + N * KW
-    # the first weight tile is requested before the activation row is ready, so its latency overlaps the
-    # prologue; in the loop each iteration requests the next tile before it computes on the current one
+    # the first weight tile is requested before the activation row is ready (with PDL: while the previous
+    # kernel still runs), so its latency overlaps the prologue; in the loop each iteration requests the next
+    # tile before it computes on the current one
     cols = pid_k * (BK // 4) + j
     w_mask = n_ok[:, None] & (cols < KW)[None, :]
     wt = tl.load(w_rows + cols[None, :], mask=w_mask, other=0)
     wu = wt
     if ACT != 0:
         wu = tl.load(u_rows + cols[None, :], mask=w_mask, other=0)
+    pdl_wait(PDL)
+    pdl_release(PDL)
 
     offs = tl.arange(0, KB)
     k_ok = offs < K
@@ -467,13 +475,14 @@ def ternary_mm(
     kw = w.data.shape[1]
     grid = (triton.cdiv(n, cfg.bn), triton.cdiv(m, cfg.bm), cfg.split_k)
     ws, cnt = _split_buffers(xq.device, m, 2 * n if act_code else n, grid[0] * grid[1], cfg.split_k)
+    pdl = pdl_launch(xq)
     _mm_kernel[grid](
         xq, a, w.data, w.scale, out, residual if residual is not None else out,
         ws if ws is not None else out, cnt if cnt is not None else out,
         m, n, k, kw, xq.stride(0), out.stride(0), residual.stride(0) if residual is not None else 0,
         BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, SPLIT_K=cfg.split_k, W8=w8, ACT=act_code,
         RESIDUAL=residual is not None, ROW_SCALE=w.scale.numel() > 1, SWAP=cfg.swap and not w8,
-        NATIVE=on_gpu(xq), num_warps=cfg.num_warps, num_stages=cfg.num_stages, **LAUNCH_OPTS,
+        NATIVE=on_gpu(xq), PDL=pdl, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_opts(pdl),
     )  # fmt: skip
     return out
 
@@ -516,6 +525,7 @@ def ternary_gemv(
     if then_quant is not None and cfg.split_k != 1:
         raise ValueError("then_quant needs a config with split_k 1")
     tcnt = scratch_buffer(x.device, 1, "then_quant_count") if then_quant is not None else out
+    pdl = pdl_launch(x)
     _gemv_kernel[grid](
         x, gain if gain is not None else x, a if a is not None else x, q, w.data, w.scale, out,
         residual if residual is not None else out,
@@ -526,7 +536,7 @@ def ternary_gemv(
         NORM=gain is not None, ACT=act_code, RESIDUAL=residual is not None, ROW_SCALE=w.scale.numel() > 1,
         PRIVATE_ROW=private, THEN_QUANT=then_quant is not None, NORM2=g2 is not None,
         NB=triton.next_power_of_2(n), USE_ASM=on_gpu(x) if use_asm is None else use_asm, NATIVE=on_gpu(x),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **LAUNCH_OPTS,
+        PDL=pdl, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_opts(pdl),
     )  # fmt: skip
     return out
 

@@ -11,7 +11,18 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import ACTIVATIONS, LAUNCH_OPTS, absmax_scale, gated_activation, on_gpu, quantize_i8, round_to
+from .common import (
+    ACTIVATIONS,
+    absmax_scale,
+    gated_activation,
+    launch_opts,
+    on_gpu,
+    pdl_launch,
+    pdl_release,
+    pdl_wait,
+    quantize_i8,
+    round_to,
+)
 
 
 @triton.jit
@@ -62,7 +73,10 @@ def _norm_quant_kernel(
     QUANT: tl.constexpr,
     STORE_FLOAT: tl.constexpr,
     NATIVE: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_wait(PDL)
+    pdl_release(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < K
@@ -103,6 +117,7 @@ def norm_quant(
     a = torch.empty((m,), dtype=torch.float32, device=x.device) if quant else None
     y = torch.empty((m, k), dtype=x.dtype, device=x.device) if store_float else None
     block = triton.next_power_of_2(k)
+    pdl = pdl_launch(x)
     _norm_quant_kernel[(m,)](
         x,
         gain if gain is not None else x,
@@ -120,7 +135,8 @@ def norm_quant(
         QUANT=quant,
         STORE_FLOAT=store_float,
         NATIVE=on_gpu(x),
+        PDL=pdl,
         num_warps=max(1, min(16, block // 512)),
-        **LAUNCH_OPTS,
+        **launch_opts(pdl),
     )
     return xq, a, y
