@@ -43,8 +43,8 @@ class Stack(nn.Module):
         freqs = pos[..., None].float() * self.inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos(), emb.sin()
-        for block in self.layers:
-            x = block(x, cos, sin, pos, None)
+        for block in self.layers:  # positions None: plain causal attention, as Transformer runs training
+            x = block(x, cos, sin, None, None)
         return x
 
 

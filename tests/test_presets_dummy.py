@@ -186,3 +186,27 @@ def test_cli_create_dummy_rejects_unknown_preset(cli_app, tmp_path):
     assert result.exit_code == 2
     assert "unknown preset 'nope'" in result.output and "tiny-bitnet" in result.output
     assert not (tmp_path / "m").exists()
+
+
+def test_default_positions_run_plain_causal_attention(monkeypatch):
+    """Without a cache or positions every row runs at 0..T-1: attention takes SDPA's causal path (no mask
+    tensor) and gives the logits the explicit per-row mask gives; with positions the mask is used."""
+    from pybitnet.models import transformer
+    from pybitnet.models.random_init import random_model
+
+    model = random_model(preset("tiny-bitnet", num_hidden_layers=2), seed=0, kernel="reference")
+    ids = torch.randint(0, 500, (2, 24), generator=torch.Generator().manual_seed(0))
+    calls = []
+    sdpa = transformer.F.scaled_dot_product_attention
+
+    def spy(*args, **kw):
+        calls.append("mask" if kw.get("attn_mask") is not None else "causal" if kw.get("is_causal") else "?")
+        return sdpa(*args, **kw)
+
+    monkeypatch.setattr(transformer.F, "scaled_dot_product_attention", spy)
+    with torch.no_grad():
+        plain = model(ids)
+        assert calls == ["causal", "causal"]
+        explicit = model(ids, positions=torch.arange(24).expand(2, -1))
+        assert calls[2:] == ["mask", "mask"]
+    assert rel_err(plain, explicit) < 1e-5

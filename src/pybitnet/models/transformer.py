@@ -85,11 +85,12 @@ class Attention(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        positions: torch.Tensor,
+        positions: torch.Tensor | None,
         cache: KVCache | None,
         norm: RMSNorm | None = None,
     ) -> torch.Tensor:
-        """`norm`, when given, is applied to x first (fused with the projections' activation quantization)."""
+        """`norm`, when given, is applied to x first (fused with the projections' activation quantization).
+        positions None: no cache, every row at 0..T-1."""
         b, t, _ = x.shape
         q, k, v = fused_linears(x, (self.q_proj, self.k_proj, self.v_proj), norm)
         if cache is not None and t <= DECODE_ATTENTION_MAX_T and self._native_attention(q, k, v, cache):
@@ -110,13 +111,19 @@ class Attention(nn.Module):
         k = k.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is None:
-            key_pos = positions
+        if positions is None:  # every row at 0..T-1 and no cache: plain causal attention, no mask tensor
+            y = F.scaled_dot_product_attention(
+                q, k.to(q.dtype), v.to(q.dtype), is_causal=True, enable_gqa=True
+            )
         else:
-            k, v = cache.update(self.layer, positions, k, v)
-            key_pos = torch.arange(cache.max_len, device=x.device).expand(b, -1)
-        mask = key_pos[:, None, None, :] <= positions[:, None, :, None]  # [B, 1, T, S]: causal per sequence
-        y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, enable_gqa=True)
+            if cache is None:
+                key_pos = positions
+            else:
+                k, v = cache.update(self.layer, positions, k, v)
+                key_pos = torch.arange(cache.max_len, device=x.device).expand(b, -1)
+            mask = key_pos[:, None, None, :] <= positions[:, None, :, None]  # [B, 1, T, S]: causal per row
+            k, v = k.to(q.dtype), v.to(q.dtype)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         y = y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)
         return fused_linears(y, (self.o_proj,), self.attn_sub_norm)[0]
 
@@ -245,6 +252,9 @@ class Transformer(nn.Module):
     ) -> torch.Tensor:
         """input_ids [B, T] -> logits [B, T, vocab] (float32). Without a cache, positions default to 0..T-1.
         `last_only` computes logits for the last position of each row only ([B, 1, vocab])."""
+        # without a cache and positions every row runs at 0..T-1: the blocks get None, so attention runs
+        # plain causal (flash kernels, no [B, 1, T, T] mask built and kept for the backward)
+        causal = positions is None and cache is None
         if positions is None:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand(
                 input_ids.shape[0], -1
@@ -256,7 +266,7 @@ class Transformer(nn.Module):
             x = native(x, cos, sin, positions, cache, reuse_input=True)  # x is this forward's own
         else:
             for block in self.layers:
-                x = block(x, cos, sin, positions, cache)
+                x = block(x, cos, sin, None if causal else positions, cache)
         if last_only:
             x = x[:, -1:]
         head = self.int8_head()
