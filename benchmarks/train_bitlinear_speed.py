@@ -140,7 +140,8 @@ def check_fused_on_gpu(int8_kinds: list[str]) -> dict:
     xq = torch.randint(-128, 128, (509, 2560), dtype=torch.int8, device="cuda")
     codes = torch.randint(-1, 2, (6912, 2560), dtype=torch.int8, device="cuda")
     torch.backends.cuda.matmul.allow_tf32 = False
-    out = {"gemm_exact": torch.equal(int8_matmul(xq, codes, torch.ones(509, device="cuda"), torch.float32),
+    ones = torch.ones(509, device="cuda"), torch.ones(1, device="cuda")
+    out = {"gemm_exact": torch.equal(int8_matmul(xq, codes, *ones, torch.float32),
                                      ternary_matmul_int(xq, codes).float())}  # fmt: skip
     layer = BitLinear(2560, 6912).cuda()
     x = torch.randn(4, 509, 2560, device="cuda", requires_grad=True)

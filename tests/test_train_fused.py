@@ -32,10 +32,12 @@ def test_int8_gemm_is_integer_exact(m, k, n):
     torch.manual_seed(m)
     xq = torch.randint(-128, 128, (m, k), dtype=torch.int8, device=DEVICE)
     codes = torch.randint(-1, 2, (n, k), dtype=torch.int8, device=DEVICE)
-    got = fused.int8_matmul(xq, codes, torch.ones(m, device=DEVICE), torch.float32)
+    one = torch.ones(1, device=DEVICE)
+    got = fused.int8_matmul(xq, codes, torch.ones(m, device=DEVICE), one, torch.float32)
     assert torch.equal(got, ternary_matmul_int(xq, codes).float())  # |acc| < 2**24: exact in float32
-    scale = torch.rand(m, device=DEVICE) + 0.5
-    torch.testing.assert_close(fused.int8_matmul(xq, codes, scale, torch.float32), got * scale[:, None])
+    a, s = torch.rand(m, device=DEVICE) + 0.5, torch.rand(n, device=DEVICE) + 0.5
+    # the epilogue rounds as the reference's acc * (s / a): the quotient, then the product
+    assert torch.equal(fused.int8_matmul(xq, codes, a, s, torch.float32), got * (s[None, :] / a[:, None]))
 
 
 def test_int8_gemm_falls_back_to_torch_int_mm_on_cpu_without_the_interpreter(monkeypatch):
@@ -43,7 +45,7 @@ def test_int8_gemm_falls_back_to_torch_int_mm_on_cpu_without_the_interpreter(mon
     torch.manual_seed(1)
     xq = torch.randint(-128, 128, (19, 40), dtype=torch.int8)
     codes = torch.randint(-1, 2, (24, 40), dtype=torch.int8)
-    got = fused.int8_matmul(xq, codes, torch.ones(19), torch.float32)
+    got = fused.int8_matmul(xq, codes, torch.ones(19), torch.ones(1), torch.float32)
     assert torch.equal(got, ternary_matmul_int(xq, codes).float())
 
 
@@ -86,9 +88,9 @@ def test_int8_grad_x_mode_rounds_only_the_output_gradient():
     _, gx_ref, gw_ref = reference_step(layer, x)
     y, gx, gw = fused_step(layer, x, "int8")
     torch.testing.assert_close(gw, gw_ref, rtol=1e-4, atol=1e-4)  # weight gradients keep float g
-    gq, ag = quantize_activations(2 * y.reshape(-1, 72))  # g = d(sum y^2)/dy, as the backward quantizes it
     tw = quantize_weight(layer.weight.detach())
-    exact = ternary_matmul_int(gq, tw.codes.t().contiguous()).float() * (tw.scale / ag)
+    gq, ag = quantize_activations(2 * y.reshape(-1, 72) * tw.scale)  # g = d(sum y^2)/dy, times s
+    exact = ternary_matmul_int(gq, tw.codes.t().contiguous()).float() * (1 / ag)
     torch.testing.assert_close(gx.reshape(-1, 96), exact, rtol=1e-6, atol=1e-6)
     assert 1e-5 < rel(gx, gx_ref) < 2e-2  # 8-bit rounding of g: small, but not nothing
 
@@ -147,3 +149,43 @@ def test_cuda_inductor_bf16_autocast_matches_the_torch_path(mode):
     tolerance = {"bf16": 1e-2, "int8": 3e-2}[mode]  # bf16 outputs and GEMMs; int8: g rounded too
     for g, r, tol in zip(got, ref, (1e-2, tolerance, 1e-2), strict=True):
         assert rel(g.float(), r.float()) < tol
+
+
+@pytest.mark.parametrize("mode", ["bf16", "int8"])
+def test_layers_sharing_an_input_run_as_one_stacked_product(mode):
+    """q/k/v-like layers (different widths and scales) through nn.fused_linears: one product on the stacked
+    codes gives each layer's own output bit for bit, and the gradients of the separate layers (summed
+    in another order: float rounding; in int8 mode g is quantized over the stacked row). Layers of equal
+    widths keep separate products."""
+    from pybitnet.nn.bitlinear import fused_linears
+
+    torch.manual_seed(7)
+    layers = [BitLinear(96, n).to(DEVICE) for n in (64, 16, 16)]
+    with torch.no_grad():
+        layers[1].weight.mul_(3.0)  # a scale of its own
+    x = torch.randn(2, 29, 96, device=DEVICE)
+
+    def run(forward):
+        xg = x.detach().requires_grad_()
+        for m in layers:
+            m.weight.grad = None
+        ys = forward(xg)
+        sum(y.square().sum() for y in ys).backward()
+        return [y.detach() for y in ys], xg.grad, [m.weight.grad for m in layers]
+
+    separate = run(lambda xg: [fused.fused_bitlinear(xg, m.weight, grad_x_mode=mode) for m in layers])
+    fused.use_fused_kernels(torch.nn.ModuleList(layers), grad_x_mode=mode)
+    calls = []
+    many = fused.fused_bitlinear_many
+    fused.fused_bitlinear_many = lambda *a: calls.append(len(a[1])) or many(*a)
+    try:
+        stacked = run(lambda xg: fused_linears(xg, layers))
+        fused_linears(x, layers[1:])  # equal widths (as gate/up): separate products
+    finally:
+        fused.fused_bitlinear_many = many
+    assert calls == [3, 1, 1]  # the stacked q/k/v-like product, then the two equal layers one by one
+    for ys, yf in zip(stacked[0], separate[0], strict=True):
+        assert torch.equal(ys, yf)
+    assert rel(stacked[1], separate[1]) < (1e-5 if mode == "bf16" else 2e-2)
+    for gs, gf in zip(stacked[2], separate[2], strict=True):
+        torch.testing.assert_close(gs, gf, rtol=1e-5, atol=1e-5)

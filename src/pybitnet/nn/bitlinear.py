@@ -162,8 +162,9 @@ def fused_linears(
 
     When every layer is a bias-free PackedBitLinear on one kernel with `linear_many` (the C kernels), this is
     one call: the RMSNorm is fused with the activation quantization, which runs once for all layers, and
-    every layer's rows share one parallel region. Otherwise (the reference kernel, training) the layers run
-    one by one.
+    every layer's rows share one parallel region. Layers of a type with a `forward_many(x, layers)` static
+    method (the int8 training layer) run through it; otherwise (the reference kernel, training) the layers
+    run one by one.
     """
     kernel = getattr(layers[0], "kernel", None)
     fusable = (
@@ -181,4 +182,7 @@ def fused_linears(
         return kernel.linear_many(x, [m.weight() for m in layers], spec)
     if norm is not None:
         x = norm(x)
+    many = getattr(type(layers[0]), "forward_many", None)
+    if many is not None and len(layers) > 1 and all(type(m) is type(layers[0]) for m in layers):
+        return many(x, layers)
     return [m(x) for m in layers]

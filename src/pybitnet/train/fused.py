@@ -12,9 +12,14 @@ between forward and backward):
 - grad_w = g^T @ bf16(xq / a): the reference's fake-quantized input, bit for bit.
 - grad_x, by `grad_x_mode`:
   - "bf16": g @ bf16(codes * s), the reference's fake-quantized weight, bit for bit (a float GEMM);
-  - "int8": g quantized per row to int8 (absmax, like activations), then the int8 GEMM with the ternary codes
-    (exact) and s / a_g in the epilogue: about twice the tensor-core rate, at the price of rounding g to
-    8 bits per row (relative error ~1e-2 on grad_x; the weight gradients keep float g).
+  - "int8": g times each weight row's scale s, quantized per row to int8 (absmax, like activations), then the
+    int8 GEMM with the ternary codes (exact) and 1 / a_g in the epilogue: about twice the tensor-core rate,
+    at the price of rounding g to 8 bits per row (relative error ~1e-2 on grad_x; the weight gradients keep
+    float g).
+
+Layers that read the same input (q/k/v, gate/up: `FusedBitLinear.forward_many`, through nn.fused_linears) run
+as one product on their stacked codes, each row with its own layer's scale: one quantization of x, one GEMM
+forward and two backward instead of one per layer, and no narrow k/v products on their own.
 
 The layer is a torch.library custom op with a fake implementation and an autograd formula, so torch.compile
 captures it, forward and backward, without graph breaks. It applies at full quantization only (λ = 1 for
@@ -23,6 +28,8 @@ sync).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -38,7 +45,7 @@ from .int8_gemm import int8_matmul, triton_available
 @torch.library.custom_op("pybitnet::bitlinear_int8", mutates_args=())
 def _bitlinear_int8(
     x: torch.Tensor,
-    w: torch.Tensor,
+    ws: list[torch.Tensor],
     xq: torch.Tensor,
     a: torch.Tensor,
     wq: torch.Tensor,
@@ -46,37 +53,40 @@ def _bitlinear_int8(
     out_dtype: torch.dtype,
     grad_x_mode: str,
 ) -> torch.Tensor:
-    """y [M, N] = (xq @ wq^T) * s / a. `x` and `w` (the latent inputs) only route the straight-through
-    gradients; the forward reads the int8 tensors and their scales (a [M], s [1], float32)."""
-    return int8_matmul(xq, wq, s / a, out_dtype)
+    """y [M, N] = (xq @ wq^T) * s / a, wq the stacked codes of the weights `ws`. `x` and `ws` (the latent
+    inputs) only route the straight-through gradients; the forward reads the int8 tensors and their scales
+    (a [M], s [N] per weight row, float32)."""
+    return int8_matmul(xq, wq, a, s, out_dtype)
 
 
 @_bitlinear_int8.register_fake
-def _(x, w, xq, a, wq, s, out_dtype, grad_x_mode):
-    return x.new_empty((x.shape[0], w.shape[0]), dtype=out_dtype)
+def _(x, ws, xq, a, wq, s, out_dtype, grad_x_mode):
+    return x.new_empty((x.shape[0], sum(w.shape[0] for w in ws)), dtype=out_dtype)
 
 
 def _setup_context(ctx, inputs, output):
-    x, w, xq, a, _, s, _, grad_x_mode = inputs
-    ctx.save_for_backward(xq, a, w, s)  # int8 activations, not float ones; w is the parameter itself
+    x, ws, xq, a, _, s, _, grad_x_mode = inputs
+    # int8 activations, not float ones; the weights are the parameters themselves (no stacked copy is kept)
+    ctx.save_for_backward(xq, a, s, *ws)
     ctx.x_dtype, ctx.grad_x_mode = x.dtype, grad_x_mode
 
 
 def _grad_input(g: torch.Tensor, w: torch.Tensor, s: torch.Tensor, mode: str) -> torch.Tensor:
     """g @ (codes * s) for the codes the forward used (same w, same s, so the same rounding)."""
-    if mode == "int8":
-        gq, ag = quantize_activations(g)
+    if mode == "int8":  # s scales the contraction index here, so it goes into g before g is quantized
+        gq, ag = quantize_activations(g.float() * s)
         codes_t = ternarize(w.t(), s).to(torch.int8).contiguous()  # [K, N]: the GEMM's row-major B^T
-        return int8_matmul(gq, codes_t, s / ag.reshape(-1), g.dtype)
-    return g @ (ternarize(w, s) * s).to(g.dtype)
+        return int8_matmul(gq, codes_t, ag.reshape(-1), s.new_ones(1), g.dtype)
+    return g @ (ternarize(w, s[:, None]) * s[:, None]).to(g.dtype)
 
 
 def _backward(ctx, g):
-    xq, a, w, s = ctx.saved_tensors
+    xq, a, s, *ws = ctx.saved_tensors
+    w = torch.cat(ws) if len(ws) > 1 else ws[0]
     grad_x = _grad_input(g, w, s, ctx.grad_x_mode)
     x_deq = (xq.float() / a[:, None]).to(g.dtype)  # the fake-quantized input, as the reference path has it
-    grad_w = g.t() @ x_deq
-    return grad_x.to(ctx.x_dtype), grad_w.to(w.dtype), None, None, None, None, None, None
+    grad_w = (g.t() @ x_deq).to(w.dtype).split([wi.shape[0] for wi in ws])
+    return grad_x.to(ctx.x_dtype), list(grad_w), None, None, None, None, None, None
 
 
 _bitlinear_int8.register_autograd(_backward, setup_context=_setup_context)
@@ -86,17 +96,28 @@ def fused_bitlinear(
     x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, grad_x_mode: str = "bf16"
 ) -> torch.Tensor:
     """y = BitLinear(x) at λ = 1 with the int8 GEMM. x [..., K], w [N, K] (latent float weights)."""
+    y = fused_bitlinear_many(x, [w], grad_x_mode)[0]
+    return y if bias is None else y + bias.to(y.dtype)
+
+
+def fused_bitlinear_many(
+    x: torch.Tensor, weights: list[torch.Tensor], grad_x_mode: str
+) -> list[torch.Tensor]:
+    """[BitLinear_i(x)] at λ = 1 for bias-free layers reading the same x (q/k/v, gate/up) as one int8 GEMM
+    on their stacked codes, each row keeping its layer's scale: x is quantized once, the backward is one
+    grad_x and one grad_w product, and the narrow k/v products no longer run on their own."""
     if grad_x_mode not in GRAD_X_MODES:
         raise ConfigError(f"grad_x_mode: {grad_x_mode!r} is not one of {', '.join(GRAD_X_MODES)}")
     autocast = x.is_cuda and torch.is_autocast_enabled("cuda")
     dtype = torch.get_autocast_dtype("cuda") if autocast else x.dtype
     x2 = x.reshape(-1, x.shape[-1])
     xq, a = quantize_activations(x2)  # as the reference path: in the dtype x arrives in
-    s = absmean_scale(w)
-    wq = ternarize(w.detach(), s).to(torch.int8)
-    y = _bitlinear_int8(x2, w, xq, a.reshape(-1), wq, s.reshape(1), dtype, grad_x_mode)
-    y = y.reshape(*x.shape[:-1], w.shape[0])
-    return y if bias is None else y + bias.to(y.dtype)
+    scales = [absmean_scale(wi) for wi in weights]
+    s = torch.cat([si.reshape(1).expand(wi.shape[0]) for wi, si in zip(weights, scales, strict=True)])
+    codes = [ternarize(wi.detach(), si).to(torch.int8) for wi, si in zip(weights, scales, strict=True)]
+    wq = torch.cat(codes) if len(codes) > 1 else codes[0]
+    y = _bitlinear_int8(x2, list(weights), xq, a.reshape(-1), wq, s, dtype, grad_x_mode)
+    return [yi.reshape(*x.shape[:-1], yi.shape[-1]) for yi in y.split([wi.shape[0] for wi in weights], -1)]
 
 
 class FusedBitLinear(BitLinear):
@@ -112,6 +133,26 @@ class FusedBitLinear(BitLinear):
         if self.input_norm is not None:
             x = self.input_norm(x)
         return fused_bitlinear(x, self.weight, self.bias, self.grad_x_mode)
+
+    @staticmethod
+    def forward_many(x: torch.Tensor, layers: Sequence[nn.Module]) -> list[torch.Tensor]:
+        """[layer(x) for layer in layers] (see nn.fused_linears): one stacked product when some layer is at
+        most half as wide as another (grouped-query q/k/v: a narrow product runs the int8 GEMM at ~0.6 of
+        its rate on an H200) and every layer is fused, bias-free, without an input norm and in the same
+        grad_x mode. Equal widths (gate/up) keep their own products: the rate is the same, and outputs that
+        are slices of one stacked tensor can keep all of it alive for the backward."""
+        first = layers[0]
+        widths = [m.out_features for m in layers]
+        if 2 * min(widths) <= max(widths) and all(
+            isinstance(m, FusedBitLinear)
+            and m.fused
+            and m.bias is None
+            and m.input_norm is None
+            and m.grad_x_mode == first.grad_x_mode
+            for m in layers
+        ):
+            return fused_bitlinear_many(x, [m.weight for m in layers], first.grad_x_mode)
+        return [m(x) for m in layers]
 
 
 def use_fused_kernels(model: nn.Module, grad_x_mode: str = "bf16") -> int:
@@ -140,6 +181,7 @@ __all__ = [
     "GRAD_X_MODES",
     "FusedBitLinear",
     "fused_bitlinear",
+    "fused_bitlinear_many",
     "int8_matmul",
     "set_fused",
     "triton_available",
