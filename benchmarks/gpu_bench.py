@@ -82,12 +82,17 @@ M64_CONFIGS = [
         (16, 512, 1, 4, 3, False), (64, 256, 1, 4, 4, False), (32, 128, 1, 4, 4, False),
         (64, 256, 1, 4, 3, True), (32, 256, 1, 4, 4, True), (64, 512, 1, 4, 3, True),
         (64, 256, 2, 4, 3, True), (128, 256, 1, 4, 3, True),
+        # split K (partial sums in workspace planes): more programs for the narrow o / down products
+        (32, 256, 2, 4, 4, True), (32, 256, 3, 4, 4, True), (32, 256, 4, 4, 4, True),
+        (64, 256, 3, 4, 3, True), (32, 512, 2, 4, 3, True), (16, 256, 2, 4, 4, True),
     ]
 ]  # fmt: skip
 # the engine's one-row GEMV normalizes and quantizes the float row itself: also try a private row per program
 ENGINE_GEMV_CONFIGS = GEMV_CONFIGS + [
-    MMConfig(bn=bn, bk=bk, num_warps=nw, num_stages=ns, gemv=True, private_row=True)
-    for bn, bk, nw, ns in [(32, 1024, 8, 1), (16, 2048, 8, 1), (16, 512, 4, 2), (8, 1024, 4, 1)]
+    MMConfig(bn=bn, bk=bk, split_k=sk, num_warps=nw, num_stages=ns, gemv=True, private_row=True)
+    for bn, bk, sk, nw, ns in [(32, 1024, 1, 8, 1), (16, 2048, 1, 8, 1), (16, 512, 1, 4, 2),
+                               (8, 1024, 1, 4, 1), (16, 1024, 2, 8, 1), (32, 1024, 2, 8, 1),
+                               (16, 2048, 2, 8, 1)]
 ]  # fmt: skip
 PREFILL_CONFIGS = [
     MMConfig(bm=bm, bn=bn, bk=bk, num_warps=nw, num_stages=ns)
@@ -109,7 +114,8 @@ W8_CONFIGS = {  # tiles (bm, bn, bk, warps, stages) of `_mm_kernel` on expanded 
 ATTN_CONFIGS = {  # batch: (block, warps, stages, sequence splits)
     1: [(128, 8, 2, 1), (64, 4, 2, 1), (64, 4, 2, 4), (64, 4, 2, 8), (32, 4, 2, 8), (32, 4, 2, 16),
         (64, 8, 2, 8), (16, 4, 2, 16)],
-    64: [(128, 8, 2, 1), (64, 4, 2, 1), (128, 4, 2, 1), (64, 4, 2, 2), (128, 8, 2, 2)],
+    64: [(128, 8, 2, 1), (64, 4, 2, 1), (128, 4, 2, 1), (64, 4, 2, 2), (128, 8, 2, 2), (64, 4, 3, 1),
+         (64, 4, 3, 2), (32, 4, 2, 4), (64, 4, 2, 4), (32, 2, 3, 2)],
 }  # fmt: skip
 
 

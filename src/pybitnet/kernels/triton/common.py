@@ -105,9 +105,10 @@ _RETIRED: list[torch.Tensor] = []
 def scratch_buffer(device: torch.device, numel: int, kind: str) -> torch.Tensor:
     """A zero-initialized int32 buffer of at least `numel` values per (device, kind), allocated once.
 
-    "acc" / "count": split-K kernels add partial sums into it and count arrivals per output tile; the last
-    program of a tile reads and zeroes its part again, so the buffer is zero between launches and a launch
-    needs no memset (it can live in a CUDA graph). "row": the quantized activation row of a fused GEMV.
+    "acc" / "count": split-K kernels store partial sums in it and count arrivals per output tile; the last
+    program of a tile adds the partials up and zeroes the tile's counter again, so the counters are zero
+    between launches and a launch needs no memset (it can live in a CUDA graph). "row": the quantized
+    activation row of a fused GEMV.
     "attn" / "attn_count": split decode attention's partial results and arrivals; "then_quant_count": the
     arrivals of a GEMV that quantizes its own output row; "codes": ternary weights expanded to int8 for the
     large-M products. Kernels on one device share these buffers: launch them on one stream.

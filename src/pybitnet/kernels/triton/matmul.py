@@ -11,8 +11,9 @@ Two kernels:
   The activation row can come as float: the kernel then applies RMSNorm and int8 quantization itself (each
   program from the whole row, which sits in L2), so a norm + quantize launch disappears from the decode step.
 
-Both split K across programs where it pays: partial int32 sums go to a workspace with atomics, and the last
-program of each output tile (an arrival counter decides) applies the epilogue and zeroes the workspace again.
+Both split K across programs where it pays: each program stores its partial int32 sums in its own plane of a
+workspace, and the last program of each output tile (an arrival counter decides) adds the planes up and
+applies the epilogue.
 
 Epilogue, in the reference's float order: y = acc * (s / a) cast to the output dtype; optionally the gated
 relu²(gate) * up of the 2B-4T MLP (gate and up rows stacked in one weight) and a residual add.
@@ -70,28 +71,35 @@ def _epilogue(
 
 @triton.jit
 def _finish(
-    acc, acc_u, rm, rn, m_ok, n_ok, a, s_ptr, o_ptr, r_ptr, ws_ptr, cnt_ptr, tile, N, stride_o, stride_r,
-    SPLIT_K: tl.constexpr, ACT: tl.constexpr, RESIDUAL: tl.constexpr, ROW_SCALE: tl.constexpr,
+    acc, acc_u, rm, rn, m_ok, n_ok, a, s_ptr, o_ptr, r_ptr, ws_ptr, cnt_ptr, tile, pid_k, M, N, stride_o,
+    stride_r, SPLIT_K: tl.constexpr, ACT: tl.constexpr, RESIDUAL: tl.constexpr, ROW_SCALE: tl.constexpr,
     NATIVE: tl.constexpr,
 ):  # fmt: skip
-    """The epilogue, after adding up the split-K partial sums of output tile `tile` when K is split."""
+    """The epilogue, after adding up the split-K partial sums of output tile `tile` when K is split: each
+    program stores its partial sums in its own plane of the workspace [SPLIT_K, M, width] (plain stores, no
+    atomics on the data), and the last of the tile's programs to arrive (a counter) adds the planes up."""
     if SPLIT_K == 1:
         _epilogue(acc, acc_u, rm, rn, m_ok, n_ok, a, s_ptr, o_ptr, r_ptr, N, stride_o, stride_r,
                   ACT, RESIDUAL, ROW_SCALE, NATIVE)  # fmt: skip
     else:
         width = 2 * N if ACT != 0 else N
+        plane = (tl.zeros((), tl.int64) + M) * width
         mask = m_ok[:, None] & n_ok[None, :]
         ws = ws_ptr + rm.to(tl.int64)[:, None] * width + rn[None, :]
-        tl.atomic_add(ws, acc, mask=mask)
+        tl.store(ws + pid_k * plane, acc, mask=mask)
         if ACT != 0:
-            tl.atomic_add(ws + N, acc_u, mask=mask)
-        tl.debug_barrier()  # every thread's partial sums are in before the tile's arrival is counted
+            tl.store(ws + pid_k * plane + N, acc_u, mask=mask)
+        # every thread's partial sums are stored before the arrival is counted; the counter's acquire-release
+        # atomic orders them before the last program's loads, which read L2 (.cg), where the stores went
+        tl.debug_barrier()
         arrived = tl.atomic_add(cnt_ptr + tile, 1)
         if arrived == SPLIT_K - 1:
-            total = tl.atomic_xchg(ws, 0, mask=mask)
-            total_u = total
-            if ACT != 0:
-                total_u = tl.atomic_xchg(ws + N, 0, mask=mask)
+            total = tl.zeros_like(acc)
+            total_u = tl.zeros_like(acc_u)
+            for sp in tl.static_range(SPLIT_K):
+                total += tl.load(ws + sp * plane, mask=mask, other=0, cache_modifier=".cg")
+                if ACT != 0:
+                    total_u += tl.load(ws + sp * plane + N, mask=mask, other=0, cache_modifier=".cg")
             tl.atomic_xchg(cnt_ptr + tile, 0)
             _epilogue(total, total_u, rm, rn, m_ok, n_ok, a, s_ptr, o_ptr, r_ptr, N, stride_o, stride_r,
                       ACT, RESIDUAL, ROW_SCALE, NATIVE)  # fmt: skip
@@ -224,8 +232,8 @@ def _mm_kernel(
         acc_u = tl.trans(acc_u)
     a = tl.load(a_ptr + rm, mask=m_ok, other=1.0)
     tile = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
-    _finish(acc, acc_u, rm, rn, m_ok, n_ok, a, s_ptr, o_ptr, r_ptr, ws_ptr, cnt_ptr, tile, N,
-            stride_o, stride_r, SPLIT_K, ACT, RESIDUAL, ROW_SCALE, NATIVE)  # fmt: skip
+    _finish(acc, acc_u, rm, rn, m_ok, n_ok, a, s_ptr, o_ptr, r_ptr, ws_ptr, cnt_ptr, tile, tl.program_id(2),
+            M, N, stride_o, stride_r, SPLIT_K, ACT, RESIDUAL, ROW_SCALE, NATIVE)  # fmt: skip
 
 
 @triton.jit
@@ -342,7 +350,7 @@ def _gemv_kernel(
     rm = tl.arange(0, 1)
     a_row = tl.zeros((1,), tl.float32) + a
     _finish(out, out_u, rm, rn, rm < 1, n_ok, a_row, s_ptr, o_ptr, r_ptr, ws_ptr, cnt_ptr,
-            tl.program_id(0), N, 0, 0, SPLIT_K, ACT, RESIDUAL, ROW_SCALE, NATIVE)  # fmt: skip
+            tl.program_id(0), pid_k, 1, N, 0, 0, SPLIT_K, ACT, RESIDUAL, ROW_SCALE, NATIVE)  # fmt: skip
     if THEN_QUANT:  # the last program to finish normalizes and quantizes the whole output row for the next op
         tl.debug_barrier()  # every thread's outputs are stored before the arrival is counted
         arrived = tl.atomic_add(tcnt_ptr, 1)
@@ -438,7 +446,7 @@ def _check(x: torch.Tensor, w: PackedWeight, act: str | None) -> tuple[int, int,
 def _split_buffers(device: torch.device, m: int, n_cols: int, tiles: int, split_k: int):
     if split_k == 1:
         return None, None
-    return scratch_buffer(device, m * n_cols, "acc"), scratch_buffer(device, tiles, "count")
+    return scratch_buffer(device, split_k * m * n_cols, "acc"), scratch_buffer(device, tiles, "count")
 
 
 def ternary_mm(
