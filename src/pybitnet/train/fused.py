@@ -9,7 +9,8 @@ its epilogue, like the integer reference kernel.
 Backward (straight-through), from the saved int8 activations, their scales and the latent weight (a parameter,
 alive anyway, so the ternary codes are recomputed rather than kept: a quarter of the weights' size less memory
 between forward and backward):
-- grad_w = g^T @ bf16(xq / a): the reference's fake-quantized input, bit for bit.
+- grad_w = g^T @ bf16(xq / a): the reference's fake-quantized input, bit for bit; on CUDA the GEMM writes the
+  float32 gradient from its accumulator (the reference rounds it to bf16 first), as grad_x in float32 inputs.
 - grad_x, by `grad_x_mode`:
   - "bf16": g @ bf16(codes * s), the reference's fake-quantized weight, bit for bit (a float GEMM);
   - "int8": g times each weight row's scale s, quantized per row to int8 (absmax, like activations), then the
@@ -71,22 +72,33 @@ def _setup_context(ctx, inputs, output):
     ctx.x_dtype, ctx.grad_x_mode = x.dtype, grad_x_mode
 
 
-def _grad_input(g: torch.Tensor, w: torch.Tensor, s: torch.Tensor, mode: str) -> torch.Tensor:
-    """g @ (codes * s) for the codes the forward used (same w, same s, so the same rounding)."""
+_MM_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """a @ b as `out_dtype`. A float32 result of 16-bit operands comes straight from the GEMM's float32
+    accumulator on CUDA (cuBLAS): no rounding to 16 bits and no cast kernel after it."""
+    if _MM_OUT_DTYPE and a.is_cuda and out_dtype == torch.float32 and a.dtype in (torch.bfloat16, torch.half):
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return (a @ b).to(out_dtype)
+
+
+def _grad_input(g: torch.Tensor, w: torch.Tensor, s: torch.Tensor, mode: str, dtype: torch.dtype):
+    """g @ (codes * s) as `dtype`, for the codes the forward used (same w, same s, so the same rounding)."""
     if mode == "int8":  # s scales the contraction index here, so it goes into g before g is quantized
         gq, ag = quantize_activations(g.float() * s)
         codes_t = ternarize(w.t(), s).to(torch.int8).contiguous()  # [K, N]: the GEMM's row-major B^T
-        return int8_matmul(gq, codes_t, ag.reshape(-1), s.new_ones(1), g.dtype)
-    return g @ (ternarize(w, s[:, None]) * s[:, None]).to(g.dtype)
+        return int8_matmul(gq, codes_t, ag.reshape(-1), s.new_ones(1), dtype)
+    return _mm(g, (ternarize(w, s[:, None]) * s[:, None]).to(g.dtype), dtype)
 
 
 def _backward(ctx, g):
     xq, a, s, *ws = ctx.saved_tensors
     w = torch.cat(ws) if len(ws) > 1 else ws[0]
-    grad_x = _grad_input(g, w, s, ctx.grad_x_mode)
+    grad_x = _grad_input(g, w, s, ctx.grad_x_mode, ctx.x_dtype)
     x_deq = (xq.float() / a[:, None]).to(g.dtype)  # the fake-quantized input, as the reference path has it
-    grad_w = (g.t() @ x_deq).to(w.dtype).split([wi.shape[0] for wi in ws])
-    return grad_x.to(ctx.x_dtype), list(grad_w), None, None, None, None, None, None
+    grad_w = _mm(g.t(), x_deq, w.dtype).split([wi.shape[0] for wi in ws])
+    return grad_x, list(grad_w), None, None, None, None, None, None
 
 
 _bitlinear_int8.register_autograd(_backward, setup_context=_setup_context)
