@@ -190,7 +190,16 @@ def main() -> None:
     ap.add_argument("--modes", default="compiled", help="eager, compiled or both (comma-separated)")
     ap.add_argument("--profile", action="store_true", help="print the top kernels of each kind's step")
     ap.add_argument("--out", help="also write the results as JSON to this path")
+    ap.add_argument(
+        "--bf16-grads",
+        action="store_true",
+        help="int8 kinds: gradients rounded to bf16, then cast, as the reference (not float32 GEMM output)",
+    )
     args = ap.parse_args()
+    if args.bf16_grads:
+        import pybitnet.train.fused as fused_module
+
+        fused_module.FLOAT32_GRADIENTS = False
     kinds = args.kinds.split(",")
     unknown = [k for k in kinds if k not in KINDS]
     if unknown:
