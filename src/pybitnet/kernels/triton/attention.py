@@ -20,8 +20,8 @@ from .common import launch_opts, on_gpu, pdl_launch, pdl_release, pdl_wait, roun
 # launch shape by batch (rows <= 8: "small", else "large"): cache positions per loop step, warps, stages and
 # sequence splits; benchmarks/gpu_bench.py measures the alternatives on an H200 and sets the fastest
 DECODE_CONFIGS = {
-    "small": {"block": 32, "num_warps": 4, "num_stages": 2, "splits": 16},  # 7.2 µs vs 8.5 unsplit (ctx 384)
-    "large": {"block": 128, "num_warps": 8, "num_stages": 2, "splits": 1},
+    "small": {"block": 64, "num_warps": 4, "num_stages": 2, "splits": 8},  # 6.5 µs vs 8.0 unsplit (ctx 384)
+    "large": {"block": 64, "num_warps": 4, "num_stages": 2, "splits": 1},  # 20.9 µs vs 22.0 for 128 / 8 warps
 }
 
 

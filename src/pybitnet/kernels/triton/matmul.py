@@ -389,7 +389,7 @@ _H200_2B4T = {
     (64, 3840, 2560, False): MMConfig(bn=32, num_stages=4, swap=True),
     (64, 2560, 2560, False): MMConfig(bn=32, num_stages=4, swap=True),
     (64, 6912, 2560, True): MMConfig(swap=True),
-    (64, 2560, 6912, False): MMConfig(bn=32, num_stages=4, swap=True),
+    (64, 2560, 6912, False): MMConfig(bn=64, split_k=3, swap=True),  # 13.3 µs vs 21.3 unsplit
     (64, 128256, 2560, False): MMConfig(bm=64, bn=64, bk=256, num_warps=4, num_stages=3),
     (128, 3840, 2560, False): MMConfig(bm=128, bn=256, bk=128, num_warps=8),
     (128, 2560, 2560, False): MMConfig(bm=128, bn=128, num_warps=8, swap=True),
