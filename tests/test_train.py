@@ -7,7 +7,6 @@ import json
 import math
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,16 @@ from pybitnet.errors import ConfigError
 from pybitnet.train import CheckpointError, DataError, TextTokenizer, TokenDataset, train
 from pybitnet.train.checkpoint import checkpoint_dirs
 from pybitnet.train.model import init_model, model_config
-from test_train_support import ENV, config, losses, make_tokenizer, run_train, train_cmd, write_recipe
+from test_train_support import (
+    ENV,
+    config,
+    losses,
+    make_tokenizer,
+    run_train,
+    train_cmd,
+    wait_for_steps,
+    write_recipe,
+)
 
 
 def one_batch_corpus(root: Path, windows: int = 4, seq_len: int = 32) -> Path:
@@ -43,17 +51,6 @@ def test_tiny_ternary_model_overfits_one_batch(tmp_path):
     result = train(cfg)
     assert result.losses[1] > 5.0
     assert result.losses[100] < 0.05
-
-
-def wait_for_steps(proc: subprocess.Popen, out: Path, steps: int) -> None:
-    """Until the run has logged `steps` steps; it must still be running then, to be interrupted."""
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        done = (out / "metrics.jsonl").read_text().count("\n") if (out / "metrics.jsonl").exists() else 0
-        if done >= steps:
-            break
-        time.sleep(0.005)
-    assert proc.poll() is None, "the run finished before it could be interrupted"
 
 
 def test_sigkill_then_resume_reproduces_the_uninterrupted_losses(tmp_path):

@@ -7,11 +7,18 @@ ternary rounding of weights can amplify (a 1-ulp change can flip a weight betwee
 
 from __future__ import annotations
 
+import os
+import re
+import signal
+import subprocess
+from pathlib import Path
+
 import pytest
 import torch.distributed as dist
 
 from pybitnet.train import train
-from test_train_support import config, losses, run_train, write_recipe
+from pybitnet.train.checkpoint import checkpoint_dirs
+from test_train_support import ENV, config, losses, run_train, train_cmd, wait_for_steps, write_recipe
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 
@@ -28,3 +35,45 @@ def test_two_processes_match_one_at_the_same_global_batch(tmp_path, mode, rel):
     assert sorted(double) == list(range(1, steps + 1))
     for step, loss in single.items():
         assert double[step] == pytest.approx(loss, rel=rel), step
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (torchrun's workers), from /proc."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended meanwhile
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds torchrun's workers in /proc")
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_sigterm_to_one_process_stops_every_process_after_the_same_step(tmp_path, mode):
+    """A signal that reaches one of two processes stops both after the same step (they agree where they
+    synchronize), with one checkpoint of that step and no export; the same command then resumes (every rank
+    loads the checkpoint) and gives the losses of an uninterrupted two-process run, exactly."""
+    steps = 24
+    run_train(write_recipe(tmp_path, "straight.yaml", max_steps=steps, out_dir=str(tmp_path / "straight")),
+              "--distributed", mode, nproc=2)  # fmt: skip
+    expected = losses(tmp_path / "straight")
+    out = tmp_path / "stopped"
+    recipe = write_recipe(tmp_path, "stopped.yaml", max_steps=steps, out_dir=str(out), save_interval=0)
+    cmd = train_cmd(recipe, "--distributed", mode, nproc=2)
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wait_for_steps(proc, out, 6)
+    workers = _children(proc.pid)
+    assert len(workers) == 2, workers
+    os.kill(workers[-1], signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    codes = re.findall(r"exitcode\s*:\s*(-?\d+)", stderr.decode())
+    assert proc.returncode != 0 and codes and set(codes) == {"143"}, stderr.decode()[-3000:]  # 128 + SIGTERM
+    kept = checkpoint_dirs(out / "checkpoints")
+    stopped_at = int(kept[-1].name.split("-")[1])
+    assert 6 <= stopped_at < steps and max(losses(out)) == stopped_at
+    assert not (out / "final").exists()
+    run_train(recipe, "--distributed", mode, nproc=2)
+    assert losses(out) == expected

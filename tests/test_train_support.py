@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -92,3 +93,14 @@ def losses(out_dir: Path) -> dict[int, float]:
     """step -> training loss from metrics.jsonl (the last row of a step wins)."""
     rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def wait_for_steps(proc: subprocess.Popen, out: Path, steps: int) -> None:
+    """Until the run has logged `steps` steps; it must still be running then, to be interrupted."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        done = (out / "metrics.jsonl").read_text().count("\n") if (out / "metrics.jsonl").exists() else 0
+        if done >= steps:
+            break
+        time.sleep(0.005)
+    assert proc.poll() is None, "the run finished before it could be interrupted"

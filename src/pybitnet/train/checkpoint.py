@@ -198,7 +198,9 @@ def load_checkpoint(ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     """Restore model, optimizer and RNG states from `ckpt`; return the trainer state (step, data position)."""
     state = read_trainer_state(ckpt)
     model_sd = _load_tensors(ckpt / "model.safetensors")
-    expected = set(get_model_state_dict(model, options=_full_options()))
+    # the names only: a sharded state dict has the full one's names on every rank, and gathers nothing (the
+    # full one with cpu_offload is empty on every rank but the first)
+    expected = set(get_model_state_dict(model, options=StateDictOptions(full_state_dict=False)))
     if set(model_sd) != expected:
         missing, extra = sorted(expected - set(model_sd)), sorted(set(model_sd) - expected)
         raise CheckpointError(
