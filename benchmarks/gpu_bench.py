@@ -108,7 +108,7 @@ W8_CONFIGS = {  # tiles (bm, bn, bk, warps, stages) of `_mm_kernel` on expanded 
     for m, tiles in {
         64: [(64, 64, 128, 4, 4), (64, 32, 256, 4, 4), (64, 128, 128, 4, 3)],
         2048: [(128, 128, 128, 8, 4), (128, 256, 128, 8, 3), (128, 64, 128, 4, 4), (256, 128, 128, 8, 3),
-               (128, 256, 64, 8, 4)],
+               (128, 256, 64, 8, 4), (128, 128, 128, 4, 3), (128, 128, 128, 4, 4), (128, 128, 256, 8, 3)],
     }.items()
 }  # fmt: skip
 ATTN_CONFIGS = {  # batch: (block, warps, stages, sequence splits)
@@ -279,7 +279,8 @@ def bench_engine_shapes(results: dict, quick: bool) -> None:
         tw, pw0 = random_packed(rows_w, k, True, g)
         copies = [pw0] + [_clone(pw0) for _ in range(copies_for(pw0.data.numel(), l2) - 1)]
         gain = (1 + 0.1 * torch.randn(k, device="cuda")).to(torch.bfloat16)
-        for m, cfgs in ((1, ENGINE_GEMV_CONFIGS), (64, M64_CONFIGS), (2048, PREFILL_CONFIGS)):
+        sizes = ((1, ENGINE_GEMV_CONFIGS), (64, M64_CONFIGS), (2048, PREFILL_CONFIGS))
+        for m, cfgs in sizes[2:] if PREFILL_ONLY else sizes:
             if quick:  # the first configs and the last (newest) variants
                 cfgs = cfgs[:2] + cfgs[-2:]
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16) * 2
@@ -310,7 +311,7 @@ def bench_engine_shapes(results: dict, quick: bool) -> None:
             if cfg:
                 mm.TUNED[(mm.rows_bucket(m), n, k, act is not None)] = cfg
         del copies
-    for m in (64,):
+    for m in () if PREFILL_ONLY else (64,):
         n, k = SHAPES["lm_head"]
         w8 = int8_weight(torch.randn(n, k, device="cuda"))
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
@@ -325,7 +326,7 @@ def bench_engine_shapes(results: dict, quick: bool) -> None:
         table[f"lm_head_m{m}"] = {"us": t, "config": cfg and cfg.__dict__}
         if cfg:
             mm.TUNED[(64, n, k, False)] = cfg
-    if COMPILE_ONLY is None:
+    if COMPILE_ONLY is None and not PREFILL_ONLY:
         results["mm_backend_choice"] = choose_mm_backend(table)
 
 
@@ -471,6 +472,8 @@ def bench_e2e(results: dict, quick: bool) -> None:
             ("ternary_floathead", {"lm_head": "float"}, False),
             ("ternary_int8head_separate_norm", {"fuse_norm": False, "decode_only": True}, False),
         ]
+    if PREFILL_ONLY:
+        variants = [(key, {**opts, "prefill_only": True}, e) for key, opts, e in variants[:2]]
     for key, opts, earlier in variants:
         try:
             with _earlier_paths(earlier):
@@ -503,15 +506,16 @@ def _earlier_paths(on: bool):
 
 def _e2e_variant(e2e, model, gen, key, opts, prompt_len, steps, quick) -> None:
     decode_only = opts.pop("decode_only", False)
+    prefill_only = opts.pop("prefill_only", False)
     with pdl(opts.pop("pdl", True)):
-        _e2e_run(e2e, model, gen, key, opts, prompt_len, steps, quick, decode_only)
+        _e2e_run(e2e, model, gen, key, opts, prompt_len, steps, quick, decode_only, prefill_only)
 
 
-def _e2e_run(e2e, model, gen, key, opts, prompt_len, steps, quick, decode_only) -> None:
+def _e2e_run(e2e, model, gen, key, opts, prompt_len, steps, quick, decode_only, prefill_only) -> None:
     from pybitnet.engine.cuda_graph import CudaGraphEngine
 
     eng = CudaGraphEngine(model, max_batch_size=64, max_len=prompt_len + steps + 8, **opts)
-    for batch in (1,) if decode_only else (1, 64):
+    for batch in () if prefill_only else (1,) if decode_only else (1, 64):
         prompts = torch.randint(0, 128000, (batch, prompt_len), generator=gen).tolist()
         eng.generate(prompts, 4)  # captures the graph, compiles everything
         tok_s, step_ms = _decode_rate(eng, prompts, steps)
@@ -643,6 +647,7 @@ def print_table(results: dict) -> None:
 
 
 OUT_PATH: str | None = None  # where main writes the JSON
+PREFILL_ONLY = False  # --prefill-only: the 2048-row products and the prefill figures alone
 
 
 def save(results: dict) -> None:
@@ -683,9 +688,14 @@ def main() -> None:
     p.add_argument(
         "--precompile", type=int, default=0, help="compile the tuning variants in N processes first"
     )
+    p.add_argument(
+        "--prefill-only",
+        action="store_true",
+        help="tune the 2048-row products only and time prefill (ternary and bf16) only: a short run",
+    )
     args = p.parse_args()
-    global OUT_PATH
-    OUT_PATH = args.out
+    global OUT_PATH, PREFILL_ONLY
+    OUT_PATH, PREFILL_ONLY = args.out, args.prefill_only
     torch.backends.cuda.matmul.allow_tf32 = False
     results: dict = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -699,6 +709,8 @@ def main() -> None:
     stages = [] if args.skip_kernels else [("kernels", bench_kernels), ("engine_shapes", bench_engine_shapes)]
     stages += [("attention", bench_attention)]
     stages += [] if args.skip_e2e else [("greedy", lambda r, q: check_greedy(r)), ("e2e", bench_e2e)]
+    if args.prefill_only:
+        stages = [("engine_shapes", bench_engine_shapes), ("e2e", bench_e2e)]
     for name, fn in stages:
         t0 = time.perf_counter()
         try:
