@@ -709,8 +709,12 @@ def main() -> None:
     stages = [] if args.skip_kernels else [("kernels", bench_kernels), ("engine_shapes", bench_engine_shapes)]
     stages += [("attention", bench_attention)]
     stages += [] if args.skip_e2e else [("greedy", lambda r, q: check_greedy(r)), ("e2e", bench_e2e)]
-    if args.prefill_only:
-        stages = [("engine_shapes", bench_engine_shapes), ("e2e", bench_e2e)]
+    if args.prefill_only:  # with --skip-kernels: the committed tiles, prefill figures alone
+        stages = (
+            [("e2e", bench_e2e)]
+            if args.skip_kernels
+            else [("engine_shapes", bench_engine_shapes), ("e2e", bench_e2e)]
+        )
     for name, fn in stages:
         t0 = time.perf_counter()
         try:

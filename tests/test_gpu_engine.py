@@ -78,7 +78,8 @@ def test_prefill_through_expanded_weights_is_identical(monkeypatch, backend):
     """The large-M products (codes expanded to int8) are integer-exact with the same epilogue: a prefill that
     uses them gives the same logits, bit for bit, as the 2-bit tensor-core kernel."""
     model = _model()
-    engine = CudaGraphEngine(model.to(DEV), max_batch_size=1, max_len=32, lm_head="float")
+    # eager prefill: a captured one would replay the products of the first call whatever the settings
+    engine = CudaGraphEngine(model.to(DEV), max_batch_size=1, max_len=32, lm_head="float", use_graph=False)
     prompt = (PROMPT * 3)[:20]  # more than 16 rows: torch._int_mm takes it
     monkeypatch.setattr(mm, "EXPAND_MIN_ROWS", None)
     ref = engine.prefill([prompt])
@@ -146,3 +147,19 @@ def test_programmatic_dependent_launch_changes_no_token(monkeypatch):
         engine = CudaGraphEngine(model, max_batch_size=2, max_len=len(PROMPT) + NEW_TOKENS)
         results[on] = (engine.generate(prompts[:1], NEW_TOKENS), engine.generate(prompts, NEW_TOKENS))
     assert results[True] == results[False]
+
+
+@pytest.mark.skipif(not GPU, reason="CUDA graphs need a GPU")
+def test_captured_prefill_matches_the_eager_one():
+    """Prefill replayed from a graph (prompts padded to the bucket length) gives the eager prefill's logits;
+    a second batch of other prompts and lengths reuses the graph of its (batch, bucket) and is right too."""
+    from pybitnet.engine import cuda_graph
+
+    model = _model().to(DEV)
+    kw = dict(max_batch_size=2, max_len=2 * cuda_graph.PREFILL_BUCKET, lm_head="float")
+    graphed, eager = CudaGraphEngine(model, **kw), CudaGraphEngine(model, use_graph=False, **kw)
+    for prompts in ([PROMPT, PROMPT[:3]], [PROMPT[::-1] * 3, PROMPT[2:]], [PROMPT * 40]):
+        got, ref = graphed.prefill(prompts), eager.prefill(prompts)
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+        assert torch.equal(got.argmax(-1), ref.argmax(-1))
+    assert sorted(graphed._prefills) == [(1, 2 * cuda_graph.PREFILL_BUCKET), (2, cuda_graph.PREFILL_BUCKET)]
