@@ -466,6 +466,12 @@ def bench_e2e(results: dict, quick: bool) -> None:
         ("ternary_int8head_earlier_paths", {}, True),
         ("ternary_int8head_norm_in_producer", {"norm_in_producer": True, "decode_only": True}, False),
         ("ternary_int8head_no_pdl", {"pdl": False, "decode_only": True}, False),
+        ("ternary_int8head_prefill_graph", {"prefill_graph": True, "prefill_only": True}, False),
+        (
+            "bf16_floathead_prefill_graph",
+            {"weights": "bf16", "lm_head": "float", "prefill_graph": True, "prefill_only": True},
+            False,
+        ),
     ]
     if not quick:
         variants += [
@@ -473,7 +479,11 @@ def bench_e2e(results: dict, quick: bool) -> None:
             ("ternary_int8head_separate_norm", {"fuse_norm": False, "decode_only": True}, False),
         ]
     if PREFILL_ONLY:
-        variants = [(key, {**opts, "prefill_only": True}, e) for key, opts, e in variants[:2]]
+        variants = [
+            (key, {**opts, "prefill_only": True}, e)
+            for key, opts, e in variants
+            if not opts.get("decode_only") and not e
+        ]
     for key, opts, earlier in variants:
         try:
             with _earlier_paths(earlier):
@@ -643,6 +653,10 @@ def print_table(results: dict) -> None:
             no_pdl = e2e.get(f"ternary_int8head_no_pdl_{fig}")
             if no_pdl:
                 line += f"; without PDL {no_pdl['tok_s']:.0f}"
+            graphs = [e2e.get(f"{k}_prefill_graph_{fig}") for k in ("ternary_int8head", "bf16_floathead")]
+            if all(graphs):
+                ours_g, bf16_g = graphs[0]["tok_s"], graphs[1]["tok_s"]
+                line += f"; captured: ternary {ours_g:.0f}, bf16 {bf16_g:.0f} ({ours_g / bf16_g:.2f}x)"
             print(line)
 
 

@@ -332,6 +332,8 @@ class CudaGraphEngine:
     including a stop token). `weights`, `lm_head`, `decode_gemv`, `fuse_norm`, `norm_in_producer`: see
     GpuForward.
     `use_graph=False` runs the same step eagerly (for debugging, and on CPU under TRITON_INTERPRET=1).
+    `prefill_graph=True` also replays prefills from CUDA graphs (see `prefill`); off by default until it has
+    been measured against the eager prefill on a GPU.
     """
 
     def __init__(
@@ -345,12 +347,14 @@ class CudaGraphEngine:
         use_graph: bool = True,
         fuse_norm: bool = True,
         norm_in_producer: bool = False,
+        prefill_graph: bool = False,
     ) -> None:
         c = model.config
         self.max_len = max_len or c.max_position_embeddings
         self.max_batch_size = max_batch_size
         self.device = model.device
         self.use_graph = use_graph and self.device.type == "cuda"
+        self.prefill_graph = prefill_graph and self.use_graph
         self.forward = GpuForward(
             model, weights, lm_head, decode_gemv, self.max_len, fuse_norm, norm_in_producer
         )
@@ -375,17 +379,17 @@ class CudaGraphEngine:
 
     @torch.inference_mode()
     def prefill(self, prompts: list[list[int]]) -> torch.Tensor:
-        """Prefill prompts into cache rows 0..len-1; their next-token logits [B, V]. With graphs, the prompts
-        run padded to a multiple of PREFILL_BUCKET tokens (at most max_len) in a graph captured for that
-        batch and length; positions past a prompt's end get cache entries that decoding overwrites before
-        it reads them."""
+        """Prefill prompts into cache rows 0..len-1; their next-token logits [B, V]. With `prefill_graph`, the
+        prompts run padded to a multiple of PREFILL_BUCKET tokens (at most max_len) in a graph captured for
+        that batch and length; positions past a prompt's end get cache entries that decoding overwrites
+        before it reads them."""
         lengths = [len(p) for p in prompts]
         t = max(lengths)
         ids = torch.zeros((len(prompts), t), dtype=torch.long)
         for i, p in enumerate(prompts):
             ids[i, : len(p)] = torch.tensor(p)
         ids, lens = ids.to(self.device), torch.tensor(lengths).to(self.device)
-        if not self.use_graph:
+        if not self.prefill_graph:
             return self.forward.prefill(ids, lens, self.cache)
         key = (len(prompts), min(-(-t // PREFILL_BUCKET) * PREFILL_BUCKET, self.max_len))
         if key not in self._prefills:
