@@ -69,8 +69,10 @@ def test_sigterm_to_one_process_stops_every_process_after_the_same_step(tmp_path
     assert len(workers) == 2, workers
     os.kill(workers[-1], signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
-    codes = re.findall(r"exitcode\s*:\s*(-?\d+)", stderr.decode())
-    assert proc.returncode != 0 and codes and set(codes) == {"143"}, stderr.decode()[-3000:]  # 128 + SIGTERM
+    # the workers leave with 128 + SIGTERM; the agent, seeing the first one go, may signal a second that is
+    # already past its checkpoint (-15: ended by that signal)
+    codes = set(re.findall(r"exitcode\s*:\s*(-?\d+)", stderr.decode()))
+    assert proc.returncode != 0 and "143" in codes and codes <= {"143", "-15"}, stderr.decode()[-3000:]
     kept = checkpoint_dirs(out / "checkpoints")
     stopped_at = int(kept[-1].name.split("-")[1])
     assert 6 <= stopped_at < steps and max(losses(out)) == stopped_at
