@@ -9,8 +9,9 @@ its epilogue, like the integer reference kernel.
 Backward (straight-through), from the saved int8 activations, their scales and the latent weight (a parameter,
 alive anyway, so the ternary codes are recomputed rather than kept: a quarter of the weights' size less memory
 between forward and backward):
-- grad_w = g^T @ bf16(xq / a): the reference's fake-quantized input, bit for bit; on CUDA the GEMM writes the
-  float32 gradient from its accumulator (the reference rounds it to bf16 first), as grad_x in float32 inputs.
+- grad_w = g^T @ bf16(xq / a): the reference's fake-quantized input, bit for bit. On CUDA the GEMMs write
+  float32 gradients (the weights', and a float32 input's) straight from their accumulators, where the
+  reference rounds them to bf16 first.
 - grad_x, by `grad_x_mode`:
   - "bf16": g @ bf16(codes * s), the reference's fake-quantized weight, bit for bit (a float GEMM);
   - "int8": g times each weight row's scale s, quantized per row to int8 (absmax, like activations), then the
@@ -18,9 +19,9 @@ between forward and backward):
     at the price of rounding g to 8 bits per row (relative error ~1e-2 on grad_x; the weight gradients keep
     float g).
 
-Layers that read the same input (q/k/v, gate/up: `FusedBitLinear.forward_many`, through nn.fused_linears) run
-as one product on their stacked codes, each row with its own layer's scale: one quantization of x, one GEMM
-forward and two backward instead of one per layer, and no narrow k/v products on their own.
+Layers of different widths that read the same input (grouped-query q/k/v: `FusedBitLinear.forward_many`,
+through nn.fused_linears) run as one product on their stacked codes, each row with its own layer's scale: one
+quantization of x, one GEMM forward and two backward instead of one per layer, and no narrow k/v products.
 
 The layer is a torch.library custom op with a fake implementation and an autograd formula, so torch.compile
 captures it, forward and backward, without graph breaks. It applies at full quantization only (λ = 1 for
@@ -118,9 +119,9 @@ def fused_bitlinear(
 def fused_bitlinear_many(
     x: torch.Tensor, weights: list[torch.Tensor], grad_x_mode: str
 ) -> list[torch.Tensor]:
-    """[BitLinear_i(x)] at λ = 1 for bias-free layers reading the same x (q/k/v, gate/up) as one int8 GEMM
-    on their stacked codes, each row keeping its layer's scale: x is quantized once, the backward is one
-    grad_x and one grad_w product, and the narrow k/v products no longer run on their own."""
+    """[BitLinear_i(x)] at λ = 1 for bias-free layers reading the same x, as one int8 GEMM on their stacked
+    codes, each row keeping its layer's scale: x is quantized once and the backward is one grad_x and one
+    grad_w product."""
     if grad_x_mode not in GRAD_X_MODES:
         raise ConfigError(f"grad_x_mode: {grad_x_mode!r} is not one of {', '.join(GRAD_X_MODES)}")
     autocast = x.is_cuda and torch.is_autocast_enabled("cuda")
