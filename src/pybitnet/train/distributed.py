@@ -91,4 +91,7 @@ def barrier(info: DistInfo) -> None:
 
 def teardown(info: DistInfo) -> None:
     if info.world_size > 1 and dist.is_initialized():
+        # every rank's collectives have completed before the groups go: gloo work still in flight at
+        # interpreter exit can abort the process after a finished run
+        dist.barrier()
         dist.destroy_process_group()
