@@ -107,6 +107,8 @@ def test_stop_tokens_and_request_errors():
         engine.generate([PROMPT, PROMPT], 2)
     with pytest.raises(ContextLengthError):
         engine.generate([PROMPT], 20)
+    with pytest.raises(ContextLengthError, match="25 tokens"):
+        engine.prefill([list(range(25))])
 
 
 @pytest.mark.skipif(not GPU, reason="CUDA graphs need a GPU")

@@ -385,6 +385,8 @@ class CudaGraphEngine:
         before it reads them."""
         lengths = [len(p) for p in prompts]
         t = max(lengths)
+        if t > self.max_len:
+            raise ContextLengthError(f"a prompt of {t} tokens does not fit the engine's {self.max_len}")
         ids = torch.zeros((len(prompts), t), dtype=torch.long)
         for i, p in enumerate(prompts):
             ids[i, : len(p)] = torch.tensor(p)
