@@ -486,8 +486,9 @@ def bench_e2e(results: dict, quick: bool) -> None:
         ]
     for key, opts, earlier in variants:
         try:
-            with _earlier_paths(earlier):
-                _e2e_variant(e2e, model, gen, key, dict(opts), prompt_len, steps, quick)
+            opts = dict(opts)
+            with _earlier_paths(earlier), pdl(opts.pop("pdl", True)):
+                _e2e_variant(e2e, model, gen, key, opts, prompt_len, steps, quick)
         except Exception:  # recorded; the other variants still run
             import traceback
 
@@ -515,15 +516,9 @@ def _earlier_paths(on: bool):
 
 
 def _e2e_variant(e2e, model, gen, key, opts, prompt_len, steps, quick) -> None:
-    decode_only = opts.pop("decode_only", False)
-    prefill_only = opts.pop("prefill_only", False)
-    with pdl(opts.pop("pdl", True)):
-        _e2e_run(e2e, model, gen, key, opts, prompt_len, steps, quick, decode_only, prefill_only)
-
-
-def _e2e_run(e2e, model, gen, key, opts, prompt_len, steps, quick, decode_only, prefill_only) -> None:
     from pybitnet.engine.cuda_graph import CudaGraphEngine
 
+    decode_only, prefill_only = opts.pop("decode_only", False), opts.pop("prefill_only", False)
     eng = CudaGraphEngine(model, max_batch_size=64, max_len=prompt_len + steps + 8, **opts)
     for batch in () if prefill_only else (1,) if decode_only else (1, 64):
         prompts = torch.randint(0, 128000, (batch, prompt_len), generator=gen).tolist()

@@ -111,19 +111,16 @@ class Attention(nn.Module):
         k = k.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if positions is None:  # every row at 0..T-1 and no cache: plain causal attention, no mask tensor
-            y = F.scaled_dot_product_attention(
-                q, k.to(q.dtype), v.to(q.dtype), is_causal=True, enable_gqa=True
-            )
-        else:
+        mask = None  # positions None: rows at 0..T-1 and no cache, plain causal attention (no mask tensor)
+        if positions is not None:
             if cache is None:
                 key_pos = positions
             else:
                 k, v = cache.update(self.layer, positions, k, v)
                 key_pos = torch.arange(cache.max_len, device=x.device).expand(b, -1)
             mask = key_pos[:, None, None, :] <= positions[:, None, :, None]  # [B, 1, T, S]: causal per row
-            k, v = k.to(q.dtype), v.to(q.dtype)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        k, v = k.to(q.dtype), v.to(q.dtype)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
         y = y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)
         return fused_linears(y, (self.o_proj,), self.attn_sub_norm)[0]
 

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import launch_opts, on_gpu, pdl_launch, pdl_release, pdl_wait, round_to, scratch_buffer
+from .common import launch_kwargs, on_gpu, pdl_gate, pdl_launch, round_to, scratch_buffer
 
 # launch shape by batch (rows <= 8: "small", else "large"): cache positions per loop step, warps, stages and
 # sequence splits; benchmarks/gpu_bench.py measures the alternatives on an H200 and sets the fastest
@@ -61,8 +61,7 @@ def _decode_attention_kernel(
     H: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr, GP: tl.constexpr, GR: tl.constexpr,
     BS: tl.constexpr, SPLITS: tl.constexpr, IEEE: tl.constexpr, NATIVE: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
-    pdl_wait(PDL)
-    pdl_release(PDL)
+    pdl_gate(PDL)
     b = tl.program_id(0)
     g = tl.program_id(1)
     sid = tl.program_id(2)
@@ -169,12 +168,11 @@ def decode_attention(
         ws = scratch_buffer(qkv.device, pairs * n_split * gr * (d + 2), "attn").view(torch.float32)
         part, ml = ws, ws[pairs * n_split * gr * d :]
         cnt = scratch_buffer(qkv.device, pairs, "attn_count")
-    pdl = pdl_launch(qkv)
     _decode_attention_kernel[(b, num_kv_heads, n_split)](
         qkv, cos, sin, positions, k_cache, v_cache, out, part, ml, cnt,
         qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0), d**-0.5,
         H=num_heads, KVH=num_kv_heads, D=d, GP=max(16, gr), GR=gr, BS=block or cfg["block"], SPLITS=n_split,
-        IEEE=qkv.dtype == torch.float32, NATIVE=on_gpu(qkv), PDL=pdl,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **launch_opts(pdl),
+        IEEE=qkv.dtype == torch.float32, NATIVE=on_gpu(qkv),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **launch_kwargs(pdl_launch(qkv)),
     )  # fmt: skip
     return out

@@ -26,9 +26,9 @@ LAUNCH_OPTS = {"enable_fp_fusion": False}
 
 # Programmatic dependent launch (compute capability 9.0 on): a kernel launched with it may start while the
 # previous kernel of the stream still runs. It first issues the loads nothing else writes (weights), then
-# waits for the previous kernel's results (`pdl_wait`), then lets the next kernel start (`pdl_release`), so
-# a decode step's ~150 launches overlap their start-up and first weight reads with the kernel before. Every
-# kernel launched this way must wait before it reads activations, caches or scratch buffers, or writes
+# passes `pdl_gate`: it waits for the previous kernel's results and lets the next kernel start, so a decode
+# step's ~150 launches overlap their start-up and first weight reads with the kernel before. Every kernel
+# launched this way must pass the gate before it reads activations, caches or scratch buffers, or writes
 # anything. Module switch: the benchmarks time the engine with it off too.
 PDL = True
 
@@ -43,21 +43,17 @@ def pdl_launch(t: torch.Tensor) -> bool:
     return PDL and on_gpu(t) and _pdl_device(t.device.index if t.device.index is not None else 0)
 
 
-def launch_opts(pdl: bool) -> dict:
-    return {**LAUNCH_OPTS, "launch_pdl": True} if pdl else LAUNCH_OPTS
+def launch_kwargs(pdl: bool) -> dict:
+    """A kernel's PDL argument (for `pdl_gate`) and launch options, with or without dependent launch."""
+    return {"PDL": pdl, **LAUNCH_OPTS, "launch_pdl": True} if pdl else {"PDL": False, **LAUNCH_OPTS}
 
 
 @triton.jit
-def pdl_wait(ON: tl.constexpr):
-    """Wait until the previous kernel of the stream has finished and its writes are visible (see PDL)."""
+def pdl_gate(ON: tl.constexpr):
+    """Wait until the previous kernel of the stream has finished and its writes are visible, then let the
+    next kernel launch (it passes its own gate before it reads this one's results). See PDL."""
     if ON:
         tl.extra.cuda.gdc_wait()
-
-
-@triton.jit
-def pdl_release(ON: tl.constexpr):
-    """Let the next kernel of the stream launch (it waits for this one before reading its results)."""
-    if ON:
         tl.extra.cuda.gdc_launch_dependents()
 
 

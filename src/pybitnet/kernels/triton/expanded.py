@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from ...quant.layouts import PackedWeight
-from .common import LAUNCH_OPTS, on_gpu, scratch_buffer
+from .common import LAUNCH_OPTS, launch_kwargs, on_gpu, scratch_buffer
 from .matmul import MMConfig, _epilogue, _mm_kernel, _signed_codes, rows_bucket
 
 BACKENDS = ("int_mm", "w8")
@@ -123,7 +123,7 @@ def expanded_mm(
         xq, a, codes, w.scale, out, res, out, out,
         m, n, k, k, xq.stride(0), out.stride(0), stride_r,
         BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, SPLIT_K=1, W8=True, ACT=act_code,
-        RESIDUAL=residual is not None, ROW_SCALE=row_scale, SWAP=False, NATIVE=on_gpu(xq), PDL=False,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **LAUNCH_OPTS,
+        RESIDUAL=residual is not None, ROW_SCALE=row_scale, SWAP=False, NATIVE=on_gpu(xq),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_kwargs(False),
     )  # fmt: skip
     return out

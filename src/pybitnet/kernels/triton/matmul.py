@@ -32,11 +32,10 @@ from .common import (
     ACTIVATIONS,
     gated_activation,
     interpreting,
-    launch_opts,
+    launch_kwargs,
     on_gpu,
+    pdl_gate,
     pdl_launch,
-    pdl_release,
-    pdl_wait,
     round_to,
     scratch_buffer,
 )
@@ -181,8 +180,7 @@ def _mm_kernel(
     or int8 (W8, KW = row stride). ACT (1 relu², 2 silu): W holds 2N rows, gate then up; out = act(gate) * up.
     SWAP (ternary W): accumulate the transposed product (see `_dot_slices`).
     """
-    pdl_wait(PDL)
-    pdl_release(PDL)
+    pdl_gate(PDL)
     rm = tl.program_id(1) * BM + tl.arange(0, BM)
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
     m_ok = rm < M
@@ -307,8 +305,7 @@ def _gemv_kernel(
     wu = wt
     if ACT != 0:
         wu = tl.load(u_rows + cols[None, :], mask=w_mask, other=0)
-    pdl_wait(PDL)
-    pdl_release(PDL)
+    pdl_gate(PDL)
 
     offs = tl.arange(0, KB)
     k_ok = offs < K
@@ -483,14 +480,14 @@ def ternary_mm(
     kw = w.data.shape[1]
     grid = (triton.cdiv(n, cfg.bn), triton.cdiv(m, cfg.bm), cfg.split_k)
     ws, cnt = _split_buffers(xq.device, m, 2 * n if act_code else n, grid[0] * grid[1], cfg.split_k)
-    pdl = pdl_launch(xq)
     _mm_kernel[grid](
         xq, a, w.data, w.scale, out, residual if residual is not None else out,
         ws if ws is not None else out, cnt if cnt is not None else out,
         m, n, k, kw, xq.stride(0), out.stride(0), residual.stride(0) if residual is not None else 0,
         BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, SPLIT_K=cfg.split_k, W8=w8, ACT=act_code,
         RESIDUAL=residual is not None, ROW_SCALE=w.scale.numel() > 1, SWAP=cfg.swap and not w8,
-        NATIVE=on_gpu(xq), PDL=pdl, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_opts(pdl),
+        NATIVE=on_gpu(xq), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **launch_kwargs(pdl_launch(xq)),
     )  # fmt: skip
     return out
 
@@ -533,7 +530,6 @@ def ternary_gemv(
     if then_quant is not None and cfg.split_k != 1:
         raise ValueError("then_quant needs a config with split_k 1")
     tcnt = scratch_buffer(x.device, 1, "then_quant_count") if then_quant is not None else out
-    pdl = pdl_launch(x)
     _gemv_kernel[grid](
         x, gain if gain is not None else x, a if a is not None else x, q, w.data, w.scale, out,
         residual if residual is not None else out,
@@ -544,7 +540,7 @@ def ternary_gemv(
         NORM=gain is not None, ACT=act_code, RESIDUAL=residual is not None, ROW_SCALE=w.scale.numel() > 1,
         PRIVATE_ROW=private, THEN_QUANT=then_quant is not None, NORM2=g2 is not None,
         NB=triton.next_power_of_2(n), USE_ASM=on_gpu(x) if use_asm is None else use_asm, NATIVE=on_gpu(x),
-        PDL=pdl, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_opts(pdl),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_kwargs(pdl_launch(x)),
     )  # fmt: skip
     return out
 

@@ -15,11 +15,10 @@ from .common import (
     ACTIVATIONS,
     absmax_scale,
     gated_activation,
-    launch_opts,
+    launch_kwargs,
     on_gpu,
+    pdl_gate,
     pdl_launch,
-    pdl_release,
-    pdl_wait,
     quantize_i8,
     round_to,
 )
@@ -75,8 +74,7 @@ def _norm_quant_kernel(
     NATIVE: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    pdl_wait(PDL)
-    pdl_release(PDL)
+    pdl_gate(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < K
@@ -117,7 +115,6 @@ def norm_quant(
     a = torch.empty((m,), dtype=torch.float32, device=x.device) if quant else None
     y = torch.empty((m, k), dtype=x.dtype, device=x.device) if store_float else None
     block = triton.next_power_of_2(k)
-    pdl = pdl_launch(x)
     _norm_quant_kernel[(m,)](
         x,
         gain if gain is not None else x,
@@ -135,8 +132,7 @@ def norm_quant(
         QUANT=quant,
         STORE_FLOAT=store_float,
         NATIVE=on_gpu(x),
-        PDL=pdl,
         num_warps=max(1, min(16, block // 512)),
-        **launch_opts(pdl),
+        **launch_kwargs(pdl_launch(x)),
     )
     return xq, a, y
