@@ -109,6 +109,13 @@ def test_fused_layer_swaps_in_place_and_falls_back_during_warmup():
     assert not torch.allclose(model[0](x), fused.fused_bitlinear(x, model[0].weight))
 
 
+def test_stacked_product_rejects_no_weights_or_other_widths():
+    x = torch.randn(3, 8)
+    for weights in ([], [torch.randn(4, 8), torch.randn(4, 6)]):
+        with pytest.raises(ValueError, match=r"\[N, 8\] matrices"):
+            fused.fused_bitlinear_many(x, weights, "bf16")
+
+
 def test_unknown_grad_x_mode_is_a_config_error():
     with pytest.raises(ConfigError, match="grad_x_mode"):
         fused.use_fused_kernels(BitLinear(8, 8), grad_x_mode="fp4")

@@ -124,6 +124,9 @@ def fused_bitlinear_many(
     grad_w product."""
     if grad_x_mode not in GRAD_X_MODES:
         raise ConfigError(f"grad_x_mode: {grad_x_mode!r} is not one of {', '.join(GRAD_X_MODES)}")
+    if not weights or any(w.dim() != 2 or w.shape[1] != x.shape[-1] for w in weights):
+        shapes = [tuple(w.shape) for w in weights]
+        raise ValueError(f"weights must be one or more [N, {x.shape[-1]}] matrices for x, got {shapes}")
     autocast = x.is_cuda and torch.is_autocast_enabled("cuda")
     dtype = torch.get_autocast_dtype("cuda") if autocast else x.dtype
     x2 = x.reshape(-1, x.shape[-1])
