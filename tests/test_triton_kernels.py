@@ -96,6 +96,8 @@ MM_CASES = [  # (M, N, K, config)
     (70, 24, 520, MMConfig(bm=64, bn=16, bk=256)),
     (21, 70, 300, MMConfig(bm=16, bn=64, bk=128, swap=True)),
     (40, 33, 260, MMConfig(bm=32, bn=64, bk=256, split_k=2, swap=True)),
+    # ten row tiles: a full band of the grouped tile order and a partial one, with split K
+    (150, 40, 130, MMConfig(bm=16, bn=16, bk=128, split_k=2)),
 ]
 
 
@@ -116,6 +118,9 @@ def test_mm_is_integer_exact(m, n, k, cfg, per_row):
 def test_expand_codes_matches_unpack(n, k):
     tw = _ternary(n, k, torch.Generator().manual_seed(n))
     assert torch.equal(expand_codes(_packed(tw)).cpu(), tw.codes)
+    # paired (a gate / up weight): gate row r at 2r, up row r at 2r + 1
+    gate, up = tw.codes.chunk(2)
+    assert torch.equal(expand_codes(_packed(tw), paired=True).cpu(), torch.stack([gate, up], 1).view(n, k))
 
 
 @pytest.mark.parametrize("backend", ["int_mm", "w8"])
@@ -138,6 +143,11 @@ def test_expanded_backends_are_exact(backend, m, n, k, epilogue):
         )
         assert torch.equal(ref.cpu(), exact)
     assert torch.equal(ternary_mm(xq, a, _packed(tw), torch.float32, backend=backend, **kw), ref)
+    if backend == "w8":  # several row and column tiles (a gated tile of 16 weight rows: 8 outputs)
+        cfg = MMConfig(bm=16, bn=16, bk=128)
+        assert torch.equal(
+            ternary_mm(xq, a, _packed(tw), torch.float32, backend=backend, config=cfg, **kw), ref
+        )
 
 
 GEMV_CASES = [

@@ -18,46 +18,55 @@ import triton.language as tl
 
 from ...quant.layouts import PackedWeight
 from .common import LAUNCH_OPTS, launch_kwargs, on_gpu, scratch_buffer
-from .matmul import MMConfig, _epilogue, _mm_kernel, _signed_codes, rows_bucket
+from .matmul import GROUP_M, MMConfig, _epilogue, _mm_kernel, _signed_codes, rows_bucket
 
 BACKENDS = ("int_mm", "w8")
-# `_mm_kernel` tiles on int8 weights, by (rows bucket, N, K, gated) as matmul.TUNED; the default was the
-# fastest measured at 2048 rows on an H200 for the 2B-4T projections and fits shared memory with two weight
-# tiles (gated)
+# `_mm_kernel` tiles on int8 weights, by (rows bucket, N, K, gated) as matmul.TUNED: the fastest measured at
+# 2048 rows on an H200 for the 2B-4T projections (gate_up: 128 paired weight rows, 64 outputs, a tile)
 W8_TUNED: dict[tuple[int, int, int, bool], MMConfig] = {
-    (128, 3840, 2560, False): MMConfig(bm=128, bn=128, bk=128, num_warps=4),  # 50.9 µs vs 58.8 (256 / 8)
-    (128, 2560, 2560, False): MMConfig(bm=128, bk=128, num_stages=4),
-    (128, 6912, 2560, True): MMConfig(bm=128, bn=128, bk=128, num_warps=8, num_stages=4),
-    (128, 2560, 6912, False): MMConfig(bm=128, bk=128, num_stages=4),
+    (128, 3840, 2560, False): MMConfig(bm=128, bn=128, bk=128, num_warps=4),  # 48.9 µs, bf16 54.6
+    (128, 2560, 2560, False): MMConfig(bm=128, bk=128, num_stages=4),  # 45.8 µs, bf16 35.9
+    (128, 6912, 2560, True): MMConfig(bm=128, bn=128, bk=128, num_warps=4),  # 168.5 µs, bf16 187.1
+    (128, 2560, 6912, False): MMConfig(bm=128, bn=128, bk=128, num_warps=4),  # 96.5 µs, bf16 90.5
 }
 W8_DEFAULT = MMConfig(bm=128, bn=128, bk=128, num_warps=8, num_stages=4)
 
 
 @triton.jit
-def _expand_kernel(w_ptr, o_ptr, N, K, KW, BN: tl.constexpr, BC: tl.constexpr, NATIVE: tl.constexpr):
+def _expand_kernel(
+    w_ptr, o_ptr, N, K, KW, BN: tl.constexpr, BC: tl.constexpr, PAIRED: tl.constexpr, NATIVE: tl.constexpr
+):  # fmt: skip
     """int8 [N, K] codes {-1, 0, 1} from "triton_i2" bytes [N, KW]: byte column c holds elements
-    (c // 32) * 128 + s * 32 + c % 32 of its row for slices s = 0..3."""
+    (c // 32) * 128 + s * 32 + c % 32 of its row for slices s = 0..3. PAIRED (gate rows then up rows): row r
+    of the gate half goes to row 2r, row r of the up half to row 2r + 1."""
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
     c = tl.program_id(1) * BC + tl.arange(0, BC)
     n_ok = (rn < N)[:, None]
     wt = tl.load(w_ptr + rn.to(tl.int64)[:, None] * KW + c[None, :], mask=n_ok & (c < KW)[None, :], other=0)
     c0, c1, c2, c3 = _signed_codes(wt, NATIVE)
     e = ((c // 32) * 128 + c % 32)[None, :]
-    rows = o_ptr + rn.to(tl.int64)[:, None] * K
+    ro = rn
+    if PAIRED:
+        half = N // 2
+        ro = tl.where(rn < half, 2 * rn, 2 * (rn - half) + 1)
+    rows = o_ptr + ro.to(tl.int64)[:, None] * K
     tl.store(rows + e, c0, mask=n_ok & (e < K))
     tl.store(rows + e + 32, c1, mask=n_ok & (e + 32 < K))
     tl.store(rows + e + 64, c2, mask=n_ok & (e + 64 < K))
     tl.store(rows + e + 96, c3, mask=n_ok & (e + 96 < K))
 
 
-def expand_codes(w: PackedWeight) -> torch.Tensor:
+def expand_codes(w: PackedWeight, paired: bool = False) -> torch.Tensor:
     """The codes of a "triton_i2" weight as int8 [N, K] in the shared "codes" scratch buffer (valid until the
-    next expansion on this device)."""
+    next expansion on this device). `paired`: a gate / up weight with the gate and up row of each output
+    side by side (rows 2r, 2r + 1), so one product tile holds both halves of its outputs."""
     n, k = w.shape
     buf = scratch_buffer(w.data.device, -(-n * k // 4), "codes").view(torch.int8)[: n * k].view(n, k)
     bn, bc = 32, 128
     grid = (triton.cdiv(n, bn), triton.cdiv(w.data.shape[1], bc))
-    _expand_kernel[grid](w.data, buf, n, k, w.data.shape[1], BN=bn, BC=bc, NATIVE=on_gpu(w.data), num_warps=4)
+    _expand_kernel[grid](
+        w.data, buf, n, k, w.data.shape[1], BN=bn, BC=bc, PAIRED=paired, NATIVE=on_gpu(w.data), num_warps=4
+    )
     return buf
 
 
@@ -104,11 +113,14 @@ def expanded_mm(
     if backend not in BACKENDS:
         raise ValueError(f"expanded-weight backend must be one of {BACKENDS}, got {backend!r}")
     m, k = xq.shape
-    codes = expand_codes(w)
+    int_mm = backend == "int_mm" and int_mm_ok(m, w.shape[0], k)
+    # "w8" multiplies gate and up rows paired, one accumulator a tile (two would double its registers)
+    paired = act_code != 0 and not int_mm
+    codes = expand_codes(w, paired)
     row_scale = w.scale.numel() > 1
     res = residual if residual is not None else out
     stride_r = residual.stride(0) if residual is not None else 0
-    if backend == "int_mm" and int_mm_ok(m, codes.shape[0], k):
+    if int_mm:
         acc = torch._int_mm(xq if xq.is_contiguous() else xq.contiguous(), codes.t())
         bm, bn = 32, 128
         _scale_kernel[(triton.cdiv(n, bn), triton.cdiv(m, bm))](
@@ -118,11 +130,11 @@ def expanded_mm(
         )  # fmt: skip
         return out
     cfg = config or W8_TUNED.get((rows_bucket(m), n, k, act_code != 0), W8_DEFAULT)
-    grid = (triton.cdiv(n, cfg.bn), triton.cdiv(m, cfg.bm), 1)
+    grid = (triton.cdiv(2 * n if paired else n, cfg.bn) * triton.cdiv(m, cfg.bm), 1)
     _mm_kernel[grid](
         xq, a, codes, w.scale, out, res, out, out,
         m, n, k, k, xq.stride(0), out.stride(0), stride_r,
-        BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, SPLIT_K=1, W8=True, ACT=act_code,
+        BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, SPLIT_K=1, GROUP_M=GROUP_M, W8=True, PAIRED=paired, ACT=act_code,
         RESIDUAL=residual is not None, ROW_SCALE=row_scale, SWAP=False, NATIVE=on_gpu(xq),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_kwargs(False),
     )  # fmt: skip

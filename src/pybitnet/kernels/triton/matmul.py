@@ -169,68 +169,84 @@ def _dot_slices(x0, x1, x2, x3, wt, acc, SWAP: tl.constexpr, NATIVE: tl.constexp
 
 
 @triton.jit
+def _grouped_tile(pid, tiles, m_tiles, GROUP_M: tl.constexpr):
+    """(row tile, column tile) of program `pid` of `tiles`: bands of GROUP_M row tiles walk the column tiles
+    together, so a weight tile is read from HBM once per band and the band's activations stay in L2 (in
+    row-major order every row tile would stream the whole weight again)."""
+    n_tiles = tiles // m_tiles
+    band = GROUP_M * n_tiles
+    first_m = (pid // band) * GROUP_M
+    size_m = tl.minimum(m_tiles - first_m, GROUP_M)
+    return first_m + (pid % band) % size_m, (pid % band) // size_m
+
+
+@triton.jit
 def _mm_kernel(
     x_ptr, a_ptr, w_ptr, s_ptr, o_ptr, r_ptr, ws_ptr, cnt_ptr,
     M, N, K, KW, stride_x, stride_o, stride_r,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, W8: tl.constexpr,
-    ACT: tl.constexpr, RESIDUAL: tl.constexpr, ROW_SCALE: tl.constexpr, SWAP: tl.constexpr,
-    NATIVE: tl.constexpr, PDL: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr,
+    W8: tl.constexpr, PAIRED: tl.constexpr, ACT: tl.constexpr, RESIDUAL: tl.constexpr,
+    ROW_SCALE: tl.constexpr, SWAP: tl.constexpr, NATIVE: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """out[M, N] = epilogue(xq[M, K] @ W[N, K].T): int8 activations, W ternary ("triton_i2", KW bytes a row)
     or int8 (W8, KW = row stride). ACT (1 relu², 2 silu): W holds 2N rows, gate then up; out = act(gate) * up.
-    SWAP (ternary W): accumulate the transposed product (see `_dot_slices`).
+    SWAP (ternary W): accumulate the transposed product (see `_dot_slices`). PAIRED (W8 with ACT, SPLIT_K 1):
+    W's 2N rows alternate gate and up (`expanded.expand_codes`), a BN-row tile gives BN / 2 outputs from one
+    accumulator. Grid: (output tiles, SPLIT_K), tiles in grouped order (`_grouped_tile`).
     """
     pdl_gate(PDL)
-    rm = tl.program_id(1) * BM + tl.arange(0, BM)
-    rn = tl.program_id(0) * BN + tl.arange(0, BN)
+    NW: tl.constexpr = 2 if PAIRED else 1  # weight rows per output column
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.num_programs(0), tl.cdiv(M, BM), GROUP_M)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rw = pid_n * BN + tl.arange(0, BN)  # weight rows of the tile
+    rn = pid_n * (BN // NW) + tl.arange(0, BN // NW)  # its output columns
     m_ok = rm < M
     n_ok = rn < N
-    x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_x
-    w_rows = w_ptr + rn.to(tl.int64)[:, None] * KW
+    # rows and columns past the edge read real rows again (their results are never stored), so the tile
+    # loads carry no row mask and stay wide
+    x_rows = x_ptr + (rm % M).to(tl.int64)[:, None] * stride_x
+    w_rows = w_ptr + (rw % (N * NW)).to(tl.int64)[:, None] * KW
     u_rows = w_rows + N * KW
     if SWAP:
         acc = tl.zeros((BN, BM), tl.int32)
         acc_u = tl.zeros((BN, BM), tl.int32)
     else:
         acc = tl.zeros((BM, BN), tl.int32)
-        acc_u = tl.zeros((BM, BN), tl.int32)
-    for kb in range(tl.program_id(2), tl.cdiv(K, BK), SPLIT_K):
+        acc_u = tl.zeros((BM, BN // NW), tl.int32)
+    for kb in range(tl.program_id(1), tl.cdiv(K, BK), SPLIT_K):
         if W8:
             ks = kb * BK + tl.arange(0, BK)
-            xt = tl.load(x_rows + ks[None, :], mask=m_ok[:, None] & (ks < K)[None, :], other=0)
-            wt = tl.load(w_rows + ks[None, :], mask=n_ok[:, None] & (ks < K)[None, :], other=0)
+            k_ok = (ks < K)[None, :]
+            xt = tl.load(x_rows + ks[None, :], mask=k_ok, other=0)
+            wt = tl.load(w_rows + ks[None, :], mask=k_ok, other=0)
             acc = tl.dot(xt, tl.trans(wt), acc, out_dtype=tl.int32)
-            if ACT != 0:
-                wu = tl.load(u_rows + ks[None, :], mask=n_ok[:, None] & (ks < K)[None, :], other=0)
+            if ACT != 0 and not PAIRED:
+                wu = tl.load(u_rows + ks[None, :], mask=k_ok, other=0)
                 acc_u = tl.dot(xt, tl.trans(wu), acc_u, out_dtype=tl.int32)
         else:
             j = tl.arange(0, BK // 4)
             cols = kb * (BK // 4) + j
-            w_mask = n_ok[:, None] & (cols < KW)[None, :]
+            w_mask = (cols < KW)[None, :]
             wt = tl.load(w_rows + cols[None, :], mask=w_mask, other=0)
             wu = wt
             if ACT != 0:
                 wu = tl.load(u_rows + cols[None, :], mask=w_mask, other=0)
-            kbase = kb * BK + (j // 32) * 128 + (j % 32)
-            x0 = tl.load(x_rows + kbase[None, :], mask=m_ok[:, None] & (kbase < K)[None, :], other=0)
-            x1 = tl.load(
-                x_rows + kbase[None, :] + 32, mask=m_ok[:, None] & (kbase + 32 < K)[None, :], other=0
-            )
-            x2 = tl.load(
-                x_rows + kbase[None, :] + 64, mask=m_ok[:, None] & (kbase + 64 < K)[None, :], other=0
-            )
-            x3 = tl.load(
-                x_rows + kbase[None, :] + 96, mask=m_ok[:, None] & (kbase + 96 < K)[None, :], other=0
-            )
+            kbase = (kb * BK + (j // 32) * 128 + (j % 32))[None, :]
+            x0 = tl.load(x_rows + kbase, mask=kbase < K, other=0)
+            x1 = tl.load(x_rows + kbase + 32, mask=kbase + 32 < K, other=0)
+            x2 = tl.load(x_rows + kbase + 64, mask=kbase + 64 < K, other=0)
+            x3 = tl.load(x_rows + kbase + 96, mask=kbase + 96 < K, other=0)
             acc = _dot_slices(x0, x1, x2, x3, wt, acc, SWAP, NATIVE)
             if ACT != 0:
                 acc_u = _dot_slices(x0, x1, x2, x3, wu, acc_u, SWAP, NATIVE)
     if SWAP:
         acc = tl.trans(acc)
         acc_u = tl.trans(acc_u)
+    if PAIRED:  # columns 2j, 2j + 1: gate and up of output j
+        acc, acc_u = tl.split(tl.reshape(acc, (BM, BN // 2, 2)))
     a = tl.load(a_ptr + rm, mask=m_ok, other=1.0)
-    tile = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
-    _finish(acc, acc_u, rm, rn, m_ok, n_ok, a, s_ptr, o_ptr, r_ptr, ws_ptr, cnt_ptr, tile, tl.program_id(2),
+    tile = tl.program_id(0)
+    _finish(acc, acc_u, rm, rn, m_ok, n_ok, a, s_ptr, o_ptr, r_ptr, ws_ptr, cnt_ptr, tile, tl.program_id(1),
             M, N, stride_o, stride_r, SPLIT_K, ACT, RESIDUAL, ROW_SCALE, NATIVE)  # fmt: skip
 
 
@@ -406,6 +422,10 @@ EXPAND_BACKEND = "w8"
 MM_BACKENDS = ("i2", "int_mm", "w8")
 
 
+# row tiles per band of the grouped tile order (see `_grouped_tile`)
+GROUP_M = 8
+
+
 def rows_bucket(m: int) -> int:
     return 1 if m == 1 else 16 if m <= 16 else 64 if m <= 64 else 128
 
@@ -478,14 +498,14 @@ def ternary_mm(
         return expanded_mm(xq, a, w, out, n, act_code, residual, backend, config)
     cfg = config or default_config(m, n, k, w8, act_code != 0)
     kw = w.data.shape[1]
-    grid = (triton.cdiv(n, cfg.bn), triton.cdiv(m, cfg.bm), cfg.split_k)
-    ws, cnt = _split_buffers(xq.device, m, 2 * n if act_code else n, grid[0] * grid[1], cfg.split_k)
+    grid = (triton.cdiv(n, cfg.bn) * triton.cdiv(m, cfg.bm), cfg.split_k)
+    ws, cnt = _split_buffers(xq.device, m, 2 * n if act_code else n, grid[0], cfg.split_k)
     _mm_kernel[grid](
         xq, a, w.data, w.scale, out, residual if residual is not None else out,
         ws if ws is not None else out, cnt if cnt is not None else out,
         m, n, k, kw, xq.stride(0), out.stride(0), residual.stride(0) if residual is not None else 0,
-        BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, SPLIT_K=cfg.split_k, W8=w8, ACT=act_code,
-        RESIDUAL=residual is not None, ROW_SCALE=w.scale.numel() > 1, SWAP=cfg.swap and not w8,
+        BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, SPLIT_K=cfg.split_k, GROUP_M=GROUP_M, W8=w8, PAIRED=False,
+        ACT=act_code, RESIDUAL=residual is not None, ROW_SCALE=w.scale.numel() > 1, SWAP=cfg.swap and not w8,
         NATIVE=on_gpu(xq), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **launch_kwargs(pdl_launch(xq)),
     )  # fmt: skip
