@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import pybitnet
 from conftest import rel_err
@@ -69,6 +70,62 @@ def test_loaded_weights_are_views_of_the_memory_mapped_file(dummy_dir):
     packed = [m.packed for m in model.modules() if isinstance(m, PackedBitLinear)]
     assert packed and all(mapped(p) for p in packed)
     assert mapped(model.embed_tokens.weight) and mapped(model.layers[0].input_layernorm.weight)
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc (Linux)")
+def test_cpu_kernel_load_keeps_16bit_embeddings_mapped(dummy_dir):
+    """A float32 model on the C kernels (int8 head) keeps a bf16 embedding table as stored, a view of the
+    mapped file instead of a float32 copy; its logits equal those with the table widened at load."""
+    from pybitnet.kernels import cpu
+
+    if not cpu.native_available():
+        pytest.skip("the C kernels are not built")
+    path = dummy_dir("tiny-bitnet", dtype=torch.bfloat16)
+    model = pybitnet.load_model(path, dtype=torch.float32, kernel="cpu")
+    emb = model.embed_tokens.weight
+    ranges = _mapped_ranges(path / "model.safetensors")
+    assert emb.dtype == torch.bfloat16 and any(lo <= emb.data_ptr() < hi for lo, hi in ranges)
+    assert model.dtype == model.compute_dtype == torch.float32
+    ids = _ids()
+    got = model(ids)
+    model.embed_tokens.weight = torch.nn.Parameter(emb.float(), requires_grad=False)
+    assert got.dtype == torch.float32 and torch.equal(got, model(ids))
+    reference = pybitnet.load_model(path, dtype=torch.float32, kernel="reference")
+    assert reference.embed_tokens.weight.dtype == torch.float32  # other kernels read the table as a head
+
+
+def _resident_bytes_of_mapping(path: Path) -> int:
+    """Resident bytes of this process's mappings of `path` (/proc/self/smaps)."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        if "-" in line.split(" ", 1)[0] and len(line.split()) >= 5:  # a mapping's header line
+            inside = line.endswith(str(path.resolve()))
+        elif inside and line.startswith("Rss:"):
+            total += int(line.split()[1]) * 1024
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs /proc (Linux)")
+def test_random_read_advice_makes_only_looked_up_rows_resident(tmp_path):
+    """Rows looked up in an advised mapped table (embeddings) make their own pages resident, not the
+    read-ahead around each one: 32 rows of 4 KiB spread over 64 MiB."""
+    from pybitnet.formats.hf import advise_random_reads
+
+    path = tmp_path / "table.safetensors"
+    save_file({"table": torch.ones(16384, 1024)}, str(path))  # 64 MiB, one 4 KiB page a row
+    # as after a reboot: none of the file in the page cache (a just-written file's cached pages can be large
+    # folios, which a fault maps whole, advice or not)
+    fd = os.open(path, os.O_RDONLY)
+    os.fsync(fd)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+    with safe_open(str(path), framework="pt") as f:
+        table = f.get_tensor("table")
+    advise_random_reads(table)
+    rows = torch.arange(0, 16384, 512)
+    assert table[rows].sum().item() == 32 * 1024
+    # at most the fault-around window of older kernels (16 pages) per row; read-ahead would map far more
+    assert _resident_bytes_of_mapping(path) <= 32 * 64 * 1024
 
 
 @pytest.mark.parametrize(("name", "tol"), [("tiny-bitnet", 0.0), ("tiny-llama", 1e-6)])

@@ -117,6 +117,19 @@ def _read_float(reader: TensorReader, name: str, shape: tuple[int, ...], dtype: 
     return reader.read(name).to(dtype)
 
 
+def _stored_dtype(reader: TensorReader, name: str) -> torch.dtype | None:
+    return TORCH_DTYPES.get(reader.header(name)[0])
+
+
+def _embedding_dtype(reader: TensorReader, name: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype the embeddings are kept in for a model whose head is a separate int8 copy (the C kernels'
+    models): as stored when widening them to `dtype` is exact (a bf16 or fp16 table in a float32 model), so
+    they stay a view of the mapped file, each lookup widens the rows it reads (the same values) and no
+    float32 copy of the table is made (1.25 GB for a 2B model)."""
+    stored = _stored_dtype(reader, name)
+    return stored if dtype == torch.float32 and stored in (torch.bfloat16, torch.float16) else dtype
+
+
 HF_LAYOUTS = ("hf", "hf_inv")
 
 
@@ -132,16 +145,31 @@ class _FileRows:
         return self.reader.read_rows(self.name, rows.start or 0, rows.stop).to(self.dtype)
 
 
-def _malloc_trim():
+def _libc(symbol: str):
     if not sys.platform.startswith("linux"):
         return None
     try:
-        return ctypes.CDLL("libc.so.6").malloc_trim
+        return getattr(ctypes.CDLL("libc.so.6", use_errno=True), symbol)
     except (OSError, AttributeError):  # not glibc
         return None
 
 
-_MALLOC_TRIM = _malloc_trim()
+_MALLOC_TRIM = _libc("malloc_trim")
+_MADVISE = _libc("madvise")
+_MADV_RANDOM = 1
+_PAGE = 4096
+
+
+def advise_random_reads(t: torch.Tensor) -> None:
+    """Tell the OS that the memory-mapped tensor `t` is read at random places (embedding rows looked up by
+    token): without read-ahead a lookup reads its own pages from disk, not the read-ahead window around each
+    row. (Pages already in the page cache as large folios, as a just-written file's can be, are mapped a
+    whole folio at a time regardless.)"""
+    if _MADVISE is None or t.numel() == 0:
+        return
+    start = t.data_ptr() // _PAGE * _PAGE
+    end = t.data_ptr() + t.numel() * t.element_size()
+    _MADVISE(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_RANDOM)  # a hint: errors ignored
 
 
 def release_freed_heap() -> None:
@@ -179,11 +207,17 @@ def load_hf_model(model_dir: Path, kernel: Kernel, dtype: torch.dtype = torch.fl
     linears = {name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name != "lm_head"}
     # float tensors first (views of the mapped file), then the int8 head if the kernel's model uses one, then
     # the ternary linears: the head's temporaries are gone before the repacked weights accumulate
+    native_cpu = kernel.layout == "cpu_i2"
     for name, param in list(model.named_parameters()):
         module_name, _, attr = name.rpartition(".")
         if module_name in linears or (name == "lm_head.weight" and config.tie_word_embeddings):
             continue
-        tensor = _read_float(reader, _checkpoint_name(name, config), tuple(param.shape), dtype)
+        ckpt_name = _checkpoint_name(name, config)
+        embeddings = name == "embed_tokens.weight" and native_cpu
+        want = _embedding_dtype(reader, ckpt_name, dtype) if embeddings else dtype
+        tensor = _read_float(reader, ckpt_name, tuple(param.shape), want)
+        if embeddings and tensor.dtype == _stored_dtype(reader, ckpt_name):  # mapped: pages on demand
+            advise_random_reads(tensor)
         setattr(model.get_submodule(module_name), attr, nn.Parameter(tensor, requires_grad=False))
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight

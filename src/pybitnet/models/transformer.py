@@ -205,7 +205,8 @@ class Transformer(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.embed_tokens.weight.dtype
+        # the final norm's, not the embeddings': a loader may keep a 16-bit embedding table in a float32 model
+        return self.norm.weight.dtype
 
     def new_cache(
         self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None
