@@ -24,10 +24,10 @@ BACKENDS = ("int_mm", "w8")
 # `_mm_kernel` tiles on int8 weights, by (rows bucket, N, K, gated) as matmul.TUNED: the fastest measured at
 # 2048 rows on an H200 for the 2B-4T projections (gate_up: 128 paired weight rows, 64 outputs, a tile)
 W8_TUNED: dict[tuple[int, int, int, bool], MMConfig] = {
-    (128, 3840, 2560, False): MMConfig(bm=128, bn=128, bk=128, num_warps=4),  # 48.9 µs, bf16 54.6
-    (128, 2560, 2560, False): MMConfig(bm=128, bk=128, num_stages=4),  # 45.8 µs, bf16 35.9
-    (128, 6912, 2560, True): MMConfig(bm=128, bn=128, bk=128, num_warps=4),  # 168.5 µs, bf16 187.1
-    (128, 2560, 6912, False): MMConfig(bm=128, bn=128, bk=128, num_warps=4),  # 96.5 µs, bf16 90.5
+    (128, 3840, 2560, False): MMConfig(bm=128, bn=128, bk=128, num_warps=4),  # 48.8 µs, bf16 56.6
+    (128, 2560, 2560, False): MMConfig(bm=64, bn=128, bk=128, num_stages=4),  # 44.5 µs, bf16 36.0
+    (128, 6912, 2560, True): MMConfig(bm=128, bn=128, bk=128, num_warps=4),  # 168.9 µs, bf16 194.9
+    (128, 2560, 6912, False): MMConfig(bm=64, bn=128, bk=128, num_stages=4),  # 94.1 µs, bf16 92.9
 }
 W8_DEFAULT = MMConfig(bm=128, bn=128, bk=128, num_warps=8, num_stages=4)
 
