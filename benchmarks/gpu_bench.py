@@ -351,6 +351,19 @@ def _compare_backends(table, log, role, m, xq, a, resid, act, ref, copies, quick
         if backend == "w8" and cfg:
             n_rows, k = copies[0].shape
             ex.W8_TUNED[(mm.rows_bucket(m), n_rows // 2 if act else n_rows, k, act is not None)] = cfg
+    if m == 64:  # codes kept as int8 (the engine's weights="ternary_int8"): no expansion per call
+        kept = {id(w): ex.int8_codes(w, gated=act is not None) for w in ws}
+
+        def go_kept(c, w, o):
+            ternary_mm(xq, a, w, torch.bfloat16, residual=resid, act=act, out=o, config=c, codes=kept[id(w)])
+
+        cfgs = W8_CONFIGS[m][:2] if quick else W8_CONFIGS[m]
+        cfg, t = tune(f"engine_{role}_m{m}_w8_kept", go_kept, cfgs, ref, ws, log)
+        table[f"{role}_m{m}_w8_kept"] = {"us": t, "config": cfg and cfg.__dict__}
+        if cfg:  # only the kept-codes engine runs "w8" at 64 rows: its tiles
+            n_rows, k = copies[0].shape
+            ex.W8_TUNED[(64, n_rows // 2 if act else n_rows, k, act is not None)] = cfg
+        del kept
     if COMPILE_ONLY is None:
         n_rows, k = copies[0].shape
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
@@ -470,6 +483,7 @@ def bench_e2e(results: dict, quick: bool) -> None:
         ("ternary_int8head_earlier_paths", {}, True),
         ("ternary_int8head_norm_in_producer", {"norm_in_producer": True, "decode_only": True}, False),
         ("ternary_int8head_no_pdl", {"pdl": False, "decode_only": True}, False),
+        ("ternary_int8codes_int8head", {"weights": "ternary_int8", "batched_only": True}, False),
         ("ternary_int8head_eager_prefill", {"prefill_graph": False, "prefill_only": True}, False),
         (
             "bf16_floathead_eager_prefill",
@@ -523,8 +537,10 @@ def _e2e_variant(e2e, model, gen, key, opts, prompt_len, steps, quick) -> None:
     from pybitnet.engine.cuda_graph import CudaGraphEngine
 
     decode_only, prefill_only = opts.pop("decode_only", False), opts.pop("prefill_only", False)
+    batched_only = opts.pop("batched_only", False)  # batch 64 and prefill (batch 1 as the first variant)
+    batches = () if prefill_only else (1,) if decode_only else (64,) if batched_only else (1, 64)
     eng = CudaGraphEngine(model, max_batch_size=64, max_len=prompt_len + steps + 8, **opts)
-    for batch in () if prefill_only else (1,) if decode_only else (1, 64):
+    for batch in batches:
         prompts = torch.randint(0, 128000, (batch, prompt_len), generator=gen).tolist()
         eng.generate(prompts, 4)  # captures the graph, compiles everything
         tok_s, step_ms = _decode_rate(eng, prompts, steps)
@@ -649,6 +665,9 @@ def print_table(results: dict) -> None:
             producer = e2e.get(f"ternary_int8head_norm_in_producer_{fig}")
             if producer:
                 line += f"; norm in producer {producer['tok_s']:.0f}"
+            kept = e2e.get(f"ternary_int8codes_int8head_{fig}")
+            if kept:
+                line += f"; int8 codes kept {kept['tok_s']:.0f} ({kept['tok_s'] / bf16['tok_s']:.2f}x)"
             no_pdl = e2e.get(f"ternary_int8head_no_pdl_{fig}")
             if no_pdl:
                 line += f"; without PDL {no_pdl['tok_s']:.0f}"

@@ -88,6 +88,18 @@ def test_prefill_through_expanded_weights_is_identical(monkeypatch, backend):
     assert torch.equal(engine.prefill([prompt]), ref)
 
 
+def test_kept_int8_codes_give_the_same_prefill_and_tokens():
+    """weights="ternary_int8" (codes kept as int8 for products of many rows) is the same math: prefill
+    logits equal bit for bit, and greedy decoding, alone and batched, gives the same tokens."""
+    model = _model().to(DEV)
+    kw = dict(max_batch_size=2, max_len=len(PROMPT) + NEW_TOKENS, lm_head="float", use_graph=GPU)
+    ref, kept = CudaGraphEngine(model, **kw), CudaGraphEngine(model, weights="ternary_int8", **kw)
+    assert kept.forward.layers[0].codes and not ref.forward.layers[0].codes
+    prompts = [PROMPT, PROMPT[:3]]
+    assert torch.equal(kept.prefill(prompts), ref.prefill(prompts))
+    assert kept.generate(prompts, NEW_TOKENS) == ref.generate(prompts, NEW_TOKENS)
+
+
 def test_sampling_is_reproducible_and_respects_top_k():
     model = _model()
     engine = CudaGraphEngine(model.to(DEV), max_batch_size=1, max_len=32, lm_head="float")

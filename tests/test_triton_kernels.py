@@ -18,7 +18,7 @@ pytest.importorskip("triton")
 from pybitnet.kernels import get_kernel, select_kernel
 from pybitnet.kernels.reference import reference_linear, scale_output, ternary_matmul_int
 from pybitnet.kernels.triton.attention import decode_attention
-from pybitnet.kernels.triton.expanded import expand_codes
+from pybitnet.kernels.triton.expanded import expand_codes, int8_codes
 from pybitnet.kernels.triton.matmul import MMConfig, int8_weight, ternary_gemv, ternary_mm
 from pybitnet.kernels.triton.quant import norm_quant
 from pybitnet.models.transformer import apply_rope
@@ -143,6 +143,11 @@ def test_expanded_backends_are_exact(backend, m, n, k, epilogue):
         )
         assert torch.equal(ref.cpu(), exact)
     assert torch.equal(ternary_mm(xq, a, _packed(tw), torch.float32, backend=backend, **kw), ref)
+    if backend == "w8":  # the codes kept as int8 by the caller: the same product without an expansion
+        codes = int8_codes(_packed(tw), gated=act is not None)
+        assert torch.equal(ternary_mm(xq, a, _packed(tw), torch.float32, codes=codes, **kw), ref)
+        with pytest.raises(ValueError, match="int8_codes"):
+            ternary_mm(xq, a, _packed(tw), torch.float32, codes=codes[1:], **kw)
     if backend == "w8":  # several row and column tiles (a gated tile of 16 weight rows: 8 outputs)
         cfg = MMConfig(bm=16, bn=16, bk=128)
         assert torch.equal(

@@ -5,21 +5,25 @@ decode step captured once per batch size in a CUDA graph (sampling included), so
 "triton_i2" layout, and runs prefill and decode with fused kernels: at batch 1 every projection is one launch
 (RMSNorm + int8 quantization + W2A8 GEMV + epilogue); at larger batches a norm + quantize launch feeds the
 tensor-core GEMM. With `norm_in_producer`, batch 1 instead normalizes and quantizes each projection's input
-once, in the last program of the GEMV that produces the row. `weights="bf16"` runs the same engine on
-dequantized bf16 weights through cuBLAS (the baseline the benchmarks compare against).
+once, in the last program of the GEMV that produces the row. `weights="ternary_int8"` also keeps every
+projection's codes expanded to int8 (1.25 bytes a weight in all, bf16's 2): products of more than one row
+(batched decode, prefill) then run on int8 tensor cores with no 2-bit decoding or expansion per call, while
+one row still reads the 2-bit weights. `weights="bf16"` runs the same engine on dequantized bf16 weights
+through cuBLAS (the baseline the benchmarks compare against).
 `CudaGraphEngine.generate` decodes many sequences with no host round trip per token; `CudaGraphRunner` offers
 the same graphs behind the engine's ModelRunner interface.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import ContextLengthError, InvalidRequestError, UnsupportedModelError
 from ..kernels.triton.attention import decode_attention
+from ..kernels.triton.expanded import int8_codes
 from ..kernels.triton.matmul import MMConfig, default_config, int8_weight, ternary_gemv, ternary_mm
 from ..kernels.triton.quant import norm_quant
 from ..models import KVCache, Transformer
@@ -40,6 +44,7 @@ class _Layer:
     gate_up: Weight
     ffn_norm: torch.Tensor | None
     down: Weight
+    codes: dict[str, torch.Tensor] = field(default_factory=dict)  # projection -> its int8 codes, if kept
 
 
 def _ternary(module: torch.nn.Module) -> TernaryWeight:
@@ -56,6 +61,9 @@ def _stack(modules: list[torch.nn.Module]) -> TernaryWeight:
     return TernaryWeight(codes, scale)
 
 
+WEIGHTS = ("ternary", "ternary_int8", "bf16")
+
+
 class GpuForward:
     """Prefill and decode forward passes of a Transformer on the GPU kernels (see the module docstring)."""
 
@@ -69,8 +77,8 @@ class GpuForward:
         fuse_norm: bool = True,
         norm_in_producer: bool = False,
     ) -> None:
-        if weights not in ("ternary", "bf16"):
-            raise InvalidRequestError(f"weights must be 'ternary' or 'bf16', got {weights!r}")
+        if weights not in WEIGHTS:
+            raise InvalidRequestError(f"weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
         if lm_head not in ("int8", "float"):
             raise InvalidRequestError(f"lm_head must be 'int8' or 'float', got {lm_head!r}")
         c = model.config
@@ -78,6 +86,7 @@ class GpuForward:
         self.device = model.device
         self.dtype = model.compute_dtype
         self.dense = weights == "bf16"
+        self.keep_codes = weights == "ternary_int8"
         self.decode_gemv = decode_gemv
         self.fuse_norm = fuse_norm
         self.norm_in_producer = norm_in_producer
@@ -110,7 +119,7 @@ class GpuForward:
         def gain(norm: torch.nn.Module | None) -> torch.Tensor | None:
             return None if norm is None else norm.weight.detach().to(self.dtype)
 
-        return _Layer(
+        layer = _Layer(
             ln1=gain(block.input_layernorm),
             qkv=self._weight(_stack([attn.q_proj, attn.k_proj, attn.v_proj])),
             attn_norm=gain(attn.attn_sub_norm),
@@ -120,6 +129,10 @@ class GpuForward:
             ffn_norm=gain(mlp.ffn_sub_norm),
             down=self._weight(_stack([mlp.down_proj])),
         )
+        if self.keep_codes:
+            for name in ("qkv", "o", "gate_up", "down"):
+                layer.codes[name] = int8_codes(getattr(layer, name), gated=name == "gate_up")
+        return layer
 
     # ---- projections ----
 
@@ -131,8 +144,10 @@ class GpuForward:
         w: PackedWeight,
         residual: torch.Tensor | None = None,
         act: str | None = None,
+        codes: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """residual + [act-gated] (norm(x) @ W.T) through the ternary kernels."""
+        """residual + [act-gated] (norm(x) @ W.T) through the ternary kernels (on W's kept int8 `codes` for
+        more than one row)."""
         rows = x.shape[0]
         cfg = self.configs.get((name, rows))
         if rows == 1 and self.decode_gemv and self.fuse_norm:
@@ -140,6 +155,8 @@ class GpuForward:
         xq, a, _ = norm_quant(x, gain, self.eps)
         if rows == 1 and self.decode_gemv:
             return ternary_gemv(xq, w, a=a, out_dtype=x.dtype, residual=residual, act=act, config=cfg)
+        if codes is not None:  # `configs` holds 2-bit kernel tiles: the int8 product picks its own
+            return ternary_mm(xq, a, w, x.dtype, residual=residual, act=act, codes=codes)
         return ternary_mm(xq, a, w, x.dtype, residual=residual, act=act, config=cfg)
 
     def _dense_norm(self, x: torch.Tensor, gain: torch.Tensor | None, act: str | None = None) -> torch.Tensor:
@@ -150,19 +167,20 @@ class GpuForward:
     def _attention_in(self, x: torch.Tensor, layer: _Layer) -> torch.Tensor:
         if self.dense:
             return self._dense_norm(x, layer.ln1) @ layer.qkv.T
-        return self._project("qkv", x, layer.ln1, layer.qkv)
+        return self._project("qkv", x, layer.ln1, layer.qkv, codes=layer.codes.get("qkv"))
 
     def _attention_out(self, attn: torch.Tensor, x: torch.Tensor, layer: _Layer) -> torch.Tensor:
         if self.dense:
             return torch.addmm(x, self._dense_norm(attn, layer.attn_norm), layer.o.T)
-        return self._project("o", attn, layer.attn_norm, layer.o, residual=x)
+        return self._project("o", attn, layer.attn_norm, layer.o, residual=x, codes=layer.codes.get("o"))
 
     def _mlp(self, x: torch.Tensor, layer: _Layer) -> torch.Tensor:
         if self.dense:
             gate_up = self._dense_norm(x, layer.ln2) @ layer.gate_up.T
             return torch.addmm(x, self._dense_norm(gate_up, layer.ffn_norm, act=self.act), layer.down.T)
-        h = self._project("gate_up", x, layer.ln2, layer.gate_up, act=self.act)
-        return self._project("down", h, layer.ffn_norm, layer.down, residual=x)
+        codes = layer.codes
+        h = self._project("gate_up", x, layer.ln2, layer.gate_up, act=self.act, codes=codes.get("gate_up"))
+        return self._project("down", h, layer.ffn_norm, layer.down, residual=x, codes=codes.get("down"))
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Final norm and lm_head on hidden states [B, H] -> float32 logits [B, V]."""

@@ -29,7 +29,16 @@ W8_TUNED: dict[tuple[int, int, int, bool], MMConfig] = {
     (128, 6912, 2560, True): MMConfig(bm=128, bn=128, bk=128, num_warps=4),  # 168.9 µs, bf16 194.9
     (128, 2560, 6912, False): MMConfig(bm=64, bn=128, bk=128, num_stages=4),  # 94.1 µs, bf16 92.9
 }
+W8_TUNED.update(
+    {  # 64 rows, on codes kept as int8 (`int8_codes`); measured with the expansion included
+        (64, 3840, 2560, False): MMConfig(bm=64, bn=32, bk=256, num_stages=4),
+        (64, 2560, 2560, False): MMConfig(bm=64, bn=32, bk=256, num_stages=4),
+        (64, 6912, 2560, True): MMConfig(bm=64, bn=64, bk=128, num_stages=4),
+        (64, 2560, 6912, False): MMConfig(bm=64, bn=32, bk=256, num_stages=4),
+    }
+)
 W8_DEFAULT = MMConfig(bm=128, bn=128, bk=128, num_warps=8, num_stages=4)
+W8_FEW_ROWS = MMConfig(bm=64, bn=64, bk=128, num_stages=4)  # up to 64 rows: half the tile of W8_DEFAULT
 
 
 @triton.jit
@@ -70,6 +79,13 @@ def expand_codes(w: PackedWeight, paired: bool = False) -> torch.Tensor:
     return buf
 
 
+def int8_codes(w: PackedWeight, gated: bool = False) -> torch.Tensor:
+    """The codes of a "triton_i2" weight expanded to int8 once, to keep (four times the 2-bit bytes): products
+    of many rows on them (`ternary_mm(..., codes=)`) skip the expansion and the 2-bit decoding. `gated`: a
+    gate / up weight, stored with its rows paired as the "w8" product reads them."""
+    return expand_codes(w, paired=gated).clone()
+
+
 @triton.jit
 def _scale_kernel(
     acc_ptr, a_ptr, s_ptr, o_ptr, r_ptr, M, N, stride_acc, stride_o, stride_r,
@@ -107,16 +123,22 @@ def expanded_mm(
     residual: torch.Tensor | None,
     backend: str,
     config: MMConfig | None = None,
+    codes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """out = epilogue(xq @ expand(W).T) (arguments as matmul.ternary_mm has checked them). "int_mm" falls
-    back to "w8" on shapes torch._int_mm rejects; `config`: the "w8" tiles (else W8_TUNED / W8_DEFAULT)."""
+    back to "w8" on shapes torch._int_mm rejects; `config`: the "w8" tiles (else W8_TUNED, or W8_FEW_ROWS /
+    W8_DEFAULT by rows); `codes`: W's codes kept by the caller (`int8_codes`), "w8" only."""
     if backend not in BACKENDS:
         raise ValueError(f"expanded-weight backend must be one of {BACKENDS}, got {backend!r}")
     m, k = xq.shape
-    int_mm = backend == "int_mm" and int_mm_ok(m, w.shape[0], k)
+    int_mm = backend == "int_mm" and int_mm_ok(m, w.shape[0], k) and codes is None
     # "w8" multiplies gate and up rows paired, one accumulator a tile (two would double its registers)
     paired = act_code != 0 and not int_mm
-    codes = expand_codes(w, paired)
+    if codes is None:
+        codes = expand_codes(w, paired)
+    elif codes.shape != w.shape or codes.dtype != torch.int8:
+        got = f"{codes.dtype} {tuple(codes.shape)}"
+        raise ValueError(f"codes must be int8 {tuple(w.shape)} from int8_codes(w), got {got}")
     row_scale = w.scale.numel() > 1
     res = residual if residual is not None else out
     stride_r = residual.stride(0) if residual is not None else 0
@@ -129,7 +151,8 @@ def expanded_mm(
             NATIVE=on_gpu(xq), num_warps=4, **LAUNCH_OPTS,
         )  # fmt: skip
         return out
-    cfg = config or W8_TUNED.get((rows_bucket(m), n, k, act_code != 0), W8_DEFAULT)
+    fallback = W8_FEW_ROWS if m <= 64 else W8_DEFAULT
+    cfg = config or W8_TUNED.get((rows_bucket(m), n, k, act_code != 0), fallback)
     grid = (triton.cdiv(2 * n if paired else n, cfg.bn) * triton.cdiv(m, cfg.bm), 1)
     _mm_kernel[grid](
         xq, a, codes, w.scale, out, res, out, out,

@@ -477,16 +477,21 @@ def ternary_mm(
     out: torch.Tensor | None = None,
     config: MMConfig | None = None,
     backend: str | None = None,
+    codes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """epilogue(xq [M, K] int8 @ W.T) on tensor cores, W in "triton_i2" or an int8 weight (layout "int8").
 
     Epilogue: y = acc * (s / a) in `out_dtype`; with `act` ("relu2", "silu") W stacks gate and up rows and
     y = act(gate) * up; with `residual`, y = residual + y. Rounded at each step as the torch model rounds.
-    `backend` (ternary weights): "i2", "int_mm" or "w8" (see EXPAND_MIN_ROWS); None chooses by rows."""
+    `backend` (ternary weights): "i2", "int_mm" or "w8" (see EXPAND_MIN_ROWS); None chooses by rows.
+    `codes`: W's codes kept as int8 (`expanded.int8_codes`, gated rows paired): the product runs on them
+    ("w8", `config` its tiles), whatever the rows."""
     m = xq.shape[0]
     n, k, act_code = _check(xq, w, act)
     w8 = w.layout == "int8"
-    if backend is None:
+    if codes is not None:
+        backend = "w8"
+    elif backend is None:
         expand = EXPAND_MIN_ROWS is not None and m >= EXPAND_MIN_ROWS
         backend = EXPAND_BACKEND if expand else "i2"
     if backend not in MM_BACKENDS:
@@ -495,7 +500,7 @@ def ternary_mm(
     if backend != "i2" and not w8:
         from .expanded import expanded_mm  # it builds on this module's kernels
 
-        return expanded_mm(xq, a, w, out, n, act_code, residual, backend, config)
+        return expanded_mm(xq, a, w, out, n, act_code, residual, backend, config, codes)
     cfg = config or default_config(m, n, k, w8, act_code != 0)
     kw = w.data.shape[1]
     grid = (triton.cdiv(n, cfg.bn) * triton.cdiv(m, cfg.bm), cfg.split_k)
