@@ -79,7 +79,9 @@ def test_prefill_through_expanded_weights_is_identical(monkeypatch, backend):
     uses them gives the same logits, bit for bit, as the 2-bit tensor-core kernel."""
     model = _model()
     # eager prefill: a captured one would replay the products of the first call whatever the settings
-    engine = CudaGraphEngine(model.to(DEV), max_batch_size=1, max_len=32, lm_head="float", use_graph=False)
+    engine = CudaGraphEngine(
+        model.to(DEV), max_batch_size=1, max_len=32, weights="ternary", lm_head="float", use_graph=False
+    )
     prompt = (PROMPT * 3)[:20]  # more than 16 rows: torch._int_mm takes it
     monkeypatch.setattr(mm, "EXPAND_MIN_ROWS", None)
     ref = engine.prefill([prompt])
@@ -93,8 +95,11 @@ def test_kept_int8_codes_give_the_same_prefill_and_tokens():
     logits equal bit for bit, and greedy decoding, alone and batched, gives the same tokens."""
     model = _model().to(DEV)
     kw = dict(max_batch_size=2, max_len=len(PROMPT) + NEW_TOKENS, lm_head="float", use_graph=GPU)
-    ref, kept = CudaGraphEngine(model, **kw), CudaGraphEngine(model, weights="ternary_int8", **kw)
+    ref = CudaGraphEngine(model, weights="ternary", **kw)
+    kept = CudaGraphEngine(model, weights="ternary_int8", **kw)
     assert kept.forward.layers[0].codes and not ref.forward.layers[0].codes
+    # the default keeps them where the GPU has room (a GPU), not on the CPU (the interpreter)
+    assert bool(CudaGraphEngine(model, **kw).forward.layers[0].codes) == GPU
     prompts = [PROMPT, PROMPT[:3]]
     assert torch.equal(kept.prefill(prompts), ref.prefill(prompts))
     assert kept.generate(prompts, NEW_TOKENS) == ref.generate(prompts, NEW_TOKENS)

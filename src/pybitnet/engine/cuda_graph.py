@@ -8,8 +8,9 @@ tensor-core GEMM. With `norm_in_producer`, batch 1 instead normalizes and quanti
 once, in the last program of the GEMV that produces the row. `weights="ternary_int8"` also keeps every
 projection's codes expanded to int8 (1.25 bytes a weight in all, bf16's 2): products of more than one row
 (batched decode, prefill) then run on int8 tensor cores with no 2-bit decoding or expansion per call, while
-one row still reads the 2-bit weights. `weights="bf16"` runs the same engine on dequantized bf16 weights
-through cuBLAS (the baseline the benchmarks compare against).
+one row still reads the 2-bit weights; "ternary" keeps the 2-bit weights alone; "auto" (the default) keeps
+the int8 codes when they take at most a quarter of the GPU's free memory. `weights="bf16"` runs the same
+engine on dequantized bf16 weights through cuBLAS (the baseline the benchmarks compare against).
 `CudaGraphEngine.generate` decodes many sequences with no host round trip per token; `CudaGraphRunner` offers
 the same graphs behind the engine's ModelRunner interface.
 """
@@ -61,7 +62,18 @@ def _stack(modules: list[torch.nn.Module]) -> TernaryWeight:
     return TernaryWeight(codes, scale)
 
 
-WEIGHTS = ("ternary", "ternary_int8", "bf16")
+WEIGHTS = ("auto", "ternary", "ternary_int8", "bf16")
+# "auto" keeps int8 codes when they need at most this share of the free GPU memory
+CODES_MEMORY_SHARE = 0.25
+
+
+def _codes_fit(model: Transformer) -> bool:
+    """Whether int8 codes of the model's decoder linears fit CODES_MEMORY_SHARE of its GPU's free memory."""
+    if model.device.type != "cuda":
+        return False
+    linears = [m for m in model.layers.modules() if hasattr(m, "ternary")]
+    weights = sum(m.out_features * m.in_features for m in linears)  # one byte a code
+    return weights <= CODES_MEMORY_SHARE * torch.cuda.mem_get_info(model.device)[0]
 
 
 class GpuForward:
@@ -70,7 +82,7 @@ class GpuForward:
     def __init__(
         self,
         model: Transformer,
-        weights: str = "ternary",
+        weights: str = "auto",
         lm_head: str = "int8",
         decode_gemv: bool = True,
         max_len: int | None = None,
@@ -86,7 +98,7 @@ class GpuForward:
         self.device = model.device
         self.dtype = model.compute_dtype
         self.dense = weights == "bf16"
-        self.keep_codes = weights == "ternary_int8"
+        self.keep_codes = weights == "ternary_int8" or (weights == "auto" and _codes_fit(model))
         self.decode_gemv = decode_gemv
         self.fuse_norm = fuse_norm
         self.norm_in_producer = norm_in_producer
@@ -361,7 +373,7 @@ class CudaGraphEngine:
         model: Transformer,
         max_batch_size: int = 1,
         max_len: int | None = None,
-        weights: str = "ternary",
+        weights: str = "auto",
         lm_head: str = "int8",
         decode_gemv: bool = True,
         use_graph: bool = True,
