@@ -4,8 +4,8 @@
 
 The corpus is every `.py` file of the standard library that ships with CPython (Python Software Foundation
 License) and of the installed packages named by --packages: the shipped model (recipes/demo.yaml) adds torch
-(BSD-3-Clause), its dependencies sympy and networkx (BSD-3-Clause), which `pip install torch` brings along, and
-numpy (BSD-3-Clause); the CPU-sized recipes/demo-cpu.yaml uses the library alone. Left out: the library's
+(BSD-3-Clause), its dependencies sympy and networkx (BSD-3-Clause), which `pip install torch` brings along,
+and numpy (BSD-3-Clause); the CPU-sized recipes/demo-cpu.yaml uses the library alone. Left out: the library's
 site-packages, test suites, codec tables, generated data modules and files over MAX_FILE_BYTES (generated
 tables). Each file is one JSON-lines record {"text": source}. A file goes to validation when the SHA-256
 of its path (relative to the library, or `<package>/...`) falls in the first 3 of 100 buckets, so the split
