@@ -70,6 +70,12 @@ GEMV_CONFIGS = [
         # (with PDL, while the previous kernel runs)
         (8, 4096, 1, 4, 1), (16, 4096, 1, 8, 1), (4, 4096, 1, 4, 1), (8, 8192, 1, 8, 1),
     ]
+] + [  # 32-bit word tiles (`_dot_words`): 40 % fewer instructions in the loop (sm_90 SASS, 8 warps)
+    MMConfig(bn=bn, bk=bk, split_k=sk, num_warps=nw, num_stages=ns, gemv=True, words=True)
+    for bn, bk, sk, nw, ns in [
+        (32, 1024, 1, 8, 1), (16, 512, 1, 4, 2), (16, 2048, 1, 8, 1), (8, 1024, 1, 4, 1), (16, 1024, 1, 4, 1),
+        (4, 1024, 1, 2, 1), (16, 4096, 1, 8, 1),
+    ]
 ]  # fmt: skip
 DOT1_CONFIGS = [
     MMConfig(bm=16, bn=bn, bk=bk, split_k=sk, num_warps=nw, num_stages=ns)
@@ -97,6 +103,9 @@ ENGINE_GEMV_CONFIGS = GEMV_CONFIGS + [
     for bn, bk, sk, nw, ns in [(32, 1024, 1, 8, 1), (16, 2048, 1, 8, 1), (16, 512, 1, 4, 2),
                                (8, 1024, 1, 4, 1), (16, 1024, 2, 8, 1), (32, 1024, 2, 8, 1),
                                (16, 2048, 2, 8, 1)]
+] + [
+    MMConfig(bn=bn, bk=bk, num_warps=nw, num_stages=ns, gemv=True, private_row=True, words=True)
+    for bn, bk, nw, ns in [(32, 1024, 8, 1), (16, 2048, 8, 1), (16, 512, 4, 2), (8, 1024, 4, 1)]
 ]  # fmt: skip
 PREFILL_CONFIGS = [
     MMConfig(bm=bm, bn=bn, bk=bk, num_warps=nw, num_stages=ns)

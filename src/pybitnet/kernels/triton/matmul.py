@@ -286,15 +286,57 @@ def _dot_codes(wt, x0, x1, x2, x3, acc, USE_ASM: tl.constexpr):
 
 
 @triton.jit
+def _dot_words(wt, x0, x1, x2, x3, acc, USE_ASM: tl.constexpr):
+    """acc [BN, BK/16] += codes(w+1) . x, on 32-bit words: wt holds four bytes of codes (byte b: the codes
+    of elements 4j+b, +32, +64, +96 at bits 7-6 .. 1-0), x0..x3 [BK/16] the four activation bytes of each
+    slice as one word. Nothing is unpacked into bytes and packed again: one shift, one mask and one dp4a
+    per slice and word."""
+    if USE_ASM:
+        acc = tl.inline_asm_elementwise(
+            """
+            {
+            .reg .b32 t<5>;
+            shr.u32 t0, $1, 6;
+            shr.u32 t1, $1, 4;
+            shr.u32 t2, $1, 2;
+            and.b32 t0, t0, 0x03030303;
+            and.b32 t1, t1, 0x03030303;
+            and.b32 t2, t2, 0x03030303;
+            and.b32 t3, $1, 0x03030303;
+            dp4a.u32.s32 t4, t0, $2, $6;
+            dp4a.u32.s32 t4, t1, $3, t4;
+            dp4a.u32.s32 t4, t2, $4, t4;
+            dp4a.u32.s32 $0, t3, $5, t4;
+            }
+            """,
+            "=r,r,r,r,r,r,r",
+            [wt, x0[None, :], x1[None, :], x2[None, :], x3[None, :], acc],
+            dtype=tl.int32,
+            is_pure=True,
+            pack=1,
+        )
+    else:
+        for b in tl.static_range(4):  # byte b of each word: arithmetic shifts sign-extend the activations
+            acc += ((wt >> (8 * b + 6)) & 3) * ((x0[None, :] << (24 - 8 * b)) >> 24)
+            acc += ((wt >> (8 * b + 4)) & 3) * ((x1[None, :] << (24 - 8 * b)) >> 24)
+            acc += ((wt >> (8 * b + 2)) & 3) * ((x2[None, :] << (24 - 8 * b)) >> 24)
+            acc += ((wt >> (8 * b)) & 3) * ((x3[None, :] << (24 - 8 * b)) >> 24)
+    return acc
+
+
+@triton.jit
 def _gemv_kernel(
     x_ptr, g_ptr, a_ptr, q_ptr, w_ptr, s_ptr, o_ptr, r_ptr, ws_ptr, cnt_ptr, g2_ptr, q2_ptr, a2_ptr, tcnt_ptr,
     N, K, KW, eps,
     BN: tl.constexpr, BK: tl.constexpr, KB: tl.constexpr, SPLIT_K: tl.constexpr, X_FLOAT: tl.constexpr,
     NORM: tl.constexpr, ACT: tl.constexpr, RESIDUAL: tl.constexpr, ROW_SCALE: tl.constexpr,
     PRIVATE_ROW: tl.constexpr, THEN_QUANT: tl.constexpr, NORM2: tl.constexpr, NB: tl.constexpr,
-    USE_ASM: tl.constexpr, NATIVE: tl.constexpr, PDL: tl.constexpr,
+    WORDS: tl.constexpr, USE_ASM: tl.constexpr, NATIVE: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """out[N] = epilogue(x[K] @ W[N, K].T) for ternary W ("triton_i2"); KB >= K is a power of two.
+
+    WORDS (K a multiple of 16, x 4-byte aligned): weights and activations are read and multiplied as 32-bit
+    words (`_dot_words`) instead of byte tensors that the inline assembly packs into words again.
 
     x is int8 (q_ptr = x_ptr) with its scale at a_ptr, or (X_FLOAT) a float row, RMS-normalized with gain g
     (NORM) and quantized here, once per program, into the int8 row at q_ptr: every program writes the same
@@ -309,14 +351,22 @@ def _gemv_kernel(
         q_ptr += (tl.program_id(0) * SPLIT_K + pid_k).to(tl.int64) * KB
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
     n_ok = rn < N
-    j = tl.arange(0, BK // 4)
-    w_rows = w_ptr + rn.to(tl.int64)[:, None] * KW
-    u_rows = w_rows + N * KW
+    U: tl.constexpr = 4 if WORDS else 1  # bytes in a tile element
+    BC: tl.constexpr = BK // 4 // U  # tile columns per K block
+    j = tl.arange(0, BC)
+    if WORDS:
+        # row addresses in bytes, then as words: the rows' 16-byte alignment stays known, loads stay wide
+        w_rows = (w_ptr + rn.to(tl.int64)[:, None] * KW).to(tl.pointer_type(tl.int32))
+        q_words = q_ptr.to(tl.pointer_type(tl.int32))
+        u_rows = (w_ptr + (rn + N).to(tl.int64)[:, None] * KW).to(tl.pointer_type(tl.int32))
+    else:
+        w_rows = w_ptr + rn.to(tl.int64)[:, None] * KW
+        u_rows = w_rows + N * KW
     # the first weight tile is requested before the activation row is ready (with PDL: while the previous
     # kernel still runs), so its latency overlaps the prologue; in the loop each iteration requests the next
     # tile before it computes on the current one
-    cols = pid_k * (BK // 4) + j
-    w_mask = n_ok[:, None] & (cols < KW)[None, :]
+    cols = pid_k * BC + j
+    w_mask = n_ok[:, None] & (cols < KW // U)[None, :]
     wt = tl.load(w_rows + cols[None, :], mask=w_mask, other=0)
     wu = wt
     if ACT != 0:
@@ -339,23 +389,33 @@ def _gemv_kernel(
     row0 = (
         rn[:, None] * 0
     )  # x slices are loaded as [BN, BK/4] tiles (every row the same) in the weights' layout
-    acc = tl.zeros((BN, BK // 4), tl.int32)
-    acc_u = tl.zeros((BN, BK // 4), tl.int32)
+    acc = tl.zeros((BN, BC), tl.int32)
+    acc_u = tl.zeros((BN, BC), tl.int32)
     for kb in range(pid_k, tl.cdiv(K, BK), SPLIT_K):
-        next_cols = (kb + SPLIT_K) * (BK // 4) + j
-        next_mask = n_ok[:, None] & (next_cols < KW)[None, :]
+        next_cols = (kb + SPLIT_K) * BC + j
+        next_mask = n_ok[:, None] & (next_cols < KW // U)[None, :]
         wt_next = tl.load(w_rows + next_cols[None, :], mask=next_mask, other=0)
         wu_next = wt_next
         if ACT != 0:
             wu_next = tl.load(u_rows + next_cols[None, :], mask=next_mask, other=0)
-        ks = (kb * BK + (j // 32) * 128 + (j % 32))[None, :] + row0
-        x0 = tl.load(q_ptr + ks, mask=ks < K, other=0)
-        x1 = tl.load(q_ptr + ks + 32, mask=ks + 32 < K, other=0)
-        x2 = tl.load(q_ptr + ks + 64, mask=ks + 64 < K, other=0)
-        x3 = tl.load(q_ptr + ks + 96, mask=ks + 96 < K, other=0)
-        acc = _dot_codes(wt, x0, x1, x2, x3, acc, USE_ASM)
-        if ACT != 0:
-            acc_u = _dot_codes(wu, x0, x1, x2, x3, acc_u, USE_ASM)
+        if WORDS:  # word i of slice s holds elements 4i..4i+3 of the slice (K is whole words)
+            kw = kb * (BK // 4) + (j // 8) * 32 + (j % 8)
+            x0 = tl.load(q_words + kw, mask=kw < K // 4, other=0)
+            x1 = tl.load(q_words + kw + 8, mask=kw + 8 < K // 4, other=0)
+            x2 = tl.load(q_words + kw + 16, mask=kw + 16 < K // 4, other=0)
+            x3 = tl.load(q_words + kw + 24, mask=kw + 24 < K // 4, other=0)
+            acc = _dot_words(wt, x0, x1, x2, x3, acc, USE_ASM)
+            if ACT != 0:
+                acc_u = _dot_words(wu, x0, x1, x2, x3, acc_u, USE_ASM)
+        else:
+            ks = (kb * BK + (j // 32) * 128 + (j % 32))[None, :] + row0
+            x0 = tl.load(q_ptr + ks, mask=ks < K, other=0)
+            x1 = tl.load(q_ptr + ks + 32, mask=ks + 32 < K, other=0)
+            x2 = tl.load(q_ptr + ks + 64, mask=ks + 64 < K, other=0)
+            x3 = tl.load(q_ptr + ks + 96, mask=ks + 96 < K, other=0)
+            acc = _dot_codes(wt, x0, x1, x2, x3, acc, USE_ASM)
+            if ACT != 0:
+                acc_u = _dot_codes(wu, x0, x1, x2, x3, acc_u, USE_ASM)
         wt = wt_next
         wu = wu_next
     out = (tl.sum(acc, axis=1) - total_x)[None, :]
@@ -388,6 +448,7 @@ class MMConfig:
     gemv: bool = False
     swap: bool = False
     private_row: bool = False  # fused-norm GEMV: each program quantizes into its own row, not a shared one
+    words: bool = False  # GEMV: 32-bit word tiles (where K is a multiple of 16), see `_dot_words`
 
 
 # (rows bucket, N, K, gated) -> the tiles measured fastest on an H200 (benchmarks/gpu_bench.py, 2026-11-30)
@@ -564,7 +625,8 @@ def ternary_gemv(
         BN=cfg.bn, BK=cfg.bk, KB=triton.next_power_of_2(k), SPLIT_K=cfg.split_k, X_FLOAT=x_float,
         NORM=gain is not None, ACT=act_code, RESIDUAL=residual is not None, ROW_SCALE=w.scale.numel() > 1,
         PRIVATE_ROW=private, THEN_QUANT=then_quant is not None, NORM2=g2 is not None,
-        NB=triton.next_power_of_2(n), USE_ASM=on_gpu(x) if use_asm is None else use_asm, NATIVE=on_gpu(x),
+        NB=triton.next_power_of_2(n), WORDS=cfg.words and k % 16 == 0 and q.data_ptr() % 4 == 0,
+        USE_ASM=on_gpu(x) if use_asm is None else use_asm, NATIVE=on_gpu(x),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_kwargs(pdl_launch(x)),
     )  # fmt: skip
     return out

@@ -1,0 +1,117 @@
+"""Instruction counts of the one-row GEMV kernel as compiled for the H200 (sm_90), on a machine without a GPU.
+
+    python benchmarks/gpu_sass.py [--bn 32] [--bk 1024] [--warps 8] [--stages 1] [--gated] [--fused-norm]
+                                  [--private-row] [--out DIR]
+
+Triton compiles `_gemv_kernel` for compute capability 9.0 with the argument specializations a real launch
+gets (pointers and N, K, KW divisible by 16), the `cuobjdump` that Triton's package carries disassembles it,
+and the script prints, for byte tiles and for 32-bit word tiles (`MMConfig.words`): registers, instructions
+in all, and instructions in the K loop (the part that runs per weight tile) with its dp4a count. A tool for
+choosing what to time on the GPU, not a timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import re
+import subprocess
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+
+from pybitnet.kernels.triton.matmul import _gemv_kernel
+
+CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+POINTERS = {
+    "x_ptr": "*i8", "g_ptr": "*bf16", "a_ptr": "*fp32", "q_ptr": "*i8", "w_ptr": "*u8", "s_ptr": "*fp32",
+    "o_ptr": "*bf16", "r_ptr": "*bf16", "ws_ptr": "*i32", "cnt_ptr": "*i32", "g2_ptr": "*bf16",
+    "q2_ptr": "*i8", "a2_ptr": "*fp32", "tcnt_ptr": "*i32",
+}  # fmt: skip
+SCALARS = {"N": "i32", "K": "i32", "KW": "i32", "eps": "fp32"}
+
+
+def compile_gemv(constexprs: dict, warps: int, stages: int, out: Path, name: str) -> tuple[str, str]:
+    """(SASS, resource usage) of `_gemv_kernel` for sm_90 with these compile-time arguments."""
+    types = {**POINTERS, **SCALARS, **{k: "constexpr" for k in constexprs}}
+    names = list(_gemv_kernel.arg_names)
+    signature = {k: types[k] for k in names}
+    divisible = [k for k in names if k in POINTERS or k in ("N", "K", "KW")]
+    src = triton.compiler.ASTSource(
+        fn=_gemv_kernel,
+        signature=signature,
+        constexprs={(names.index(k),): v for k, v in constexprs.items()},
+        attrs={(names.index(k),): [["tt.divisibility", 16]] for k in divisible},
+    )
+    kernel = triton.compile(
+        src, target=GPUTarget("cuda", 90, 32),
+        options={"num_warps": warps, "num_stages": stages, "enable_fp_fusion": False},
+    )  # fmt: skip
+    cubin = out / f"{name}.cubin"
+    cubin.write_bytes(kernel.asm["cubin"])
+    sass = subprocess.run([CUOBJDUMP, "-sass", cubin], capture_output=True, text=True, check=True).stdout
+    res = subprocess.run([CUOBJDUMP, "-res-usage", cubin], capture_output=True, text=True, check=True).stdout
+    (out / f"{name}.sass").write_text(sass)
+    return sass, res
+
+
+def instructions(sass: str) -> list[tuple[int, str]]:
+    found = []
+    for line in sass.splitlines():
+        m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s*(.*?)\s*;", line)
+        if m:
+            found.append((int(m.group(1), 16), m.group(2)))
+    return found
+
+
+def loop_body(ins: list[tuple[int, str]]) -> list[str]:
+    """The instructions between the target of the first backward branch and that branch (the K loop)."""
+    for addr, text in ins:
+        m = re.search(r"BRA\s+0x([0-9a-f]+)", text)
+        if m and int(m.group(1), 16) < addr:
+            start = int(m.group(1), 16)
+            return [t for a, t in ins if start <= a <= addr]
+    return []
+
+
+def opcode(text: str) -> str:
+    return re.sub(r"^@!?U?P\w+\s+", "", text).split()[0]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bn", type=int, default=32)
+    p.add_argument("--bk", type=int, default=1024)
+    p.add_argument("--k", type=int, default=2560, help="K of the row (sets KB, the padded row length)")
+    p.add_argument("--warps", type=int, default=8)
+    p.add_argument("--stages", type=int, default=1)
+    p.add_argument("--gated", action="store_true", help="gate and up rows, relu²(gate) * up")
+    p.add_argument("--fused-norm", action="store_true", help="float row in: RMSNorm + quantization inside")
+    p.add_argument("--private-row", action="store_true")
+    p.add_argument("--out", default="gpu_sass", help="where the cubin and SASS files go")
+    args = p.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    kb = triton.next_power_of_2(args.k)
+    for words in (False, True):
+        constexprs = dict(
+            BN=args.bn, BK=args.bk, KB=kb, SPLIT_K=1, X_FLOAT=args.fused_norm, NORM=args.fused_norm,
+            ACT=1 if args.gated else 0, RESIDUAL=False, ROW_SCALE=False, PRIVATE_ROW=args.private_row,
+            THEN_QUANT=False, NORM2=False, NB=kb, WORDS=words, USE_ASM=True, NATIVE=True, PDL=True,
+        )  # fmt: skip
+        name = "words" if words else "bytes"
+        sass, res = compile_gemv(constexprs, args.warps, args.stages, out, name)
+        ins = instructions(sass)
+        body = loop_body(ins)
+        regs = re.search(r"REG:(\d+)", res)
+        ops = collections.Counter(opcode(t) for t in body)
+        print(
+            f"{name}: {regs.group(1) if regs else '?'} registers, {len(ins)} instructions, "
+            f"{len(body)} in the K loop ({ops.get('IDP.4A.U8.S8', 0)} dp4a); loop: "
+            + ", ".join(f"{o} {c}" for o, c in ops.most_common(8))
+        )
+
+
+if __name__ == "__main__":
+    main()
