@@ -108,6 +108,18 @@ def test_gradient_accumulation_matches_a_larger_micro_batch(tmp_path):
         assert b.losses[step] == pytest.approx(a.losses[step], rel=5e-3)
 
 
+def test_activation_checkpointing_trains_the_same_losses(tmp_path):
+    """activation_checkpointing recomputes activations in the backward: the same losses, step for step."""
+    runs = {}
+    for mode in ("none", "block"):
+        cfg = config(tmp_path, max_steps=6, activation_checkpointing=mode, out_dir=str(tmp_path / mode))
+        cfg.loggers = []
+        runs[mode] = train(cfg).losses
+    assert runs["block"] == runs["none"]
+    with pytest.raises(ConfigError, match="activation_checkpointing"):
+        config(tmp_path, activation_checkpointing="all")
+
+
 def test_validation_perplexity_is_exp_of_the_token_loss(tmp_path):
     result = train(
         config(tmp_path, val_data=config(tmp_path).train_data, eval_batches=2, max_steps=3, loggers=[])

@@ -13,6 +13,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..errors import ConfigError
 from ..kernels import cpu as cpu_kernels
@@ -28,6 +29,9 @@ LinearFactory = Callable[[int, int], nn.Module]
 DECODE_ATTENTION_MAX_T = 4  # new tokens per sequence up to which cached attention runs in C on CPU
 HEAD_ENV = "PYBITNET_LM_HEAD"  # one of HEAD_MODES: the output head's default mode
 HEAD_MODES = ("auto", "int8", "int4", "float")
+# what a training forward recomputes in the backward instead of keeping: nothing, each block's feed-forward
+# (its gate and up outputs are the largest activations of a layer), or each whole block
+CHECKPOINTING = ("none", "mlp", "block")
 
 
 def _runs_native_cpu_kernels(model: nn.Module) -> bool:
@@ -160,10 +164,30 @@ class Block(nn.Module):
         self.self_attn = Attention(config, layer, linear)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = FeedForward(config, linear)
+        self.checkpointing = "none"  # one of CHECKPOINTING; see set_activation_checkpointing
 
     def forward(self, x, cos, sin, positions, cache):
+        recompute = self.training and torch.is_grad_enabled() and self.checkpointing != "none"
+        if recompute and self.checkpointing == "block":
+            return checkpoint(self._forward, x, cos, sin, positions, cache, False, use_reentrant=False)
+        return self._forward(x, cos, sin, positions, cache, recompute)
+
+    def _forward(self, x, cos, sin, positions, cache, recompute_mlp: bool):
         h = x + self.self_attn(x, cos, sin, positions, cache, norm=self.input_layernorm)
+        if recompute_mlp:
+            return h + checkpoint(self.mlp, h, self.post_attention_layernorm, use_reentrant=False)
         return h + self.mlp(h, norm=self.post_attention_layernorm)
+
+
+def set_activation_checkpointing(model: nn.Module, mode: str) -> None:
+    """Recompute activations in the backward instead of keeping them (activation checkpointing), in training
+    forwards: "mlp" each block's feed-forward (the most memory for the least recomputation), "block" each
+    whole block (only the blocks' inputs are kept), "none" keeps everything."""
+    if mode not in CHECKPOINTING:
+        raise ConfigError(f"activation checkpointing must be one of {', '.join(CHECKPOINTING)}, got {mode!r}")
+    for m in model.modules():
+        if isinstance(m, Block):
+            m.checkpointing = mode
 
 
 def _building_on_meta() -> bool:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from ..models.transformer import CHECKPOINTING
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULES = ("constant", "cosine", "linear", "exponential", "wsd", "two_stage")
@@ -67,6 +68,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # 0 disables clipping
     precision: str = "bf16"  # bf16 = float32 masters with bf16 autocast
     compile: bool = False
+    activation_checkpointing: str = "none"  # "mlp" / "block": recompute those activations in the backward
     fused_kernels: bool = True  # Triton BitLinear kernels on CUDA when available
     fused_grad_x: str = "bf16"  # "int8": grad_x on the int8 GEMM too (faster, g rounded to 8 bits per row)
     seed: int = 1337
@@ -92,6 +94,7 @@ class TrainConfig:
         _one_of("schedule", self.schedule, SCHEDULES)
         _one_of("precision", self.precision, PRECISIONS)
         _one_of("fused_grad_x", self.fused_grad_x, GRAD_X_MODES)
+        _one_of("activation_checkpointing", self.activation_checkpointing, CHECKPOINTING)
         _one_of("distributed", self.distributed, DISTRIBUTED)
         _one_of("data_format", self.data_format, DATA_FORMATS)
         _one_of("on_bad_record", self.on_bad_record, ("fail", "skip"))

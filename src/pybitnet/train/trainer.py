@@ -26,7 +26,7 @@ from torch import nn
 
 from ..convert import set_quant_strength
 from ..errors import ConfigError
-from ..models.transformer import rope_inv_freq
+from ..models.transformer import rope_inv_freq, set_activation_checkpointing
 from . import distributed
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
@@ -231,6 +231,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     # ---- model
     model, source_dir = build_model(cfg)
     freeze(model, cfg.freeze)
+    set_activation_checkpointing(model, cfg.activation_checkpointing)
     model.to(device)
     fused = cfg.quantize and cfg.fused_kernels and device.type == "cuda"
     fused = fused and use_fused_kernels(model, cfg.fused_grad_x) > 0
