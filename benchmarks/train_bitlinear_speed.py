@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from pybitnet.models.presets import preset
-from pybitnet.models.transformer import Block, rope_inv_freq
+from pybitnet.models.transformer import Block, rope_inv_freq, set_activation_checkpointing
 from pybitnet.nn import BitLinear
 from pybitnet.train.fused import set_fused, use_fused_kernels
 
@@ -53,12 +53,15 @@ INT8_KINDS = {"int8": "bf16", "fused": "bf16", "int8-gx8": "int8"}
 KINDS = ("linear", "reference", *INT8_KINDS)
 
 
-def build(kind: str, layers: int, seed: int = 0) -> nn.Module:
+def build(kind: str, layers: int, seed: int = 0, checkpointing: str = "none") -> nn.Module:
+    """The stack of `kind`; `checkpointing` (activation checkpointing) applies to the BitLinear kinds, the
+    nn.Linear baseline keeps every activation."""
     torch.manual_seed(seed)
     if kind == "linear":
         model = Stack(layers, lambda i, o: nn.Linear(i, o, bias=False))
     else:
         model = Stack(layers, lambda i, o: BitLinear(i, o))
+        set_activation_checkpointing(model, checkpointing)
         if kind in INT8_KINDS:
             if use_fused_kernels(model, INT8_KINDS[kind]) == 0:
                 raise SystemExit("the int8 kinds need Triton")
@@ -191,6 +194,11 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="print the top kernels of each kind's step")
     ap.add_argument("--out", help="also write the results as JSON to this path")
     ap.add_argument(
+        "--checkpointing",
+        default="none",
+        help="activation checkpointing of the BitLinear kinds: none, mlp or block (nn.Linear keeps all)",
+    )
+    ap.add_argument(
         "--bf16-grads",
         action="store_true",
         help="int8 kinds: gradients rounded to bf16, then cast, as the reference (not float32 GEMM output)",
@@ -217,7 +225,7 @@ def main() -> None:
     for kind in kinds:
         for mode in args.modes.split(","):
             t0 = time.perf_counter()
-            model = build(kind, args.layers)
+            model = build(kind, args.layers, checkpointing=args.checkpointing)
             ms, gib, saved = time_steps(model, x, target, args.steps, mode == "compiled")
             # saved_gib: what the forward keeps for the backward (allocated after it, less its output)
             steps[f"{kind}/{mode}"] = {
