@@ -153,13 +153,13 @@ class GpuForward:
         name: str,
         x: torch.Tensor,
         gain: torch.Tensor | None,
-        w: PackedWeight,
+        layer: _Layer,
         residual: torch.Tensor | None = None,
         act: str | None = None,
-        codes: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """residual + [act-gated] (norm(x) @ W.T) through the ternary kernels (on W's kept int8 `codes` for
-        more than one row)."""
+        """residual + [act-gated] (norm(x) @ W.T) for the layer's projection `name`, through the ternary
+        kernels (on its kept int8 codes, if any, for more than one row)."""
+        w, codes = getattr(layer, name), layer.codes.get(name)
         rows = x.shape[0]
         cfg = self.configs.get((name, rows))
         if rows == 1 and self.decode_gemv and self.fuse_norm:
@@ -179,20 +179,19 @@ class GpuForward:
     def _attention_in(self, x: torch.Tensor, layer: _Layer) -> torch.Tensor:
         if self.dense:
             return self._dense_norm(x, layer.ln1) @ layer.qkv.T
-        return self._project("qkv", x, layer.ln1, layer.qkv, codes=layer.codes.get("qkv"))
+        return self._project("qkv", x, layer.ln1, layer)
 
     def _attention_out(self, attn: torch.Tensor, x: torch.Tensor, layer: _Layer) -> torch.Tensor:
         if self.dense:
             return torch.addmm(x, self._dense_norm(attn, layer.attn_norm), layer.o.T)
-        return self._project("o", attn, layer.attn_norm, layer.o, residual=x, codes=layer.codes.get("o"))
+        return self._project("o", attn, layer.attn_norm, layer, residual=x)
 
     def _mlp(self, x: torch.Tensor, layer: _Layer) -> torch.Tensor:
         if self.dense:
             gate_up = self._dense_norm(x, layer.ln2) @ layer.gate_up.T
             return torch.addmm(x, self._dense_norm(gate_up, layer.ffn_norm, act=self.act), layer.down.T)
-        codes = layer.codes
-        h = self._project("gate_up", x, layer.ln2, layer.gate_up, act=self.act, codes=codes.get("gate_up"))
-        return self._project("down", h, layer.ffn_norm, layer.down, residual=x, codes=codes.get("down"))
+        h = self._project("gate_up", x, layer.ln2, layer, act=self.act)
+        return self._project("down", h, layer.ffn_norm, layer, residual=x)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Final norm and lm_head on hidden states [B, H] -> float32 logits [B, V]."""
