@@ -21,22 +21,19 @@ from .common import LAUNCH_OPTS, launch_kwargs, on_gpu, scratch_buffer
 from .matmul import GROUP_M, MMConfig, _epilogue, _mm_kernel, _signed_codes, rows_bucket
 
 BACKENDS = ("int_mm", "w8")
-# `_mm_kernel` tiles on int8 weights, by (rows bucket, N, K, gated) as matmul.TUNED: the fastest measured at
-# 2048 rows on an H200 for the 2B-4T projections (gate_up: 128 paired weight rows, 64 outputs, a tile)
+# `_mm_kernel` tiles on int8 weights, by (rows bucket, N, K, gated) as matmul.TUNED: the fastest measured on
+# an H200 for the 2B-4T projections (gate_up: 128 paired weight rows, 64 outputs, a tile)
 W8_TUNED: dict[tuple[int, int, int, bool], MMConfig] = {
     (128, 3840, 2560, False): MMConfig(bm=128, bn=128, bk=128, num_warps=4),  # 48.8 µs, bf16 56.6
     (128, 2560, 2560, False): MMConfig(bm=64, bn=128, bk=128, num_stages=4),  # 44.5 µs, bf16 36.0
     (128, 6912, 2560, True): MMConfig(bm=128, bn=128, bk=128, num_warps=4),  # 168.9 µs, bf16 194.9
     (128, 2560, 6912, False): MMConfig(bm=64, bn=128, bk=128, num_stages=4),  # 94.1 µs, bf16 92.9
+    # 64 rows, on codes kept as int8 (`int8_codes`, the engine's batched decode)
+    (64, 3840, 2560, False): MMConfig(bm=64, bn=32, bk=256, num_stages=4),  # 7.01 µs, bf16 7.00
+    (64, 2560, 2560, False): MMConfig(bm=64, bn=32, bk=256, num_stages=4),  # 6.73 µs, bf16 6.30
+    (64, 6912, 2560, True): MMConfig(bm=64, bn=64, bk=128, num_stages=4),  # 13.79 µs, bf16 21.93
+    (64, 2560, 6912, False): MMConfig(bm=64, bn=32, bk=256, num_stages=4),  # 12.14 µs, bf16 10.73
 }
-W8_TUNED.update(
-    {  # 64 rows, on codes kept as int8 (`int8_codes`); measured with the expansion included
-        (64, 3840, 2560, False): MMConfig(bm=64, bn=32, bk=256, num_stages=4),
-        (64, 2560, 2560, False): MMConfig(bm=64, bn=32, bk=256, num_stages=4),
-        (64, 6912, 2560, True): MMConfig(bm=64, bn=64, bk=128, num_stages=4),
-        (64, 2560, 6912, False): MMConfig(bm=64, bn=32, bk=256, num_stages=4),
-    }
-)
 W8_DEFAULT = MMConfig(bm=128, bn=128, bk=128, num_warps=8, num_stages=4)
 W8_FEW_ROWS = MMConfig(bm=64, bn=64, bk=128, num_stages=4)  # up to 64 rows: half the tile of W8_DEFAULT
 
