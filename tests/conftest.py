@@ -77,3 +77,13 @@ def cli_app():
     if not any(c.name == "info" for c in app_module.app.registered_commands):
         app_module._register_verbs()
     return app_module.app
+
+
+def mapped_ranges(path: Path) -> list[tuple[int, int]]:
+    """The address ranges at which this process maps the file `path` (/proc/self/maps; Linux)."""
+    ranges = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        if line.endswith(str(path.resolve())):
+            lo, hi = line.split()[0].split("-")
+            ranges.append((int(lo, 16), int(hi, 16)))
+    return ranges

@@ -12,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import pybitnet
-from conftest import rel_err
+from conftest import mapped_ranges, rel_err
 from pybitnet.formats.hf import save_hf_model, summarize_hf
 from pybitnet.models import ModelConfig
 from pybitnet.models.presets import preset
@@ -47,21 +47,12 @@ def test_packed_file_holds_the_hub_layout(dummy_dir):
         assert ("lm_head.weight" in tensors) == (not cfg["tie_word_embeddings"])
 
 
-def _mapped_ranges(path: Path) -> list[tuple[int, int]]:
-    ranges = []
-    for line in Path("/proc/self/maps").read_text().splitlines():
-        if line.endswith(str(path.resolve())):
-            lo, hi = line.split()[0].split("-")
-            ranges.append((int(lo, 16), int(hi, 16)))
-    return ranges
-
-
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc (Linux)")
 def test_loaded_weights_are_views_of_the_memory_mapped_file(dummy_dir):
     """No copy: packed weights and same-dtype float tensors point into the file's mapping."""
     path = dummy_dir("tiny-bitnet", dtype=torch.bfloat16)
     model = pybitnet.load_model(path, dtype=torch.bfloat16, kernel="reference")
-    ranges = _mapped_ranges(path / "model.safetensors")
+    ranges = mapped_ranges(path / "model.safetensors")
     assert ranges
 
     def mapped(t: torch.Tensor) -> bool:
@@ -83,7 +74,7 @@ def test_cpu_kernel_load_keeps_16bit_embeddings_mapped(dummy_dir):
     path = dummy_dir("tiny-bitnet", dtype=torch.bfloat16)
     model = pybitnet.load_model(path, dtype=torch.float32, kernel="cpu")
     emb = model.embed_tokens.weight
-    ranges = _mapped_ranges(path / "model.safetensors")
+    ranges = mapped_ranges(path / "model.safetensors")
     assert emb.dtype == torch.bfloat16 and any(lo <= emb.data_ptr() < hi for lo, hi in ranges)
     assert model.dtype == model.compute_dtype == torch.float32
     ids = _ids()
@@ -109,7 +100,7 @@ def _resident_bytes_of_mapping(path: Path) -> int:
 def test_random_read_advice_makes_only_looked_up_rows_resident(tmp_path):
     """Rows looked up in an advised mapped table (embeddings) make their own pages resident, not the
     read-ahead around each one: 32 rows of 4 KiB spread over 64 MiB."""
-    from pybitnet.formats.hf import advise_random_reads
+    from pybitnet.formats.memory import advise_random_reads
 
     path = tmp_path / "table.safetensors"
     save_file({"table": torch.ones(16384, 1024)}, str(path))  # 64 MiB, one 4 KiB page a row
@@ -235,7 +226,7 @@ def test_private_reads_equal_mapped_views_but_are_not_mapped(dummy_dir):
     for name in reader.names():
         mapped, private = reader.get(name), reader.read(name)
         assert private.dtype == mapped.dtype and torch.equal(private, mapped), name
-    ranges = _mapped_ranges(path / "model.safetensors")
+    ranges = mapped_ranges(path / "model.safetensors")
     private = reader.read("model.embed_tokens.weight")
     assert not any(lo <= private.data_ptr() < hi for lo, hi in ranges)
 

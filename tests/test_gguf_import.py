@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import pybitnet
+from conftest import mapped_ranges
 from pybitnet.errors import ConfigError, PyBitNetError, UnsupportedModelError, WeightsError
 from pybitnet.formats.gguf_arch import gguf_tensor_name
 from pybitnet.formats.gguf_export import convert_hf_to_gguf
@@ -93,6 +94,38 @@ def test_bitnet_cpp_style_files_load_with_identical_logits(bitnet_dir, tmp_path,
     for ours, theirs in zip(loaded.modules(), model.modules(), strict=True):
         if isinstance(ours, PackedBitLinear):
             assert torch.equal(ours.ternary().codes, theirs.ternary().codes)
+
+
+def test_cpu_kernel_keeps_16bit_embeddings_mapped_and_heads_from_file_rows(bitnet_dir, tmp_path):
+    """With the C kernels (int8 head) a float32 model keeps the F16 embedding table as a view of the mapped
+    file; logits and the int8 head equal those of the table widened to float32 at load."""
+    from pybitnet.kernels import cpu
+    from pybitnet.kernels.cpu_head import Int8Head
+
+    if not cpu.native_available() or not Path("/proc/self/maps").exists():
+        pytest.skip("needs the C kernels and /proc (Linux)")
+    model = pybitnet.load_model(bitnet_dir, kernel="reference")
+    path = write_bitnet_cpp_file(model, tmp_path / "b.gguf", "i2s")
+    loaded = load_gguf_model(path, get_kernel("cpu"))
+    emb = loaded.embed_tokens.weight
+    assert emb.dtype == torch.float16
+    assert any(lo <= emb.data_ptr() < hi for lo, hi in mapped_ranges(path))  # the file's mapping, no copy
+    assert loaded.dtype == torch.float32
+    head = loaded.lm_head_int8
+    widened = emb.float()
+    want = Int8Head.from_float(widened)
+    assert head is not None and torch.equal(head.q, want.q) and torch.equal(head.scale, want.scale)
+    ids = torch.randint(0, 512, (2, 7), generator=torch.Generator().manual_seed(1))
+    got = loaded(ids)
+    loaded.embed_tokens.weight = torch.nn.Parameter(widened, requires_grad=False)
+    assert torch.equal(got, loaded(ids))
+    # a non-finite value in the table is found at load, through file reads
+    bad = bytearray(path.read_bytes())
+    t = GGUFFile(path).tensors["token_embd.weight"]
+    bad[t.offset : t.offset + 2] = np.array([np.inf], dtype=np.float16).tobytes()
+    (tmp_path / "bad.gguf").write_bytes(bytes(bad))
+    with pytest.raises(WeightsError, match="non-finite"):
+        load_gguf_model(tmp_path / "bad.gguf", get_kernel("cpu"))
 
 
 def test_gguf_config_round_trips(bitnet_dir, tmp_path):

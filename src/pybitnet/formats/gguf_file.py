@@ -198,18 +198,42 @@ class GGUFFile:
     def floats(self, name: str) -> np.ndarray:
         """A float tensor (F32, F16, BF16, or a ggml block type the gguf package dequantizes) as float32."""
         t = self.info(name)
-        raw = self.raw(name)
-        if t.type == GGMLQuantizationType.F32:
-            return raw.view(np.float32).reshape(t.shape)
-        if t.type == GGMLQuantizationType.F16:
-            return raw.view(np.float16).reshape(t.shape).astype(np.float32)
-        if t.type == GGMLQuantizationType.BF16:
-            return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(t.shape)
-        if t.type == I2_S:
-            raise WeightsError(f"tensor {name!r} is I2_S (ternary) where floating-point values are expected")
-        from gguf.quants import dequantize
+        return _decode_floats(t, self.raw(name), t.shape)
 
-        try:
-            return dequantize(np.asarray(raw).reshape(*t.shape[:-1], -1), GGMLQuantizationType(t.type))
-        except NotImplementedError:
-            raise WeightsError(f"tensor {name!r}: pybitnet cannot dequantize {t.type_name}") from None
+    def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) (along the first dimension) of a float tensor as float32, read with file I/O:
+        the file's pages go through the page cache but are never mapped into this process."""
+        t = self.info(name)
+        rows = range(t.shape[0])[start:stop]
+        row_bytes = t.nbytes // t.shape[0]  # a ggml row is whole blocks
+        with open(self.path, "rb") as fh:
+            fh.seek(t.offset + rows.start * row_bytes)
+            raw = np.frombuffer(fh.read(len(rows) * row_bytes), dtype=np.uint8)
+        return _decode_floats(t, raw, (len(rows), *t.shape[1:]))
+
+    def view16(self, name: str) -> np.ndarray | None:
+        """An F16 tensor as float16, a BF16 one as its uint16 bit patterns: read-only views of the mapped
+        file, no copy; None for other types."""
+        t = self.info(name)
+        if t.type in (GGMLQuantizationType.F16, GGMLQuantizationType.BF16):
+            dtype = np.float16 if t.type == GGMLQuantizationType.F16 else np.uint16
+            return self.raw(name).view(dtype).reshape(t.shape)
+        return None
+
+
+def _decode_floats(t: TensorInfo, raw: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """The values of `raw`, bytes of tensor `t` holding `shape`, as float32."""
+    if t.type == GGMLQuantizationType.F32:
+        return raw.view(np.float32).reshape(shape)
+    if t.type == GGMLQuantizationType.F16:
+        return raw.view(np.float16).reshape(shape).astype(np.float32)
+    if t.type == GGMLQuantizationType.BF16:
+        return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(shape)
+    if t.type == I2_S:
+        raise WeightsError(f"tensor {t.name!r} is I2_S (ternary) where floating-point values are expected")
+    from gguf.quants import dequantize
+
+    try:
+        return dequantize(np.asarray(raw).reshape(*shape[:-1], -1), GGMLQuantizationType(t.type))
+    except NotImplementedError:
+        raise WeightsError(f"tensor {t.name!r}: pybitnet cannot dequantize {t.type_name}") from None

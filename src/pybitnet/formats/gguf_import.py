@@ -4,6 +4,7 @@ ternary-valued float weights. The inverse of gguf_export, and the reader of bitn
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from ..quant.layouts.gguf_tq import unpack_tq_bytes
 from ..quant.layouts.i2s import unpack_i2s_bytes
 from .gguf_arch import ARCH_LLAMA, BITNET_ARCHES, gguf_tensor_name, rope_permuted, unpermute_rows
 from .gguf_file import I2_S, GGUFFile
+from .memory import advise_random_reads
 
 _FLOAT_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
 _TQ_LAYOUTS = {GGMLQuantizationType.TQ2_0: "tq2_0", GGMLQuantizationType.TQ1_0: "tq1_0"}
@@ -162,6 +164,42 @@ def _read_float(f: GGUFFile, name: str, shape: tuple[int, ...], dtype: torch.dty
     return torch.from_numpy(values).to(dtype)
 
 
+# rows per block when float tensors are read or checked with file I/O
+ROW_BLOCK = 8192
+
+
+def _mapped16(f: GGUFFile, name: str, shape: tuple[int, ...]) -> torch.Tensor | None:
+    """An F16 or BF16 tensor as a view of the mapped file (no copy; nothing writes to it), its values checked
+    finite a block of rows at a time through file reads, which leave no pages of it resident; None for other
+    types."""
+    view = f.view16(name)
+    if view is None:
+        return None
+    if view.shape != shape:
+        raise WeightsError(
+            f"{name}: shape {list(view.shape)} in {f.path} does not match the metadata's {list(shape)}"
+        )
+    for r0 in range(0, shape[0], ROW_BLOCK):
+        if not np.isfinite(f.read_rows(name, r0, r0 + ROW_BLOCK)).all():
+            raise WeightsError(f"{name} in {f.path} holds non-finite values (corrupt data?)")
+    with warnings.catch_warnings():  # torch warns about every read-only array
+        warnings.simplefilter("ignore", UserWarning)
+        t = torch.from_numpy(view)
+    return t.view(torch.bfloat16) if view.dtype == np.uint16 else t
+
+
+class _FileRows:
+    """Row blocks of a float tensor read with file I/O (as `dtype`), for building the int8 head without making
+    the tensor's pages resident (see Transformer.build_int8_head)."""
+
+    def __init__(self, f: GGUFFile, name: str, dtype: torch.dtype) -> None:
+        self.f, self.name, self.dtype = f, name, dtype
+        self.shape = f.info(name).shape
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        return torch.from_numpy(self.f.read_rows(self.name, rows.start or 0, rows.stop)).to(self.dtype)
+
+
 def _inv_freq(f: GGUFFile, config: ModelConfig) -> torch.Tensor:
     """RoPE frequencies; a rope_freqs tensor (llama.cpp's Llama 3.1 scaling) divides them per pair."""
     inv_freq = rope_inv_freq(config)
@@ -194,13 +232,29 @@ def load_gguf_model(path: str | Path, kernel: Kernel, dtype: torch.dtype = torch
                 )
             # straight into the kernel's layout: no detour through another packed form
             model.set_submodule(name, PackedBitLinear.from_packed(pack(tw, kernel.layout), kernel))
+    # with the C kernels the head is a separate int8 copy (made below from file reads), so the float
+    # embeddings and head are only looked up: 16-bit ones stay as stored, views of the mapped file, each
+    # lookup widening the rows it reads (the same values), instead of float32 copies
+    native_cpu = kernel.layout == "cpu_i2" and dtype == torch.float32
     for name, param in list(model.named_parameters()):
         if name == "lm_head.weight" and config.tie_word_embeddings:
             continue
-        tensor = _read_float(f, gguf_tensor_name(name), tuple(param.shape), dtype)
+        mapped = None
+        if native_cpu and name in ("embed_tokens.weight", "lm_head.weight"):
+            mapped = _mapped16(f, gguf_tensor_name(name), tuple(param.shape))
+        if mapped is not None and name == "embed_tokens.weight":
+            advise_random_reads(mapped)
+        tensor = (
+            mapped
+            if mapped is not None
+            else _read_float(f, gguf_tensor_name(name), tuple(param.shape), dtype)
+        )
         module_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(module_name), attr, nn.Parameter(tensor, requires_grad=False))
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
+    if kernel.layout == "cpu_i2":
+        head = "embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
+        model.build_int8_head(_FileRows(f, gguf_tensor_name(head), dtype))
     model.register_buffer("inv_freq", _inv_freq(f, config), persistent=False)
     return model.eval()

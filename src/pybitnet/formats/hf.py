@@ -7,11 +7,9 @@ latent float weights (ternarized here with the absmean rule).
 
 from __future__ import annotations
 
-import ctypes
 import json
 import math
 import shutil
-import sys
 from pathlib import Path
 
 import torch
@@ -26,6 +24,7 @@ from ..models.transformer import rope_inv_freq
 from ..nn import BitLinear, PackedBitLinear, RMSNorm
 from ..quant import PackedWeight, TernaryWeight, pack, quantize_weight, repack
 from .config_json import read_json
+from .memory import advise_random_reads, release_freed_heap
 from .safetensors_io import INDEX_NAME, SINGLE_NAME, TORCH_DTYPES, TensorReader
 
 TOKENIZER_FILES = (
@@ -145,40 +144,6 @@ class _FileRows:
         return self.reader.read_rows(self.name, rows.start or 0, rows.stop).to(self.dtype)
 
 
-def _libc(symbol: str):
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        return getattr(ctypes.CDLL("libc.so.6", use_errno=True), symbol)
-    except (OSError, AttributeError):  # not glibc
-        return None
-
-
-_MALLOC_TRIM = _libc("malloc_trim")
-_MADVISE = _libc("madvise")
-_MADV_RANDOM = 1
-_PAGE = 4096
-
-
-def advise_random_reads(t: torch.Tensor) -> None:
-    """Tell the OS that the memory-mapped tensor `t` is read at random places (embedding rows looked up by
-    token): without read-ahead a lookup reads its own pages from disk, not the read-ahead window around each
-    row. (Pages already in the page cache as large folios, as a just-written file's can be, are mapped a
-    whole folio at a time regardless.)"""
-    if _MADVISE is None or t.numel() == 0:
-        return
-    start = t.data_ptr() // _PAGE * _PAGE
-    end = t.data_ptr() + t.numel() * t.element_size()
-    _MADVISE(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_RANDOM)  # a hint: errors ignored
-
-
-def release_freed_heap() -> None:
-    """Hand freed heap pages back to the OS. Converting weights at load frees large temporaries between the
-    blocks it keeps; glibc would keep those pages resident (hundreds of MB for a 2B model)."""
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
-
-
 def read_config(model_dir: Path) -> tuple[ModelConfig, dict]:
     """The ModelConfig of an HF model directory, and its config.json as read."""
     if not model_dir.is_dir():
@@ -213,11 +178,12 @@ def load_hf_model(model_dir: Path, kernel: Kernel, dtype: torch.dtype = torch.fl
         if module_name in linears or (name == "lm_head.weight" and config.tie_word_embeddings):
             continue
         ckpt_name = _checkpoint_name(name, config)
-        embeddings = name == "embed_tokens.weight" and native_cpu
-        want = _embedding_dtype(reader, ckpt_name, dtype) if embeddings else dtype
+        # the C kernels' head is the int8 copy: the float embeddings (and an untied head) are only looked up
+        looked_up = native_cpu and name in ("embed_tokens.weight", "lm_head.weight")
+        want = _embedding_dtype(reader, ckpt_name, dtype) if looked_up else dtype
         tensor = _read_float(reader, ckpt_name, tuple(param.shape), want)
-        if embeddings and tensor.dtype == _stored_dtype(reader, ckpt_name):  # mapped: pages on demand
-            advise_random_reads(tensor)
+        if name == "embed_tokens.weight" and looked_up and tensor.dtype == _stored_dtype(reader, ckpt_name):
+            advise_random_reads(tensor)  # mapped: pages on demand
         setattr(model.get_submodule(module_name), attr, nn.Parameter(tensor, requires_grad=False))
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight

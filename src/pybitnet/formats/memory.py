@@ -1,0 +1,43 @@
+"""Hints to the operating system about the memory that loading a model leaves behind (Linux with glibc;
+elsewhere they do nothing)."""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+
+import torch
+
+
+def _libc(symbol: str):
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return getattr(ctypes.CDLL("libc.so.6", use_errno=True), symbol)
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+_MALLOC_TRIM = _libc("malloc_trim")
+_MADVISE = _libc("madvise")
+_MADV_RANDOM = 1
+_PAGE = 4096
+
+
+def advise_random_reads(t: torch.Tensor) -> None:
+    """Tell the OS that the memory-mapped tensor `t` is read at random places (embedding rows looked up by
+    token): without read-ahead a lookup reads its own pages from disk, not the read-ahead window around each
+    row. (Pages already in the page cache as large folios, as a just-written file's can be, are mapped a
+    whole folio at a time regardless.)"""
+    if _MADVISE is None or t.numel() == 0:
+        return
+    start = t.data_ptr() // _PAGE * _PAGE
+    end = t.data_ptr() + t.numel() * t.element_size()
+    _MADVISE(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_RANDOM)  # a hint: errors ignored
+
+
+def release_freed_heap() -> None:
+    """Hand freed heap pages back to the OS. Converting weights at load frees large temporaries between the
+    blocks it keeps; glibc would keep those pages resident (hundreds of MB for a 2B model)."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
