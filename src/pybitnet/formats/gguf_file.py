@@ -200,15 +200,26 @@ class GGUFFile:
         t = self.info(name)
         return _decode_floats(t, self.raw(name), t.shape)
 
+    def read_bytes(self, name: str, start: int = 0, size: int | None = None) -> np.ndarray:
+        """`size` bytes of the tensor from byte `start` on (all of it by default), a private copy read with
+        file I/O: the file's pages go through the page cache but are never mapped into this process, so
+        data converted at load leaves nothing resident once the copy is freed."""
+        t = self.info(name)
+        size = t.nbytes - start if size is None else size
+        with open(self.path, "rb") as fh:
+            fh.seek(t.offset + start)
+            data = fh.read(size)
+        if len(data) != size:
+            raise WeightsError(f"{self.path} changed while it was read: {name!r} is cut short")
+        return np.frombuffer(data, dtype=np.uint8)
+
     def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
-        """Rows [start, stop) (along the first dimension) of a float tensor as float32, read with file I/O:
-        the file's pages go through the page cache but are never mapped into this process."""
+        """Rows [start, stop) (along the first dimension) of a float tensor as float32, read like `read_bytes`
+        reads."""
         t = self.info(name)
         rows = range(t.shape[0])[start:stop]
         row_bytes = t.nbytes // t.shape[0]  # a ggml row is whole blocks
-        with open(self.path, "rb") as fh:
-            fh.seek(t.offset + rows.start * row_bytes)
-            raw = np.frombuffer(fh.read(len(rows) * row_bytes), dtype=np.uint8)
+        raw = self.read_bytes(name, rows.start * row_bytes, len(rows) * row_bytes)
         return _decode_floats(t, raw, (len(rows), *t.shape[1:]))
 
     def view16(self, name: str) -> np.ndarray | None:

@@ -23,7 +23,7 @@ from ..quant.layouts.gguf_tq import unpack_tq_bytes
 from ..quant.layouts.i2s import unpack_i2s_bytes
 from .gguf_arch import ARCH_LLAMA, BITNET_ARCHES, gguf_tensor_name, rope_permuted, unpermute_rows
 from .gguf_file import I2_S, GGUFFile
-from .memory import advise_random_reads
+from .memory import advise_random_reads, release_freed_heap
 
 _FLOAT_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
 _TQ_LAYOUTS = {GGMLQuantizationType.TQ2_0: "tq2_0", GGMLQuantizationType.TQ1_0: "tq1_0"}
@@ -135,9 +135,9 @@ def read_ternary(f: GGUFFile, name: str, shape: tuple[int, int]) -> TernaryWeigh
         )
     try:
         if t.type in _TQ_LAYOUTS:
-            return unpack_tq_bytes(f.raw(name), shape, _TQ_LAYOUTS[t.type])
+            return unpack_tq_bytes(f.read_bytes(name), shape, _TQ_LAYOUTS[t.type])
         if t.type == I2_S:
-            return unpack_i2s_bytes(f.raw(name), shape)
+            return unpack_i2s_bytes(f.read_bytes(name), shape)
     except LayoutError as e:
         raise WeightsError(f"{name} in {f.path}: {e}") from None
     if t.type in _FLOAT_TYPES:
@@ -232,6 +232,8 @@ def load_gguf_model(path: str | Path, kernel: Kernel, dtype: torch.dtype = torch
                 )
             # straight into the kernel's layout: no detour through another packed form
             model.set_submodule(name, PackedBitLinear.from_packed(pack(tw, kernel.layout), kernel))
+            del tw
+            release_freed_heap()  # the file's bytes and the canonical codes are temporaries
     # with the C kernels the head is a separate int8 copy (made below from file reads), so the float
     # embeddings and head are only looked up: 16-bit ones stay as stored, views of the mapped file, each
     # lookup widening the rows it reads (the same values), instead of float32 copies
