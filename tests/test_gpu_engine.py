@@ -128,6 +128,40 @@ def test_stop_tokens_and_request_errors():
         engine.prefill([list(range(25))])
 
 
+def test_prefill_into_listed_rows_equals_prefill_at_an_offset():
+    """The cache rows of a prefill as a device tensor (what a captured prefill replays with) write the same
+    entries and give the same logits as the row offset."""
+    model = _model().to(DEV)
+    engine = CudaGraphEngine(model, max_batch_size=3, max_len=32, lm_head="float", use_graph=False)
+    ids = torch.tensor([PROMPT, PROMPT[::-1]], device=DEV)
+    lengths = torch.tensor([len(PROMPT), 5], device=DEV)
+    cache = engine.cache
+    want = engine.forward.prefill(ids, lengths, cache, row0=1)
+    k, v = cache.k.clone(), cache.v.clone()
+    cache.k.zero_()
+    cache.v.zero_()
+    got = engine.forward.prefill(ids, lengths, cache, rows=torch.tensor([1, 2], device=DEV))
+    assert torch.equal(got, want) and torch.equal(cache.k, k) and torch.equal(cache.v, v)
+
+
+@pytest.mark.skipif(not GPU, reason="CUDA graphs need a GPU")
+def test_graph_runner_with_captured_prefill_matches_the_eager_runner():
+    """Prefill replayed from a graph per bucket into the slot given at replay: the same logits and decode
+    as the eager prefill, with two slots of different lengths sharing one graph."""
+    model = _model().to(DEV)
+    graphed = CudaGraphRunner(model, 64, lm_head="float", prefill_graph=True)
+    eager = CudaGraphRunner(model, 64, lm_head="float")
+    for runner in (graphed, eager):
+        runner.reserve(2)
+    for slot, ids in enumerate([PROMPT, PROMPT[:5]]):
+        torch.testing.assert_close(graphed.prefill(slot, ids), eager.prefill(slot, ids), rtol=1e-4, atol=1e-4)
+    assert list(graphed._prefills) == [64]  # one bucket (PREFILL_BUCKET capped at the runner's length)
+    tokens, positions = [3, 7], [len(PROMPT), 5]
+    assert torch.equal(
+        graphed.decode(tokens, positions).argmax(-1), eager.decode(tokens, positions).argmax(-1)
+    )
+
+
 @pytest.mark.skipif(not GPU, reason="CUDA graphs need a GPU")
 def test_graph_runner_matches_the_model_runner():
     model = _model().to(DEV)

@@ -253,10 +253,16 @@ class GpuForward:
         return self.logits(x)
 
     def prefill(
-        self, ids: torch.Tensor, lengths: torch.Tensor, cache: KVCache, row0: int = 0
+        self,
+        ids: torch.Tensor,
+        lengths: torch.Tensor,
+        cache: KVCache,
+        row0: int = 0,
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Prompts ids [B, T] (right-padded, real lengths [B]) into cache rows row0.. -> logits [B, V] after
-        each prompt's last token."""
+        """Prompts ids [B, T] (right-padded, real lengths [B]) into cache rows row0.. (or the rows listed in
+        `rows`, a device tensor [B], which a captured prefill can change between replays) -> logits [B, V]
+        after each prompt's last token."""
         b, t = ids.shape
         h, kv, d = self.n_heads, self.n_kv, self.head_dim
         x = F.embedding(ids.reshape(-1), self.embed)
@@ -265,8 +271,12 @@ class GpuForward:
             qkv = self._attention_in(x, layer).view(b, t, h + 2 * kv, d).transpose(1, 2)
             q, k, v = qkv.split([h, kv, kv], dim=1)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            cache.k[i, row0 : row0 + b, :, :t] = k
-            cache.v[i, row0 : row0 + b, :, :t] = v
+            if rows is None:
+                cache.k[i, row0 : row0 + b, :, :t] = k
+                cache.v[i, row0 : row0 + b, :, :t] = v
+            else:
+                cache.k[i, :, :, :t].index_copy_(0, rows, k)
+                cache.v[i, :, :, :t].index_copy_(0, rows, v)
             attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
             x = self._attention_out(attn.transpose(1, 2).reshape(b * t, h * d), x, layer)
             x = self._mlp(x, layer)
@@ -297,25 +307,34 @@ def sample_tokens(
 PREFILL_BUCKET = 256
 
 
-class _PrefillGraph:
-    """The prefill of `n` prompts right-padded to `t` tokens, captured once: replaying it launches the ~15
-    kernels of each layer without Python in between (a 2048-token prefill of a 2B-4T model issues ~450
-    launches, whose host-side cost otherwise rivals the GPU work)."""
+def _bucket(t: int, max_len: int) -> int:
+    """The padded length of a captured prefill of t tokens."""
+    return min(-(-t // PREFILL_BUCKET) * PREFILL_BUCKET, max_len)
 
-    def __init__(self, engine: CudaGraphEngine, n: int, t: int) -> None:
-        self.ids = torch.zeros((n, t), dtype=torch.long, device=engine.device)
-        self.lengths = torch.ones(n, dtype=torch.long, device=engine.device)
+
+class _PrefillGraph:
+    """The prefill of `n` prompts right-padded to `t` tokens into cache rows `rows`, captured once: replaying
+    it launches the ~15 kernels of each layer without Python in between (a 2048-token prefill of a 2B-4T
+    model issues ~450 launches, whose host-side cost otherwise rivals the GPU work). The rows are an input
+    of the graph too; the warm-up and the capture write the first call's rows (which that call overwrites)."""
+
+    def __init__(self, forward: GpuForward, cache: KVCache, capture, rows: torch.Tensor, t: int) -> None:
+        n = rows.numel()
+        self.ids = torch.zeros((n, t), dtype=torch.long, device=rows.device)
+        self.lengths = torch.ones(n, dtype=torch.long, device=rows.device)
+        self.rows = rows.clone()
         self.logits: torch.Tensor | None = None
 
         def step() -> None:
-            self.logits = engine.forward.prefill(self.ids, self.lengths, engine.cache)
+            self.logits = forward.prefill(self.ids, self.lengths, cache, rows=self.rows)
 
-        self.graph = engine.capture(step)  # the warm-up and the capture write rows 0..n-1 of the cache
+        self.graph = capture(step)
 
-    def run(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def run(self, ids: torch.Tensor, lengths: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         self.ids.zero_()
         self.ids[:, : ids.shape[1]].copy_(ids)
         self.lengths.copy_(lengths)
+        self.rows.copy_(rows)
         self.graph.replay()
         assert self.logits is not None
         return self.logits.clone()
@@ -424,10 +443,11 @@ class CudaGraphEngine:
         ids, lens = ids.to(self.device), torch.tensor(lengths).to(self.device)
         if not self.prefill_graph:
             return self.forward.prefill(ids, lens, self.cache)
-        key = (len(prompts), min(-(-t // PREFILL_BUCKET) * PREFILL_BUCKET, self.max_len))
+        key = (len(prompts), _bucket(t, self.max_len))
+        rows = torch.arange(len(prompts), device=self.device)
         if key not in self._prefills:
-            self._prefills[key] = _PrefillGraph(self, *key)
-        return self._prefills[key].run(ids, lens)
+            self._prefills[key] = _PrefillGraph(self.forward, self.cache, self.capture, rows, key[1])
+        return self._prefills[key].run(ids, lens, rows)
 
     @torch.inference_mode()
     def generate(
@@ -493,10 +513,14 @@ class CudaGraphRunner(ModelRunner):
     """The engine's ModelRunner interface (reserve / prefill(slot, ids) / decode(tokens, positions)) on the
     GPU kernels, each decode batch size captured once in a CUDA graph."""
 
-    def __init__(self, model: Transformer, max_model_len: int, **kwargs) -> None:
+    def __init__(self, model: Transformer, max_model_len: int, prefill_graph: bool = False, **kwargs) -> None:
         super().__init__(model, max_model_len)
         self.forward = GpuForward(model, max_len=max_model_len, **kwargs)
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        # prefill_graph: prefills replayed from a graph per prompt length rounded up to PREFILL_BUCKET, into
+        # the slot given at replay (see CudaGraphEngine); off until measured behind the engine
+        self.prefill_graph = prefill_graph
+        self._prefills: dict[int, _PrefillGraph] = {}
         self._pool = None
 
     def new_cache(self, slots: int) -> KVCache:
@@ -509,13 +533,25 @@ class CudaGraphRunner(ModelRunner):
     def reserve(self, slots: int) -> None:
         super().reserve(slots)
         self._graphs.clear()  # graphs point into the old cache
+        self._prefills.clear()
 
     @torch.inference_mode()
     def prefill(self, slot: int, ids: list[int]) -> torch.Tensor:
         assert self.cache is not None and slot < self.num_slots
         input_ids = torch.tensor([ids], device=self.device)
         lengths = torch.tensor([len(ids)], device=self.device)
-        return self.forward.prefill(input_ids, lengths, self.cache, row0=slot)[0]
+        if not self.prefill_graph:
+            return self.forward.prefill(input_ids, lengths, self.cache, row0=slot)[0]
+        t = _bucket(len(ids), self.max_model_len)
+        rows = torch.tensor([slot], device=self.device)
+        if t not in self._prefills:
+            self._prefills[t] = _PrefillGraph(self.forward, self.cache, self._capture_step, rows, t)
+        return self._prefills[t].run(input_ids, lengths, rows)[0]
+
+    def _capture_step(self, step) -> torch.cuda.CUDAGraph:
+        graph = capture_graph(step, self.device, self._pool)
+        self._pool = graph.pool()
+        return graph
 
     @torch.inference_mode()
     def decode(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
@@ -539,9 +575,7 @@ class CudaGraphRunner(ModelRunner):
         def step() -> None:
             out.copy_(self.forward.decode(tok_buf, pos_buf, self.cache))
 
-        graph = capture_graph(step, self.device, self._pool)
-        self._pool = graph.pool()
-        return graph, tok_buf, pos_buf, out
+        return self._capture_step(step), tok_buf, pos_buf, out
 
 
 def capture_graph(step, device: torch.device, pool) -> torch.cuda.CUDAGraph:
