@@ -250,33 +250,35 @@ def _mm_kernel(
             M, N, stride_o, stride_r, SPLIT_K, ACT, RESIDUAL, ROW_SCALE, NATIVE)  # fmt: skip
 
 
+def _dp4a_ptx(word: str, xs: list[str], accs: list[str], outs: list[str]) -> str:
+    """PTX for the GEMV's inner product: the four 2-bit code planes of a 32-bit `word` (byte b: the codes of
+    elements b, +32, +64, +96 at bits 7-6 .. 1-0, as w + 1 in {0, 1, 2}) shifted and masked into four words
+    of bytes, each multiplied with the activation word of its slice by dp4a: outs[i] = dp4a(plane i, xs[i],
+    accs[i])."""
+    lines = [f"shr.u32 t{i}, {word}, {6 - 2 * i};" for i in range(3)]
+    lines += [f"and.b32 t{i}, t{i}, 0x03030303;" for i in range(3)] + [f"and.b32 t3, {word}, 0x03030303;"]
+    lines += [
+        f"dp4a.u32.s32 {o}, t{i}, {x}, {a};" for i, (x, a, o) in enumerate(zip(xs, accs, outs, strict=True))
+    ]
+    return "{\n.reg .b32 t<5>;\n" + "\n".join(lines) + "\n}"
+
+
+# byte tiles: four code bytes per register (pack 4), each with its own accumulator
+_DOT_CODES_PTX = tl.constexpr(_dp4a_ptx("$4", ["$5", "$6", "$7", "$8"], ["$9", "$10", "$11", "$12"],
+                                        ["$0", "$1", "$2", "$3"]))  # fmt: skip
+# word tiles: one code word and one accumulator, the four products chained
+_DOT_WORDS_PTX = tl.constexpr(_dp4a_ptx("$1", ["$2", "$3", "$4", "$5"], ["$6", "t4", "t4", "t4"],
+                                        ["t4", "t4", "t4", "$0"]))  # fmt: skip
+
+
 @triton.jit
 def _dot_codes(wt, x0, x1, x2, x3, acc, USE_ASM: tl.constexpr):
     """acc [BN, BK/4] += codes(w+1) . x over the four slices of each byte column (x0..x3 [BN, BK/4])."""
-    if USE_ASM:  # byte j of a register holds the codes of elements j, j+32, j+64, j+96 at bits 7-6 .. 1-0
+    if USE_ASM:
         acc = tl.inline_asm_elementwise(
-            """
-            {
-            .reg .b32 t<4>;
-            shr.u32 t0, $4, 6;
-            shr.u32 t1, $4, 4;
-            shr.u32 t2, $4, 2;
-            and.b32 t0, t0, 0x03030303;
-            and.b32 t1, t1, 0x03030303;
-            and.b32 t2, t2, 0x03030303;
-            and.b32 t3, $4, 0x03030303;
-            dp4a.u32.s32 $0, t0, $5, $9;
-            dp4a.u32.s32 $1, t1, $6, $10;
-            dp4a.u32.s32 $2, t2, $7, $11;
-            dp4a.u32.s32 $3, t3, $8, $12;
-            }
-            """,
-            "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r",
-            [wt, x0, x1, x2, x3, acc],
-            dtype=tl.int32,
-            is_pure=True,
-            pack=4,
-        )
+            _DOT_CODES_PTX, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r", [wt, x0, x1, x2, x3, acc],
+            dtype=tl.int32, is_pure=True, pack=4,
+        )  # fmt: skip
     else:
         acc += ((wt >> 6) & 3).to(tl.int32) * x0.to(tl.int32)
         acc += ((wt >> 4) & 3).to(tl.int32) * x1.to(tl.int32)
@@ -288,33 +290,13 @@ def _dot_codes(wt, x0, x1, x2, x3, acc, USE_ASM: tl.constexpr):
 @triton.jit
 def _dot_words(wt, x0, x1, x2, x3, acc, USE_ASM: tl.constexpr):
     """acc [BN, BK/16] += codes(w+1) . x, on 32-bit words: wt holds four bytes of codes (byte b: the codes
-    of elements 4j+b, +32, +64, +96 at bits 7-6 .. 1-0), x0..x3 [BK/16] the four activation bytes of each
-    slice as one word. Nothing is unpacked into bytes and packed again: one shift, one mask and one dp4a
-    per slice and word."""
+    of elements 4j+b, +32, +64, +96), x0..x3 [BK/16] the four activation bytes of each slice as one word.
+    Nothing is unpacked into bytes and packed again: one shift, one mask and one dp4a per slice and word."""
     if USE_ASM:
         acc = tl.inline_asm_elementwise(
-            """
-            {
-            .reg .b32 t<5>;
-            shr.u32 t0, $1, 6;
-            shr.u32 t1, $1, 4;
-            shr.u32 t2, $1, 2;
-            and.b32 t0, t0, 0x03030303;
-            and.b32 t1, t1, 0x03030303;
-            and.b32 t2, t2, 0x03030303;
-            and.b32 t3, $1, 0x03030303;
-            dp4a.u32.s32 t4, t0, $2, $6;
-            dp4a.u32.s32 t4, t1, $3, t4;
-            dp4a.u32.s32 t4, t2, $4, t4;
-            dp4a.u32.s32 $0, t3, $5, t4;
-            }
-            """,
-            "=r,r,r,r,r,r,r",
-            [wt, x0[None, :], x1[None, :], x2[None, :], x3[None, :], acc],
-            dtype=tl.int32,
-            is_pure=True,
-            pack=1,
-        )
+            _DOT_WORDS_PTX, "=r,r,r,r,r,r,r", [wt, x0[None, :], x1[None, :], x2[None, :], x3[None, :], acc],
+            dtype=tl.int32, is_pure=True, pack=1,
+        )  # fmt: skip
     else:
         for b in tl.static_range(4):  # byte b of each word: arithmetic shifts sign-extend the activations
             acc += ((wt >> (8 * b + 6)) & 3) * ((x0[None, :] << (24 - 8 * b)) >> 24)
