@@ -13,27 +13,20 @@ from __future__ import annotations
 import argparse
 
 import torch
+from gpu_bench import SHAPES, random_packed  # this script's folder is on the path when it runs
 
 from pybitnet.kernels.triton.attention import decode_attention
 from pybitnet.kernels.triton.matmul import ternary_gemv, ternary_mm
-from pybitnet.quant.layouts import pack
-from pybitnet.quant.ternary import TernaryWeight
-
-SHAPES = {"qkv": (3840, 2560, None), "o": (2560, 2560, None), "gate_up": (13824, 2560, "relu2"),
-          "down": (2560, 6912, None)}  # fmt: skip
-
-
-def packed(n: int, k: int, g: torch.Generator):
-    pw = pack(TernaryWeight(torch.randint(-1, 2, (n, k), generator=g, dtype=torch.int8), torch.tensor(0.02)),
-              "triton_i2")  # fmt: skip
-    return type(pw)(pw.layout, pw.data.cuda(), pw.scale.cuda(), pw.shape)
 
 
 def launches(rows: list[int]):
     g = torch.Generator().manual_seed(0)
     calls = []
-    for name, (n, k, act) in SHAPES.items():
-        w = packed(n, k, g)
+    for name, (n, k) in SHAPES.items():
+        if name == "lm_head":
+            continue
+        act = "relu2" if name == "gate_up" else None
+        w = random_packed(n, k, False, g)[1]
         for m in rows:
             xq = torch.randint(-127, 128, (m, k), generator=g, dtype=torch.int8).cuda()
             a = torch.full((m,), 3.0, device="cuda")

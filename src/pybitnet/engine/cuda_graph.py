@@ -17,6 +17,7 @@ the same graphs behind the engine's ModelRunner interface.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -65,15 +66,7 @@ def _stack(modules: list[torch.nn.Module]) -> TernaryWeight:
 WEIGHTS = ("auto", "ternary", "ternary_int8", "bf16")
 # "auto" keeps int8 codes when they need at most this share of the free GPU memory
 CODES_MEMORY_SHARE = 0.25
-
-
-def _codes_fit(model: Transformer) -> bool:
-    """Whether int8 codes of the model's decoder linears fit CODES_MEMORY_SHARE of its GPU's free memory."""
-    if model.device.type != "cuda":
-        return False
-    linears = [m for m in model.layers.modules() if hasattr(m, "ternary")]
-    weights = sum(m.out_features * m.in_features for m in linears)  # one byte a code
-    return weights <= CODES_MEMORY_SHARE * torch.cuda.mem_get_info(model.device)[0]
+PROJECTIONS = ("qkv", "o", "gate_up", "down")  # the _Layer fields holding a projection's weight
 
 
 class GpuForward:
@@ -98,7 +91,6 @@ class GpuForward:
         self.device = model.device
         self.dtype = model.compute_dtype
         self.dense = weights == "bf16"
-        self.keep_codes = weights == "ternary_int8" or (weights == "auto" and _codes_fit(model))
         self.decode_gemv = decode_gemv
         self.fuse_norm = fuse_norm
         self.norm_in_producer = norm_in_producer
@@ -111,6 +103,7 @@ class GpuForward:
             self.embed = model.embed_tokens.weight.detach().to(self.dtype)
             self.norm = model.norm.weight.detach().to(self.dtype)
             self.layers = [self._layer(block) for block in model.layers]
+            self._keep_codes(weights)
             head = model.lm_head.weight.detach()
             self.lm_int8 = int8_weight(head) if lm_head == "int8" else None
             self.lm_weight = None if self.lm_int8 is not None else head
@@ -131,7 +124,7 @@ class GpuForward:
         def gain(norm: torch.nn.Module | None) -> torch.Tensor | None:
             return None if norm is None else norm.weight.detach().to(self.dtype)
 
-        layer = _Layer(
+        return _Layer(
             ln1=gain(block.input_layernorm),
             qkv=self._weight(_stack([attn.q_proj, attn.k_proj, attn.v_proj])),
             attn_norm=gain(attn.attn_sub_norm),
@@ -141,10 +134,22 @@ class GpuForward:
             ffn_norm=gain(mlp.ffn_sub_norm),
             down=self._weight(_stack([mlp.down_proj])),
         )
-        if self.keep_codes:
-            for name in ("qkv", "o", "gate_up", "down"):
-                layer.codes[name] = int8_codes(getattr(layer, name), gated=name == "gate_up")
-        return layer
+
+    def _keep_codes(self, weights: str) -> None:
+        """Expand every projection's codes to int8 once, for `weights` "ternary_int8", or for "auto" when they
+        fit CODES_MEMORY_SHARE of the GPU's free memory (one byte a weight)."""
+        if weights in ("bf16", "ternary"):
+            return
+        if weights == "auto":
+            if self.device.type != "cuda":
+                return
+            nbytes = sum(math.prod(getattr(layer, n).shape) for layer in self.layers for n in PROJECTIONS)
+            if nbytes > CODES_MEMORY_SHARE * torch.cuda.mem_get_info(self.device)[0]:
+                return
+        for layer in self.layers:
+            layer.codes = {
+                name: int8_codes(getattr(layer, name), gated=name == "gate_up") for name in PROJECTIONS
+            }
 
     # ---- projections ----
 
@@ -353,7 +358,7 @@ class _DecodeLoop:
         self.temperature = torch.zeros(n, device=dev)
         self.top_k = torch.zeros(n, dtype=torch.long, device=dev)
         self.top_p = torch.ones(n, device=dev)
-        self.graph = engine.capture(self.step) if engine.use_graph else None
+        self.graph = engine.graphs.capture(self.step) if engine.use_graph else None
 
     def step(self) -> None:
         logits = self.engine.forward.decode(self.tokens, self.positions, self.engine.cache)
@@ -414,12 +419,7 @@ class CudaGraphEngine:
         )  # fmt: skip
         self._loops: dict[tuple[int, bool], _DecodeLoop] = {}
         self._prefills: dict[tuple[int, int], _PrefillGraph] = {}
-        self._pool = None
-
-    def capture(self, step) -> torch.cuda.CUDAGraph:
-        graph = capture_graph(step, self.device, self._pool)
-        self._pool = graph.pool()
-        return graph
+        self.graphs = GraphPool(self.device)
 
     def _loop(self, n: int, sampling: bool) -> _DecodeLoop:
         key = (n, sampling)
@@ -446,7 +446,7 @@ class CudaGraphEngine:
         key = (len(prompts), _bucket(t, self.max_len))
         rows = torch.arange(len(prompts), device=self.device)
         if key not in self._prefills:
-            self._prefills[key] = _PrefillGraph(self.forward, self.cache, self.capture, rows, key[1])
+            self._prefills[key] = _PrefillGraph(self.forward, self.cache, self.graphs.capture, rows, key[1])
         return self._prefills[key].run(ids, lens, rows)
 
     @torch.inference_mode()
@@ -521,7 +521,7 @@ class CudaGraphRunner(ModelRunner):
         # the slot given at replay (see CudaGraphEngine); off until measured behind the engine
         self.prefill_graph = prefill_graph
         self._prefills: dict[int, _PrefillGraph] = {}
-        self._pool = None
+        self.graphs = GraphPool(self.device)
 
     def new_cache(self, slots: int) -> KVCache:
         c = self.model.config
@@ -545,13 +545,8 @@ class CudaGraphRunner(ModelRunner):
         t = _bucket(len(ids), self.max_model_len)
         rows = torch.tensor([slot], device=self.device)
         if t not in self._prefills:
-            self._prefills[t] = _PrefillGraph(self.forward, self.cache, self._capture_step, rows, t)
+            self._prefills[t] = _PrefillGraph(self.forward, self.cache, self.graphs.capture, rows, t)
         return self._prefills[t].run(input_ids, lengths, rows)[0]
-
-    def _capture_step(self, step) -> torch.cuda.CUDAGraph:
-        graph = capture_graph(step, self.device, self._pool)
-        self._pool = graph.pool()
-        return graph
 
     @torch.inference_mode()
     def decode(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
@@ -575,17 +570,26 @@ class CudaGraphRunner(ModelRunner):
         def step() -> None:
             out.copy_(self.forward.decode(tok_buf, pos_buf, self.cache))
 
-        return self._capture_step(step), tok_buf, pos_buf, out
+        return self.graphs.capture(step), tok_buf, pos_buf, out
 
 
-def capture_graph(step, device: torch.device, pool) -> torch.cuda.CUDAGraph:
-    """Warm `step` up on a side stream (Triton compiles there), then capture it in a graph sharing `pool`."""
-    stream = torch.cuda.Stream(device)
-    stream.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(stream):
-        step()
-    torch.cuda.current_stream(device).wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
-        step()
-    return graph
+class GraphPool:
+    """CUDA graphs of one device captured into one memory pool: the engine replays them one at a time, so
+    they can share their intermediate buffers."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.pool = None
+
+    def capture(self, step) -> torch.cuda.CUDAGraph:
+        """Warm `step` up on a side stream (Triton compiles there), then capture it in a graph of the pool."""
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            step()
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            step()
+        self.pool = graph.pool()
+        return graph

@@ -23,7 +23,7 @@ from ..quant.layouts.gguf_tq import unpack_tq_bytes
 from ..quant.layouts.i2s import unpack_i2s_bytes
 from .gguf_arch import ARCH_LLAMA, BITNET_ARCHES, gguf_tensor_name, rope_permuted, unpermute_rows
 from .gguf_file import I2_S, GGUFFile
-from .memory import advise_random_reads, release_freed_heap
+from .memory import LOOKED_UP, FileRows, advise_random_reads, release_freed_heap
 
 _FLOAT_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
 _TQ_LAYOUTS = {GGMLQuantizationType.TQ2_0: "tq2_0", GGMLQuantizationType.TQ1_0: "tq1_0"}
@@ -188,18 +188,6 @@ def _mapped16(f: GGUFFile, name: str, shape: tuple[int, ...]) -> torch.Tensor | 
     return t.view(torch.bfloat16) if view.dtype == np.uint16 else t
 
 
-class _FileRows:
-    """Row blocks of a float tensor read with file I/O (as `dtype`), for building the int8 head without making
-    the tensor's pages resident (see Transformer.build_int8_head)."""
-
-    def __init__(self, f: GGUFFile, name: str, dtype: torch.dtype) -> None:
-        self.f, self.name, self.dtype = f, name, dtype
-        self.shape = f.info(name).shape
-
-    def __getitem__(self, rows: slice) -> torch.Tensor:
-        return torch.from_numpy(self.f.read_rows(self.name, rows.start or 0, rows.stop)).to(self.dtype)
-
-
 def _inv_freq(f: GGUFFile, config: ModelConfig) -> torch.Tensor:
     """RoPE frequencies; a rope_freqs tensor (llama.cpp's Llama 3.1 scaling) divides them per pair."""
     inv_freq = rope_inv_freq(config)
@@ -234,15 +222,13 @@ def load_gguf_model(path: str | Path, kernel: Kernel, dtype: torch.dtype = torch
             model.set_submodule(name, PackedBitLinear.from_packed(pack(tw, kernel.layout), kernel))
             del tw
             release_freed_heap()  # the file's bytes and the canonical codes are temporaries
-    # with the C kernels the head is a separate int8 copy (made below from file reads), so the float
-    # embeddings and head are only looked up: 16-bit ones stay as stored, views of the mapped file, each
-    # lookup widening the rows it reads (the same values), instead of float32 copies
+    # 16-bit tables stay as stored (see LOOKED_UP), each lookup widening the rows it reads (the same values)
     native_cpu = kernel.layout == "cpu_i2" and dtype == torch.float32
     for name, param in list(model.named_parameters()):
         if name == "lm_head.weight" and config.tie_word_embeddings:
             continue
         mapped = None
-        if native_cpu and name in ("embed_tokens.weight", "lm_head.weight"):
+        if native_cpu and name in LOOKED_UP:
             mapped = _mapped16(f, gguf_tensor_name(name), tuple(param.shape))
         if mapped is not None and name == "embed_tokens.weight":
             advise_random_reads(mapped)
@@ -256,7 +242,7 @@ def load_gguf_model(path: str | Path, kernel: Kernel, dtype: torch.dtype = torch
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     if kernel.layout == "cpu_i2":
-        head = "embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
-        model.build_int8_head(_FileRows(f, gguf_tensor_name(head), dtype))
+        head = gguf_tensor_name("embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight")
+        model.build_int8_head(FileRows(f, head, f.info(head).shape, dtype))
     model.register_buffer("inv_freq", _inv_freq(f, config), persistent=False)
     return model.eval()

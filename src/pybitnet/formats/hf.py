@@ -24,7 +24,7 @@ from ..models.transformer import rope_inv_freq
 from ..nn import BitLinear, PackedBitLinear, RMSNorm
 from ..quant import PackedWeight, TernaryWeight, pack, quantize_weight, repack
 from .config_json import read_json
-from .memory import advise_random_reads, release_freed_heap
+from .memory import LOOKED_UP, FileRows, advise_random_reads, release_freed_heap
 from .safetensors_io import INDEX_NAME, SINGLE_NAME, TORCH_DTYPES, TensorReader
 
 TOKENIZER_FILES = (
@@ -132,18 +132,6 @@ def _embedding_dtype(reader: TensorReader, name: str, dtype: torch.dtype) -> tor
 HF_LAYOUTS = ("hf", "hf_inv")
 
 
-class _FileRows:
-    """Row blocks of a float checkpoint tensor read with file I/O (as `dtype`), for building the int8 head:
-    the same values as the mapped tensor, without its pages becoming resident in this process."""
-
-    def __init__(self, reader: TensorReader, name: str, dtype: torch.dtype) -> None:
-        self.reader, self.name, self.dtype = reader, name, dtype
-        self.shape = reader.header(name)[1]
-
-    def __getitem__(self, rows: slice) -> torch.Tensor:
-        return self.reader.read_rows(self.name, rows.start or 0, rows.stop).to(self.dtype)
-
-
 def read_config(model_dir: Path) -> tuple[ModelConfig, dict]:
     """The ModelConfig of an HF model directory, and its config.json as read."""
     if not model_dir.is_dir():
@@ -178,8 +166,7 @@ def load_hf_model(model_dir: Path, kernel: Kernel, dtype: torch.dtype = torch.fl
         if module_name in linears or (name == "lm_head.weight" and config.tie_word_embeddings):
             continue
         ckpt_name = _checkpoint_name(name, config)
-        # the C kernels' head is the int8 copy: the float embeddings (and an untied head) are only looked up
-        looked_up = native_cpu and name in ("embed_tokens.weight", "lm_head.weight")
+        looked_up = native_cpu and name in LOOKED_UP
         want = _embedding_dtype(reader, ckpt_name, dtype) if looked_up else dtype
         tensor = _read_float(reader, ckpt_name, tuple(param.shape), want)
         if name == "embed_tokens.weight" and looked_up and tensor.dtype == _stored_dtype(reader, ckpt_name):
@@ -188,8 +175,10 @@ def load_hf_model(model_dir: Path, kernel: Kernel, dtype: torch.dtype = torch.fl
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     if kernel.layout == "cpu_i2":
-        head = "embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
-        model.build_int8_head(_FileRows(reader, _checkpoint_name(head, config), dtype))
+        head = _checkpoint_name(
+            "embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight", config
+        )
+        model.build_int8_head(FileRows(reader, head, reader.header(head)[1], dtype))
         release_freed_heap()
     for name, module in list(model.named_modules()):
         if not in_place and name.endswith(".mlp"):  # a layer's weights were converted

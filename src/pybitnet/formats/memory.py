@@ -1,10 +1,11 @@
-"""Hints to the operating system about the memory that loading a model leaves behind (Linux with glibc;
-elsewhere they do nothing)."""
+"""What loading a model leaves resident: hints to the operating system (Linux with glibc; elsewhere they do
+nothing), and row reads that leave no pages of a file mapped."""
 
 from __future__ import annotations
 
 import ctypes
 import sys
+from typing import Protocol
 
 import torch
 
@@ -41,3 +42,24 @@ def release_freed_heap() -> None:
     blocks it keeps; glibc would keep those pages resident (hundreds of MB for a 2B model)."""
     if _MALLOC_TRIM is not None:
         _MALLOC_TRIM(0)
+
+
+# With the C kernels the output head is a separate int8 copy (made from FileRows), so these float tensors are
+# only looked up: a loader keeps 16-bit ones as stored, views of the mapped file, instead of float32 copies
+LOOKED_UP = ("embed_tokens.weight", "lm_head.weight")
+
+
+class RowReader(Protocol):
+    def read_rows(self, name: str, start: int, stop: int | None): ...
+
+
+class FileRows:
+    """Row blocks of a float tensor of a checkpoint file, read with file I/O (as `dtype`), for building the
+    int8 head (Transformer.build_int8_head): the same values as the mapped tensor, without its pages
+    becoming resident in this process."""
+
+    def __init__(self, reader: RowReader, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        self.reader, self.name, self.shape, self.dtype = reader, name, shape, dtype
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        return torch.as_tensor(self.reader.read_rows(self.name, rows.start or 0, rows.stop)).to(self.dtype)

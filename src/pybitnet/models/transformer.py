@@ -167,10 +167,10 @@ class Block(nn.Module):
         self.checkpointing = "none"  # one of CHECKPOINTING; see set_activation_checkpointing
 
     def forward(self, x, cos, sin, positions, cache):
-        recompute = self.training and torch.is_grad_enabled() and self.checkpointing != "none"
-        if recompute and self.checkpointing == "block":
+        mode = self.checkpointing if self.training and torch.is_grad_enabled() else "none"
+        if mode == "block":
             return checkpoint(self._forward, x, cos, sin, positions, cache, False, use_reentrant=False)
-        return self._forward(x, cos, sin, positions, cache, recompute)
+        return self._forward(x, cos, sin, positions, cache, mode == "mlp")
 
     def _forward(self, x, cos, sin, positions, cache, recompute_mlp: bool):
         h = x + self.self_attn(x, cos, sin, positions, cache, norm=self.input_layernorm)

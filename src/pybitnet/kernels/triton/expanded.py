@@ -62,12 +62,14 @@ def _expand_kernel(
     tl.store(rows + e + 96, c3, mask=n_ok & (e + 96 < K))
 
 
-def expand_codes(w: PackedWeight, paired: bool = False) -> torch.Tensor:
-    """The codes of a "triton_i2" weight as int8 [N, K] in the shared "codes" scratch buffer (valid until the
-    next expansion on this device). `paired`: a gate / up weight with the gate and up row of each output
-    side by side (rows 2r, 2r + 1), so one product tile holds both halves of its outputs."""
+def expand_codes(w: PackedWeight, paired: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The codes of a "triton_i2" weight as int8 [N, K], into `out` or else the shared "codes" scratch buffer
+    (valid until the next expansion on this device). `paired`: a gate / up weight with the gate and up row of
+    each output side by side (rows 2r, 2r + 1), so one product tile holds both halves of its outputs."""
     n, k = w.shape
-    buf = scratch_buffer(w.data.device, -(-n * k // 4), "codes").view(torch.int8)[: n * k].view(n, k)
+    buf = out
+    if buf is None:
+        buf = scratch_buffer(w.data.device, -(-n * k // 4), "codes").view(torch.int8)[: n * k].view(n, k)
     bn, bc = 32, 128
     grid = (triton.cdiv(n, bn), triton.cdiv(w.data.shape[1], bc))
     _expand_kernel[grid](
@@ -80,7 +82,7 @@ def int8_codes(w: PackedWeight, gated: bool = False) -> torch.Tensor:
     """The codes of a "triton_i2" weight expanded to int8 once, to keep (four times the 2-bit bytes): products
     of many rows on them (`ternary_mm(..., codes=)`) skip the expansion and the 2-bit decoding. `gated`: a
     gate / up weight, stored with its rows paired as the "w8" product reads them."""
-    return expand_codes(w, paired=gated).clone()
+    return expand_codes(w, gated, torch.empty(w.shape, dtype=torch.int8, device=w.data.device))
 
 
 @triton.jit
