@@ -60,21 +60,13 @@ ISSUE_US = {  # the issue's reference figures: (cuBLAS bf16, Microsoft W2A8 sm_9
     "down": (13.94, 10.39),
     "lm_head": (158.0, None),
 }
-GEMV_CONFIGS = [
+GEMV_CONFIGS = [  # one-row kernel tiles of 32-bit code words (`_dot_words`)
     MMConfig(bn=bn, bk=bk, split_k=sk, num_warps=nw, num_stages=ns, gemv=True)
     for bn, bk, sk, nw, ns in [
-        (8, 1024, 1, 4, 2), (8, 1024, 1, 4, 1), (4, 1024, 1, 2, 1), (8, 2048, 1, 4, 1), (8, 1024, 1, 2, 1),
-        (16, 1024, 1, 4, 1), (16, 512, 1, 4, 2), (32, 1024, 1, 8, 1), (16, 2048, 1, 8, 1), (8, 512, 1, 2, 2),
-        (4, 2048, 1, 4, 1), (8, 1024, 2, 4, 1),
-        # one K block holding the whole row: every weight load is issued before the activations are ready
-        # (with PDL, while the previous kernel runs)
-        (8, 4096, 1, 4, 1), (16, 4096, 1, 8, 1), (4, 4096, 1, 4, 1), (8, 8192, 1, 8, 1),
-    ]
-] + [  # 32-bit word tiles (`_dot_words`): 40 % fewer instructions in the loop (sm_90 SASS, 8 warps)
-    MMConfig(bn=bn, bk=bk, split_k=sk, num_warps=nw, num_stages=ns, gemv=True, words=True)
-    for bn, bk, sk, nw, ns in [
-        (32, 1024, 1, 8, 1), (16, 512, 1, 4, 2), (16, 2048, 1, 8, 1), (8, 1024, 1, 4, 1), (16, 1024, 1, 4, 1),
-        (4, 1024, 1, 2, 1), (16, 4096, 1, 8, 1),
+        (16, 4096, 1, 8, 1), (16, 2048, 1, 8, 1), (32, 1024, 1, 8, 1), (32, 2048, 1, 8, 1),
+        (32, 4096, 1, 8, 1), (16, 8192, 1, 8, 1), (16, 4096, 1, 4, 1), (8, 4096, 1, 4, 1),
+        (64, 1024, 1, 8, 1), (16, 1024, 1, 4, 1), (8, 1024, 1, 4, 1), (16, 512, 1, 4, 2),
+        (4, 1024, 1, 2, 1), (16, 2048, 2, 8, 1),
     ]
 ]  # fmt: skip
 DOT1_CONFIGS = [
@@ -100,12 +92,9 @@ M64_CONFIGS = [
 # the engine's one-row GEMV normalizes and quantizes the float row itself: also try a private row per program
 ENGINE_GEMV_CONFIGS = GEMV_CONFIGS + [
     MMConfig(bn=bn, bk=bk, split_k=sk, num_warps=nw, num_stages=ns, gemv=True, private_row=True)
-    for bn, bk, sk, nw, ns in [(32, 1024, 1, 8, 1), (16, 2048, 1, 8, 1), (16, 512, 1, 4, 2),
-                               (8, 1024, 1, 4, 1), (16, 1024, 2, 8, 1), (32, 1024, 2, 8, 1),
-                               (16, 2048, 2, 8, 1)]
-] + [
-    MMConfig(bn=bn, bk=bk, num_warps=nw, num_stages=ns, gemv=True, private_row=True, words=True)
-    for bn, bk, nw, ns in [(32, 1024, 8, 1), (16, 2048, 8, 1), (16, 512, 4, 2), (8, 1024, 4, 1)]
+    for bn, bk, sk, nw, ns in [(16, 2048, 1, 8, 1), (32, 1024, 1, 8, 1), (16, 4096, 1, 8, 1),
+                               (32, 2048, 1, 8, 1), (16, 8192, 1, 8, 1), (64, 1024, 1, 8, 1),
+                               (16, 512, 1, 4, 2), (8, 1024, 1, 4, 1), (16, 1024, 2, 8, 1)]
 ]  # fmt: skip
 PREFILL_CONFIGS = [
     MMConfig(bm=bm, bn=bn, bk=bk, num_warps=nw, num_stages=ns)
@@ -525,6 +514,37 @@ def bench_e2e(results: dict, quick: bool) -> None:
             print(f"e2e {key} failed:\n{e2e[f'{key}_error']}")
             torch.cuda.empty_cache()
         save(results)  # a timeout later in the stage keeps the variants measured so far
+    bench_runner_prefill(e2e, model, gen, quick)
+    save(results)
+
+
+@torch.inference_mode()
+def bench_runner_prefill(e2e: dict, model, gen, quick: bool) -> None:
+    """Time to first token through the runner behind LLM / serve: one prompt prefilled into a slot, eager
+    or replayed from a captured graph (`CudaGraphRunner(prefill_graph=...)`), host time to the logits."""
+    from pybitnet.engine.cuda_graph import CudaGraphRunner
+
+    lengths = (16, 128, 512) if quick else (16, 128, 512, 2048)
+    for captured in (False, True):
+        runner = CudaGraphRunner(model, max_model_len=2048, prefill_graph=captured)
+        runner.reserve(4)
+        for t in lengths:
+            ids = torch.randint(0, 128000, (t,), generator=gen).tolist()
+            for slot in (0, 1):  # the first prefill of a length captures its graph
+                runner.prefill(slot, ids)
+            torch.cuda.synchronize()
+            times = []
+            for i in range(3 if quick else 11):
+                t0 = time.perf_counter()
+                runner.prefill(i % 4, ids).float().sum().item()
+                times.append((time.perf_counter() - t0) * 1000)
+            e2e[f"runner_prefill{t}_{'graph' if captured else 'eager'}"] = {
+                "ms": statistics.median(times),
+                "ms_range": [min(times), max(times)],
+            }
+            print(f"runner prefill {t} {'graph' if captured else 'eager'}: {statistics.median(times):.2f} ms")
+        del runner
+        torch.cuda.empty_cache()
 
 
 @contextlib.contextmanager

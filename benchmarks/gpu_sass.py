@@ -4,10 +4,10 @@
                                   [--private-row] [--out DIR]
 
 Triton compiles `_gemv_kernel` for compute capability 9.0 with the argument specializations a real launch
-gets (pointers and N, K, KW divisible by 16), the `cuobjdump` that Triton's package carries disassembles it,
-and the script prints, for byte tiles and for 32-bit word tiles (`MMConfig.words`): registers, instructions
-in all, and instructions in the K loop (the part that runs per weight tile) with its dp4a count. A tool for
-choosing what to time on the GPU, not a timing.
+gets (pointers and N, K, KW, KXW divisible by 16), the `cuobjdump` that Triton's package carries
+disassembles it, and the script prints registers, instructions in all, and instructions in the K loop (the
+part that runs per weight tile) with its dp4a count. A tool for choosing what to time on the GPU, not a
+timing.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ POINTERS = {
     "o_ptr": "*bf16", "r_ptr": "*bf16", "ws_ptr": "*i32", "cnt_ptr": "*i32", "g2_ptr": "*bf16",
     "q2_ptr": "*i8", "a2_ptr": "*fp32", "tcnt_ptr": "*i32",
 }  # fmt: skip
-SCALARS = {"N": "i32", "K": "i32", "KW": "i32", "eps": "fp32"}
+SCALARS = {"N": "i32", "K": "i32", "KW": "i32", "KXW": "i32", "eps": "fp32"}
 
 
 def compile_gemv(constexprs: dict, warps: int, stages: int, out: Path, name: str) -> tuple[str, str]:
@@ -37,7 +37,7 @@ def compile_gemv(constexprs: dict, warps: int, stages: int, out: Path, name: str
     types = {**POINTERS, **SCALARS, **{k: "constexpr" for k in constexprs}}
     names = list(_gemv_kernel.arg_names)
     signature = {k: types[k] for k in names}
-    divisible = [k for k in names if k in POINTERS or k in ("N", "K", "KW")]
+    divisible = [k for k in names if k in POINTERS or k in ("N", "K", "KW", "KXW")]
     src = triton.compiler.ASTSource(
         fn=_gemv_kernel,
         signature=signature,
@@ -93,24 +93,22 @@ def main() -> None:
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    kb = triton.next_power_of_2(args.k)
-    for words in (False, True):
-        constexprs = dict(
-            BN=args.bn, BK=args.bk, KB=kb, SPLIT_K=1, X_FLOAT=args.fused_norm, NORM=args.fused_norm,
-            ACT=1 if args.gated else 0, RESIDUAL=False, ROW_SCALE=False, PRIVATE_ROW=args.private_row,
-            THEN_QUANT=False, NORM2=False, NB=kb, WORDS=words, USE_ASM=True, NATIVE=True, PDL=True,
-        )  # fmt: skip
-        name = "words" if words else "bytes"
-        sass, res = compile_gemv(constexprs, args.warps, args.stages, out, name)
-        ins = instructions(sass)
-        body = loop_body(ins)
-        regs = re.search(r"REG:(\d+)", res)
-        ops = collections.Counter(opcode(t) for t in body)
-        print(
-            f"{name}: {regs.group(1) if regs else '?'} registers, {len(ins)} instructions, "
-            f"{len(body)} in the K loop ({ops.get('IDP.4A.U8.S8', 0)} dp4a); loop: "
-            + ", ".join(f"{o} {c}" for o, c in ops.most_common(8))
-        )
+    kb = max(triton.next_power_of_2(args.k), 16)
+    constexprs = dict(
+        BN=args.bn, BK=args.bk, KB=kb, SPLIT_K=1, X_FLOAT=args.fused_norm, NORM=args.fused_norm,
+        ACT=1 if args.gated else 0, RESIDUAL=False, ROW_SCALE=False, PRIVATE_ROW=args.private_row,
+        THEN_QUANT=False, NORM2=False, NB=kb, USE_ASM=True, NATIVE=True, PDL=True,
+    )  # fmt: skip
+    sass, res = compile_gemv(constexprs, args.warps, args.stages, out, "gemv")
+    ins = instructions(sass)
+    body = loop_body(ins)
+    regs = re.search(r"REG:(\d+)", res)
+    ops = collections.Counter(opcode(t) for t in body)
+    print(
+        f"{regs.group(1) if regs else '?'} registers, {len(ins)} instructions, "
+        f"{len(body)} in the K loop ({ops.get('IDP.4A.U8.S8', 0)} dp4a); loop: "
+        + ", ".join(f"{o} {c}" for o, c in ops.most_common(8))
+    )
 
 
 if __name__ == "__main__":

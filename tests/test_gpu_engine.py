@@ -149,8 +149,8 @@ def test_graph_runner_with_captured_prefill_matches_the_eager_runner():
     """Prefill replayed from a graph per bucket into the slot given at replay: the same logits and decode
     as the eager prefill, with two slots of different lengths sharing one graph."""
     model = _model().to(DEV)
-    graphed = CudaGraphRunner(model, 64, lm_head="float", prefill_graph=True)
-    eager = CudaGraphRunner(model, 64, lm_head="float")
+    graphed = CudaGraphRunner(model, 64, lm_head="float")  # the default
+    eager = CudaGraphRunner(model, 64, lm_head="float", prefill_graph=False)
     for runner in (graphed, eager):
         runner.reserve(2)
     for slot, ids in enumerate([PROMPT, PROMPT[:5]]):

@@ -4,7 +4,6 @@ epilogues. Without CUDA they run in Triton's CPU interpreter (TRITON_INTERPRET=1
 from __future__ import annotations
 
 import os
-from dataclasses import replace
 
 import pytest
 import torch
@@ -156,16 +155,16 @@ def test_expanded_backends_are_exact(backend, m, n, k, epilogue):
         )
 
 
-GEMV_CASES = [
+GEMV_CASES = [  # 32-bit word tiles; K not whole words or 128-blocks (partial last words and blocks), split K,
+    # private rows, a tile of fewer elements than the program has threads
     (48, 200, MMConfig(bn=16, bk=128, gemv=True)),
     (40, 300, MMConfig(bn=8, bk=256, split_k=2, gemv=True, private_row=True)),
     (130, 1000, MMConfig(bn=32, bk=512, split_k=3, gemv=True)),
-    # 32-bit word tiles: K a multiple of 16 (1008 is not one of 128: a partial last block), split K, private
-    # rows; K = 200 is not whole words, so that config falls back to bytes
-    (48, 256, MMConfig(bn=16, bk=128, gemv=True, words=True)),
-    (40, 1008, MMConfig(bn=8, bk=256, split_k=2, gemv=True, private_row=True, words=True)),
-    (70, 2560, MMConfig(bn=32, bk=1024, split_k=3, gemv=True, words=True)),
-    (24, 200, MMConfig(bn=8, bk=128, gemv=True, words=True)),
+    (48, 256, MMConfig(bn=16, bk=128, gemv=True)),
+    (40, 1007, MMConfig(bn=8, bk=256, split_k=2, gemv=True, private_row=True)),
+    (70, 2560, MMConfig(bn=32, bk=1024, split_k=3, gemv=True)),
+    (24, 202, MMConfig(bn=8, bk=128, gemv=True)),
+    (6, 3, MMConfig(bn=8, bk=128, gemv=True)),
 ]
 
 
@@ -182,10 +181,14 @@ def test_gemv_is_integer_exact(n, k, cfg, use_asm):
     assert torch.equal(y.cpu(), ref)
     y = ternary_gemv(x.to(DEV), pw, config=cfg, use_asm=use_asm)  # quantized inside the kernel
     assert torch.equal(y.cpu(), ref)
-    if cfg.words and n % 2 == 0:  # gated (gate rows, then up rows): the same as the byte tiles give
-        want = ternary_gemv(xq.to(DEV), pw, a=a[:, 0].to(DEV), act="relu2", config=replace(cfg, words=False))
+    odd = torch.zeros(1, k + 1, dtype=torch.int8, device=DEV)  # a row not 4-byte aligned: read from a copy
+    odd[:, 1:] = xq.to(DEV)
+    y = ternary_gemv(odd[:, 1:], pw, a=a[:, 0].to(DEV), out_dtype=torch.float32, config=cfg, use_asm=use_asm)
+    assert torch.equal(y.cpu(), ref)
+    if n % 2 == 0:  # gated (gate rows, then up rows): what the tensor-core kernel gives
+        want = ternary_mm(xq.to(DEV), a.to(DEV), pw, act="relu2", backend="i2")
         got = ternary_gemv(xq.to(DEV), pw, a=a[:, 0].to(DEV), act="relu2", config=cfg, use_asm=use_asm)
-        assert torch.equal(got.cpu(), want.cpu())
+        assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -513,12 +513,13 @@ class CudaGraphRunner(ModelRunner):
     """The engine's ModelRunner interface (reserve / prefill(slot, ids) / decode(tokens, positions)) on the
     GPU kernels, each decode batch size captured once in a CUDA graph."""
 
-    def __init__(self, model: Transformer, max_model_len: int, prefill_graph: bool = False, **kwargs) -> None:
+    def __init__(self, model: Transformer, max_model_len: int, prefill_graph: bool = True, **kwargs) -> None:
         super().__init__(model, max_model_len)
         self.forward = GpuForward(model, max_len=max_model_len, **kwargs)
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         # prefill_graph: prefills replayed from a graph per prompt length rounded up to PREFILL_BUCKET, into
-        # the slot given at replay (see CudaGraphEngine); off until measured behind the engine
+        # the slot given at replay (see CudaGraphEngine). A 16-token prompt of the 2B-4T shape on an H200:
+        # 17.4 ms eager (host-bound launches), 4.7 ms replayed; the first prompt of each bucket captures.
         self.prefill_graph = prefill_graph
         self._prefills: dict[int, _PrefillGraph] = {}
         self.graphs = GraphPool(self.device)

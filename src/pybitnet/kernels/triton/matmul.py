@@ -21,6 +21,7 @@ relu²(gate) * up of the 2B-4T MLP (gate and up rows stacked in one weight) and 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -250,41 +251,19 @@ def _mm_kernel(
             M, N, stride_o, stride_r, SPLIT_K, ACT, RESIDUAL, ROW_SCALE, NATIVE)  # fmt: skip
 
 
-def _dp4a_ptx(word: str, xs: list[str], accs: list[str], outs: list[str]) -> str:
-    """PTX for the GEMV's inner product: the four 2-bit code planes of a 32-bit `word` (byte b: the codes of
-    elements b, +32, +64, +96 at bits 7-6 .. 1-0, as w + 1 in {0, 1, 2}) shifted and masked into four words
-    of bytes, each multiplied with the activation word of its slice by dp4a: outs[i] = dp4a(plane i, xs[i],
-    accs[i])."""
-    lines = [f"shr.u32 t{i}, {word}, {6 - 2 * i};" for i in range(3)]
-    lines += [f"and.b32 t{i}, t{i}, 0x03030303;" for i in range(3)] + [f"and.b32 t3, {word}, 0x03030303;"]
-    lines += [
-        f"dp4a.u32.s32 {o}, t{i}, {x}, {a};" for i, (x, a, o) in enumerate(zip(xs, accs, outs, strict=True))
-    ]
-    return "{\n.reg .b32 t<5>;\n" + "\n".join(lines) + "\n}"
-
-
-# byte tiles: four code bytes per register (pack 4), each with its own accumulator
-_DOT_CODES_PTX = tl.constexpr(_dp4a_ptx("$4", ["$5", "$6", "$7", "$8"], ["$9", "$10", "$11", "$12"],
-                                        ["$0", "$1", "$2", "$3"]))  # fmt: skip
-# word tiles: one code word and one accumulator, the four products chained
-_DOT_WORDS_PTX = tl.constexpr(_dp4a_ptx("$1", ["$2", "$3", "$4", "$5"], ["$6", "t4", "t4", "t4"],
-                                        ["t4", "t4", "t4", "$0"]))  # fmt: skip
-
-
-@triton.jit
-def _dot_codes(wt, x0, x1, x2, x3, acc, USE_ASM: tl.constexpr):
-    """acc [BN, BK/4] += codes(w+1) . x over the four slices of each byte column (x0..x3 [BN, BK/4])."""
-    if USE_ASM:
-        acc = tl.inline_asm_elementwise(
-            _DOT_CODES_PTX, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r", [wt, x0, x1, x2, x3, acc],
-            dtype=tl.int32, is_pure=True, pack=4,
-        )  # fmt: skip
-    else:
-        acc += ((wt >> 6) & 3).to(tl.int32) * x0.to(tl.int32)
-        acc += ((wt >> 4) & 3).to(tl.int32) * x1.to(tl.int32)
-        acc += ((wt >> 2) & 3).to(tl.int32) * x2.to(tl.int32)
-        acc += (wt & 3).to(tl.int32) * x3.to(tl.int32)
-    return acc
+# The GEMV's inner product in PTX: the four 2-bit code planes of a 32-bit word $1 (byte b: the codes of
+# elements 4j+b, +32, +64, +96 at bits 7-6 .. 1-0, as w + 1 in {0, 1, 2}) shifted and masked into four words
+# of bytes, each multiplied with its slice's activation word ($2..$5) by a chained dp4a: $0 = $6 + sum.
+_DOT_WORDS_PTX = tl.constexpr(
+    "{\n.reg .b32 t<5>;\n"
+    + "".join(f"shr.u32 t{i}, $1, {6 - 2 * i};\nand.b32 t{i}, t{i}, 0x03030303;\n" for i in range(3))
+    + "and.b32 t3, $1, 0x03030303;\n"
+    + "".join(
+        f"dp4a.u32.s32 {out}, t{i}, ${2 + i}, {acc};\n"
+        for i, (acc, out) in enumerate([("$6", "t4"), ("t4", "t4"), ("t4", "t4"), ("t4", "$0")])
+    )
+    + "}"
+)
 
 
 @triton.jit
@@ -309,16 +288,17 @@ def _dot_words(wt, x0, x1, x2, x3, acc, USE_ASM: tl.constexpr):
 @triton.jit
 def _gemv_kernel(
     x_ptr, g_ptr, a_ptr, q_ptr, w_ptr, s_ptr, o_ptr, r_ptr, ws_ptr, cnt_ptr, g2_ptr, q2_ptr, a2_ptr, tcnt_ptr,
-    N, K, KW, eps,
+    N, K, KW, KXW, eps,
     BN: tl.constexpr, BK: tl.constexpr, KB: tl.constexpr, SPLIT_K: tl.constexpr, X_FLOAT: tl.constexpr,
     NORM: tl.constexpr, ACT: tl.constexpr, RESIDUAL: tl.constexpr, ROW_SCALE: tl.constexpr,
     PRIVATE_ROW: tl.constexpr, THEN_QUANT: tl.constexpr, NORM2: tl.constexpr, NB: tl.constexpr,
-    WORDS: tl.constexpr, USE_ASM: tl.constexpr, NATIVE: tl.constexpr, PDL: tl.constexpr,
+    USE_ASM: tl.constexpr, NATIVE: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """out[N] = epilogue(x[K] @ W[N, K].T) for ternary W ("triton_i2"); KB >= K is a power of two.
 
-    WORDS (K a multiple of 16, x 4-byte aligned): weights and activations are read and multiplied as 32-bit
-    words (`_dot_words`) instead of byte tensors that the inline assembly packs into words again.
+    Weights and activations are read and multiplied as 32-bit words (`_dot_words`): the int8 row at q_ptr is
+    16-byte aligned and zero from K to the next multiple of 16: KXW words (a host argument, so that the
+    launch's specialization knows it a multiple of 16 on real shapes and the loads stay 128-bit wide).
 
     x is int8 (q_ptr = x_ptr) with its scale at a_ptr, or (X_FLOAT) a float row, RMS-normalized with gain g
     (NORM) and quantized here, once per program, into the int8 row at q_ptr: every program writes the same
@@ -333,22 +313,17 @@ def _gemv_kernel(
         q_ptr += (tl.program_id(0) * SPLIT_K + pid_k).to(tl.int64) * KB
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
     n_ok = rn < N
-    U: tl.constexpr = 4 if WORDS else 1  # bytes in a tile element
-    BC: tl.constexpr = BK // 4 // U  # tile columns per K block
+    BC: tl.constexpr = BK // 16  # tile columns (code words) per K block
     j = tl.arange(0, BC)
-    if WORDS:
-        # row addresses in bytes, then as words: the rows' 16-byte alignment stays known, loads stay wide
-        w_rows = (w_ptr + rn.to(tl.int64)[:, None] * KW).to(tl.pointer_type(tl.int32))
-        q_words = q_ptr.to(tl.pointer_type(tl.int32))
-        u_rows = (w_ptr + (rn + N).to(tl.int64)[:, None] * KW).to(tl.pointer_type(tl.int32))
-    else:
-        w_rows = w_ptr + rn.to(tl.int64)[:, None] * KW
-        u_rows = w_rows + N * KW
+    # row addresses in bytes, then as words: the rows' 16-byte alignment stays known, loads stay wide
+    w_rows = (w_ptr + rn.to(tl.int64)[:, None] * KW).to(tl.pointer_type(tl.int32))
+    u_rows = (w_ptr + (rn + N).to(tl.int64)[:, None] * KW).to(tl.pointer_type(tl.int32))
+    q_words = q_ptr.to(tl.pointer_type(tl.int32))
     # the first weight tile is requested before the activation row is ready (with PDL: while the previous
     # kernel still runs), so its latency overlaps the prologue; in the loop each iteration requests the next
     # tile before it computes on the current one
     cols = pid_k * BC + j
-    w_mask = n_ok[:, None] & (cols < KW // U)[None, :]
+    w_mask = n_ok[:, None] & (cols < KW // 4)[None, :]
     wt = tl.load(w_rows + cols[None, :], mask=w_mask, other=0)
     wu = wt
     if ACT != 0:
@@ -359,7 +334,8 @@ def _gemv_kernel(
     k_ok = offs < K
     if X_FLOAT:
         q, a = load_norm_quant(x_ptr, g_ptr, offs, k_ok, K, eps, NORM, False, NATIVE)
-        tl.store(q_ptr + offs, q, mask=k_ok)
+        q = tl.where(k_ok, q, 0)
+        tl.store(q_ptr + offs, q, mask=offs < 4 * KXW)  # zeros to the end of the last vector
         tl.debug_barrier()  # the row is in memory before any thread of the program reads a slice of it
     else:
         a = tl.load(a_ptr)
@@ -368,36 +344,23 @@ def _gemv_kernel(
     mine = ((offs // BK) % SPLIT_K) == pid_k
     total_x = tl.sum(tl.where(mine, q.to(tl.int32), 0), axis=0)
 
-    row0 = (
-        rn[:, None] * 0
-    )  # x slices are loaded as [BN, BK/4] tiles (every row the same) in the weights' layout
     acc = tl.zeros((BN, BC), tl.int32)
     acc_u = tl.zeros((BN, BC), tl.int32)
     for kb in range(pid_k, tl.cdiv(K, BK), SPLIT_K):
         next_cols = (kb + SPLIT_K) * BC + j
-        next_mask = n_ok[:, None] & (next_cols < KW // U)[None, :]
+        next_mask = n_ok[:, None] & (next_cols < KW // 4)[None, :]
         wt_next = tl.load(w_rows + next_cols[None, :], mask=next_mask, other=0)
         wu_next = wt_next
         if ACT != 0:
             wu_next = tl.load(u_rows + next_cols[None, :], mask=next_mask, other=0)
-        if WORDS:  # word i of slice s holds elements 4i..4i+3 of the slice (K is whole words)
-            kw = kb * (BK // 4) + (j // 8) * 32 + (j % 8)
-            x0 = tl.load(q_words + kw, mask=kw < K // 4, other=0)
-            x1 = tl.load(q_words + kw + 8, mask=kw + 8 < K // 4, other=0)
-            x2 = tl.load(q_words + kw + 16, mask=kw + 16 < K // 4, other=0)
-            x3 = tl.load(q_words + kw + 24, mask=kw + 24 < K // 4, other=0)
-            acc = _dot_words(wt, x0, x1, x2, x3, acc, USE_ASM)
-            if ACT != 0:
-                acc_u = _dot_words(wu, x0, x1, x2, x3, acc_u, USE_ASM)
-        else:
-            ks = (kb * BK + (j // 32) * 128 + (j % 32))[None, :] + row0
-            x0 = tl.load(q_ptr + ks, mask=ks < K, other=0)
-            x1 = tl.load(q_ptr + ks + 32, mask=ks + 32 < K, other=0)
-            x2 = tl.load(q_ptr + ks + 64, mask=ks + 64 < K, other=0)
-            x3 = tl.load(q_ptr + ks + 96, mask=ks + 96 < K, other=0)
-            acc = _dot_codes(wt, x0, x1, x2, x3, acc, USE_ASM)
-            if ACT != 0:
-                acc_u = _dot_codes(wu, x0, x1, x2, x3, acc_u, USE_ASM)
+        kw = kb * (BK // 4) + (j // 8) * 32 + (j % 8)  # word i of slice s: elements 4i..4i+3 of the slice
+        x0 = tl.load(q_words + kw, mask=kw < KXW, other=0)
+        x1 = tl.load(q_words + kw + 8, mask=kw + 8 < KXW, other=0)
+        x2 = tl.load(q_words + kw + 16, mask=kw + 16 < KXW, other=0)
+        x3 = tl.load(q_words + kw + 24, mask=kw + 24 < KXW, other=0)
+        acc = _dot_words(wt, x0, x1, x2, x3, acc, USE_ASM)
+        if ACT != 0:
+            acc_u = _dot_words(wu, x0, x1, x2, x3, acc_u, USE_ASM)
         wt = wt_next
         wu = wu_next
     out = (tl.sum(acc, axis=1) - total_x)[None, :]
@@ -430,17 +393,17 @@ class MMConfig:
     gemv: bool = False
     swap: bool = False
     private_row: bool = False  # fused-norm GEMV: each program quantizes into its own row, not a shared one
-    words: bool = False  # GEMV: 32-bit word tiles (where K is a multiple of 16), see `_dot_words`
 
 
 # (rows bucket, N, K, gated) -> the tiles measured fastest on an H200 (benchmarks/gpu_bench.py, 2026-11-30)
 # for the 2B-4T projections as the engine runs them; other shapes fall back to `default_config`'s rules.
+_GEMV = functools.partial(MMConfig, num_warps=8, num_stages=1, gemv=True)
 _H200_2B4T = {
-    (1, 3840, 2560, False): MMConfig(bn=32, bk=1024, num_warps=8, num_stages=1, gemv=True, private_row=True),
-    (1, 2560, 2560, False): MMConfig(bn=32, bk=1024, num_warps=8, num_stages=1, gemv=True, private_row=True),
-    (1, 6912, 2560, True): MMConfig(bn=16, bk=512, num_stages=2, gemv=True, private_row=True),
-    (1, 13824, 2560, False): MMConfig(bn=16, bk=512, num_warps=4, num_stages=2, gemv=True),
-    (1, 2560, 6912, False): MMConfig(bn=16, bk=2048, num_warps=8, num_stages=1, gemv=True, private_row=True),
+    (1, 3840, 2560, False): _GEMV(bn=32, bk=2048, private_row=True),
+    (1, 2560, 2560, False): _GEMV(bn=32, bk=4096),
+    (1, 6912, 2560, True): _GEMV(bn=64, bk=1024, private_row=True),
+    (1, 13824, 2560, False): _GEMV(bn=16, bk=2048),
+    (1, 2560, 6912, False): _GEMV(bn=32, bk=2048, private_row=True),
     (1, 128256, 2560, False): MMConfig(bm=16, bn=64, bk=256, num_warps=4, num_stages=4),
     (64, 3840, 2560, False): MMConfig(bn=32, num_stages=4, swap=True),
     (64, 2560, 2560, False): MMConfig(bn=32, num_stages=4, swap=True),
@@ -482,8 +445,8 @@ def default_config(m: int, n: int, k: int, w8: bool = False, gated: bool = False
     tuned = TUNED.get((rows_bucket(m), n, k, gated))
     if tuned is not None and not (tuned.gemv and (m != 1 or w8)):
         return tuned
-    if m == 1 and not w8:  # many small programs; split K did not pay on the 2B-4T shapes
-        return MMConfig(bn=8, bk=1024, num_warps=4, num_stages=1, gemv=True)
+    if m == 1 and not w8:  # many small programs of 32-bit word tiles; split K did not pay on the 2B-4T shapes
+        return _GEMV(bn=16, bk=2048)
     if m <= 16:
         return MMConfig(bm=16, bn=64 if w8 else 32, bk=256 if w8 else 512, num_warps=4, num_stages=3)
     if m <= 64:
@@ -592,8 +555,17 @@ def ternary_gemv(
     grid = (triton.cdiv(n, cfg.bn), cfg.split_k)
     ws, cnt = _split_buffers(x.device, 1, 2 * n if act_code else n, grid[0], cfg.split_k)
     private = x_float and cfg.private_row
-    row_bytes = grid[0] * grid[1] * triton.next_power_of_2(k) if private else k
-    q = scratch_buffer(x.device, -(-row_bytes // 4), "row").view(torch.int8) if x_float else x
+    kb = max(triton.next_power_of_2(k), 16)
+    if x_float:  # the kernel quantizes into this row (a row per program when private)
+        rows = grid[0] * grid[1] if private else 1
+        q = scratch_buffer(x.device, rows * kb // 4, "row").view(torch.int8)
+    elif k % 16 or x.data_ptr() % 16:  # the kernel reads x in 16-byte vectors: an aligned, zero-padded copy
+        q = scratch_buffer(x.device, kb // 4, "row").view(torch.int8)
+        q[k:].zero_()
+        q[:k].copy_(x[0])
+        x = q[None, :k]
+    else:
+        q = x
     g2, q2, a2 = then_quant or (None, out, out)
     if then_quant is not None and cfg.split_k != 1:
         raise ValueError("then_quant needs a config with split_k 1")
@@ -603,11 +575,11 @@ def ternary_gemv(
         residual if residual is not None else out,
         ws if ws is not None else out, cnt if cnt is not None else out,
         g2 if g2 is not None else out, q2, a2, tcnt,
-        n, k, w.data.shape[1], eps,
-        BN=cfg.bn, BK=cfg.bk, KB=triton.next_power_of_2(k), SPLIT_K=cfg.split_k, X_FLOAT=x_float,
+        n, k, w.data.shape[1], -(-k // 16) * 4, eps,
+        BN=cfg.bn, BK=cfg.bk, KB=kb, SPLIT_K=cfg.split_k, X_FLOAT=x_float,
         NORM=gain is not None, ACT=act_code, RESIDUAL=residual is not None, ROW_SCALE=w.scale.numel() > 1,
         PRIVATE_ROW=private, THEN_QUANT=then_quant is not None, NORM2=g2 is not None,
-        NB=triton.next_power_of_2(n), WORDS=cfg.words and k % 16 == 0 and q.data_ptr() % 4 == 0,
+        NB=triton.next_power_of_2(n),
         USE_ASM=on_gpu(x) if use_asm is None else use_asm, NATIVE=on_gpu(x),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_kwargs(pdl_launch(x)),
     )  # fmt: skip
