@@ -4,7 +4,9 @@ loss curves of the reference and each int8 variant on the same synthetic task.
 
     python benchmarks/train_bitlinear_speed.py [--kinds linear,reference,int8,int8-gx8]
         [--modes eager,compiled] [--batch 4] [--seq 2048] [--layers 4] [--steps 20] [--curve-steps 200]
-        [--out results.json]
+        [--checkpointing none|mlp|block] [--memory] [--profile] [--out results.json]
+
+`--memory` lists what is allocated at each kind's peak (size, count, the code that allocated it).
 
 Kinds (the linear layers of every block):
 - linear: nn.Linear, bf16 autocast (the peer every ratio is against, compiled).
@@ -124,6 +126,50 @@ def profile_step(model: nn.Module, x, target) -> str:
     return prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=70)
 
 
+def memory_at_peak(model: nn.Module, x, target, top: int = 16) -> dict:
+    """What is allocated at the peak of one compiled step, above what the step starts with: the live
+    allocations grouped by size and the code that made them (the first frames outside torch's own files)."""
+    step = make_step(model, x, target, compiled=True)
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.memory._record_memory_history(max_entries=500_000, stacks="python")
+    step()
+    torch.cuda.synchronize()
+    trace = torch.cuda.memory._snapshot()["device_traces"][0]
+    torch.cuda.memory._record_memory_history(enabled=None)
+    events = [e for e in trace if e["action"] in ("alloc", "free_requested")]
+    now = peak = peak_at = 0
+    for i, e in enumerate(events):
+        now += e["size"] if e["action"] == "alloc" else -e["size"]
+        if now > peak:
+            peak, peak_at = now, i
+    live: dict[int, dict] = {}
+    for e in events[: peak_at + 1]:
+        if e["action"] == "alloc":
+            live[e["addr"]] = e
+        else:
+            live.pop(e["addr"], None)
+
+    def where(e: dict) -> str:
+        frames = e.get("frames", [])
+        ours = [f for f in frames if "/torch/" not in f["filename"] or "torchinductor" in f["filename"]]
+        return " < ".join(f"{f['filename'].rsplit('/', 1)[-1]}:{f['line']} {f['name']}" for f in ours[:2])
+
+    groups: dict[tuple[int, str], int] = {}
+    for e in live.values():
+        key = (e["size"], where(e))
+        groups[key] = groups.get(key, 0) + 1
+    rows = sorted(groups.items(), key=lambda kv: -kv[0][0] * kv[1])
+    return {
+        "peak_above_start_gib": round(peak / 2**30, 3),
+        "live_at_peak": [
+            {"mib": round(size * n / 2**20, 1), "count": n, "each_mib": round(size / 2**20, 2), "where": w}
+            for (size, w), n in rows[:top]
+        ],
+    }
+
+
 def loss_curve(kind: str, layers: int, x, target, steps: int) -> list[float]:
     step = make_step(build(kind, layers, seed=1), x, target, compiled=True, lr=1e-3)
     return [v.item() for v in [step() for _ in range(steps)]]  # one sync, at the end
@@ -192,6 +238,9 @@ def main() -> None:
     ap.add_argument("--kinds", default="linear,reference,int8,int8-gx8")
     ap.add_argument("--modes", default="compiled", help="eager, compiled or both (comma-separated)")
     ap.add_argument("--profile", action="store_true", help="print the top kernels of each kind's step")
+    ap.add_argument(
+        "--memory", action="store_true", help="list what is allocated at each kind's peak (by size and code)"
+    )
     ap.add_argument("--out", help="also write the results as JSON to this path")
     ap.add_argument(
         "--checkpointing",
@@ -256,6 +305,13 @@ def main() -> None:
             model = build(kind, args.layers)
             print(kind, profile_step(model, x, target), flush=True)
             del model
+    if args.memory:
+        for kind in kinds:
+            model = build(kind, args.layers, checkpointing=args.checkpointing)
+            results.setdefault("memory", {})[kind] = memory_at_peak(model, x, target)
+            print(kind, json.dumps(results["memory"][kind], indent=1), flush=True)
+            del model
+            torch.cuda.empty_cache()
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
