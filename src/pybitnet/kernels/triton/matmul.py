@@ -403,7 +403,7 @@ _H200_2B4T = {
     (1, 2560, 2560, False): _GEMV(bn=32, bk=4096),
     (1, 6912, 2560, True): _GEMV(bn=64, bk=1024, private_row=True),
     (1, 13824, 2560, False): _GEMV(bn=16, bk=2048),
-    (1, 2560, 6912, False): _GEMV(bn=32, bk=2048, private_row=True),
+    (1, 2560, 6912, False): _GEMV(bn=32, bk=4096, private_row=True),
     (1, 128256, 2560, False): MMConfig(bm=16, bn=64, bk=256, num_warps=4, num_stages=4),
     (64, 3840, 2560, False): MMConfig(bn=32, num_stages=4, swap=True),
     (64, 2560, 2560, False): MMConfig(bn=32, num_stages=4, swap=True),
