@@ -3,7 +3,8 @@ sequence's cached positions, in one launch. One program per sequence, KV head (i
 split of the sequence: with SPLITS > 1 (flash-decoding) each program attends over its share of the positions
 and writes a partial result (running max, sum, unnormalized output); the last program of a (sequence, head) to
 arrive (an arrival counter decides) combines them, so batch 1 uses more than one program per KV head without
-a second launch.
+a second launch. Everything that does not depend on the previous kernel (the positions, the RoPE tables, the
+first block of cached keys and values) is read before the programmatic-dependent-launch wait.
 
 RoPE rounds as the model's `apply_rope` does in the activation dtype (x*cos and rotated*sin each rounded, then
 their sum); the scores and the softmax run in float32 with an online softmax, as flash attention does.
@@ -55,38 +56,70 @@ def _combine_splits(part_ptr, ml_ptr, o_rows, n_active, G: tl.constexpr, GR: tl.
 
 
 @triton.jit
+def _attend(q, kt, vt, s_ok, m_i, l_i, acc, sm_scale, xdt: tl.constexpr, IEEE: tl.constexpr,
+            NATIVE: tl.constexpr):  # fmt: skip
+    """One block of cached positions into the online softmax: (m_i, l_i, acc) updated with keys kt and values
+    vt [BS, D] of the positions where s_ok."""
+    if IEEE or not NATIVE:  # float32 products; the interpreter's dot mishandles bfloat16
+        scores = tl.dot(q.to(tl.float32), tl.trans(kt.to(tl.float32)), input_precision="ieee")
+    else:
+        scores = tl.dot(q, tl.trans(kt))
+    scores = tl.where(s_ok[None, :], scores * sm_scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+    alpha = tl.exp(m_i - m_new)
+    p = tl.exp(scores - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if IEEE or not NATIVE:
+        pv = tl.dot(p.to(xdt).to(tl.float32), vt.to(tl.float32), input_precision="ieee")
+    else:
+        pv = tl.dot(p.to(xdt), vt)
+    return m_new, l_i, acc * alpha[:, None] + pv
+
+
+@triton.jit
 def _decode_attention_kernel(
     qkv_ptr, cos_ptr, sin_ptr, pos_ptr, k_ptr, v_ptr, o_ptr, part_ptr, ml_ptr, cnt_ptr,
     stride_qkv, stride_cb, stride_ch, stride_cs, stride_o, sm_scale,
     H: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr, GP: tl.constexpr, GR: tl.constexpr,
     BS: tl.constexpr, SPLITS: tl.constexpr, IEEE: tl.constexpr, NATIVE: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
-    pdl_gate(PDL)
     b = tl.program_id(0)
     g = tl.program_id(1)
     sid = tl.program_id(2)
     G: tl.constexpr = H // KVH
     xdt = qkv_ptr.dtype.element_ty
+    # Before the wait for the previous kernel (the q/k/v projection, see pdl_gate): the positions (written
+    # before that kernel started), the RoPE tables and the first block of this split's cached keys and values
+    # older than the new token, so their reads overlap the projection's end.
     pos = tl.load(pos_ptr + b)
     # positions 0..pos in splits of `chunk` (a multiple of BS); splits past the end have nothing to do
     chunk = tl.cdiv(tl.cdiv(pos + 1, SPLITS), BS) * BS
     n_active = tl.cdiv(pos + 1, chunk)
     start = sid * chunk
+    d = tl.arange(0, D)
+    k_base = k_ptr + b.to(tl.int64) * stride_cb + g * stride_ch
+    v_base = v_ptr + b.to(tl.int64) * stride_cb + g * stride_ch
+    sp0 = start + tl.arange(0, BS)
+    old = (sp0 < pos)[:, None]
+    kt0 = tl.load(k_base + sp0[:, None] * stride_cs + d[None, :], mask=old, other=0.0).to(xdt)
+    vt0 = tl.load(v_base + sp0[:, None] * stride_cs + d[None, :], mask=old, other=0.0).to(xdt)
+    cos = tl.load(cos_ptr + pos * D + d).to(tl.float32)
+    sin = tl.load(sin_ptr + pos * D + d).to(tl.float32)
+    pdl_gate(PDL)
     if start <= pos:
-        d = tl.arange(0, D)
         rot = (d + D // 2) % D
         sign = tl.where(d < D // 2, -1.0, 1.0)
-        cos = tl.load(cos_ptr + pos * D + d).to(tl.float32)
-        sin = tl.load(sin_ptr + pos * D + d).to(tl.float32)
         row = qkv_ptr + b.to(tl.int64) * stride_qkv
-        k_base = k_ptr + b.to(tl.int64) * stride_cb + g * stride_ch
-        v_base = v_ptr + b.to(tl.int64) * stride_cb + g * stride_ch
         if pos < start + chunk:  # the split holding the new position writes its key and value
             k_col = row + (H + g) * D
             k_new = _rope(k_col + d, k_col + rot, sign, cos, sin, d < D, xdt, NATIVE)
             v_new = tl.load(row + (H + KVH + g) * D + d)
             tl.store(k_base + pos * stride_cs + d, k_new.to(k_ptr.dtype.element_ty))
             tl.store(v_base + pos * stride_cs + d, v_new.to(v_ptr.dtype.element_ty))
+            # the first block read the cache before the new key and value: put them in as stored
+            new = (sp0 == pos)[:, None]
+            kt0 = tl.where(new, k_new.to(k_ptr.dtype.element_ty).to(xdt)[None, :], kt0)
+            vt0 = tl.where(new, v_new.to(v_ptr.dtype.element_ty).to(xdt)[None, :], vt0)
 
         hq = tl.arange(0, GP)
         q_ok = hq < G
@@ -98,26 +131,13 @@ def _decode_attention_kernel(
         m_i = tl.full((GP,), float("-inf"), tl.float32)
         l_i = tl.zeros((GP,), tl.float32)
         acc = tl.zeros((GP, D), tl.float32)
-        for s0 in range(start, tl.minimum(start + chunk, pos + 1), BS):
+        m_i, l_i, acc = _attend(q, kt0, vt0, sp0 <= pos, m_i, l_i, acc, sm_scale, xdt, IEEE, NATIVE)
+        for s0 in range(start + BS, tl.minimum(start + chunk, pos + 1), BS):
             sp = s0 + tl.arange(0, BS)
             s_ok = sp <= pos
             kt = tl.load(k_base + sp[:, None] * stride_cs + d[None, :], mask=s_ok[:, None], other=0.0).to(xdt)
             vt = tl.load(v_base + sp[:, None] * stride_cs + d[None, :], mask=s_ok[:, None], other=0.0).to(xdt)
-            if IEEE or not NATIVE:  # float32 products; the interpreter's dot mishandles bfloat16
-                scores = tl.dot(q.to(tl.float32), tl.trans(kt.to(tl.float32)), input_precision="ieee")
-            else:
-                scores = tl.dot(q, tl.trans(kt))
-            scores = tl.where(s_ok[None, :], scores * sm_scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(scores - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            if IEEE or not NATIVE:
-                pv = tl.dot(p.to(xdt).to(tl.float32), vt.to(tl.float32), input_precision="ieee")
-            else:
-                pv = tl.dot(p.to(xdt), vt)
-            acc = acc * alpha[:, None] + pv
-            m_i = m_new
+            m_i, l_i, acc = _attend(q, kt, vt, s_ok, m_i, l_i, acc, sm_scale, xdt, IEEE, NATIVE)
         o_rows = o_ptr + b.to(tl.int64) * stride_o + g * G * D
         if SPLITS == 1:
             out = acc / l_i[:, None]
