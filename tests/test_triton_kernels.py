@@ -185,6 +185,8 @@ def test_gemv_is_integer_exact(n, k, cfg, use_asm):
     odd[:, 1:] = xq.to(DEV)
     y = ternary_gemv(odd[:, 1:], pw, a=a[:, 0].to(DEV), out_dtype=torch.float32, config=cfg, use_asm=use_asm)
     assert torch.equal(y.cpu(), ref)
+    with pytest.raises(ValueError, match="multiple of 128"):
+        ternary_gemv(xq.to(DEV), pw, a=a[:, 0].to(DEV), config=MMConfig(bn=8, bk=64, gemv=True))
     if n % 2 == 0:  # gated (gate rows, then up rows): what the tensor-core kernel gives
         want = ternary_mm(xq.to(DEV), a.to(DEV), pw, act="relu2", backend="i2")
         got = ternary_gemv(xq.to(DEV), pw, a=a[:, 0].to(DEV), act="relu2", config=cfg, use_asm=use_asm)

@@ -549,6 +549,8 @@ def ternary_gemv(
         raise ValueError(f"ternary_gemv takes the triton_i2 layout, got {w.layout!r}")
     n, k, act_code = _check(x, w, act)
     cfg = config or default_config(1, n, k, gated=act_code != 0)
+    if cfg.bk % 128:
+        raise ValueError(f"a GEMV config's bk must be a multiple of 128 (one code block), got {cfg.bk}")
     x_float = a is None
     out_dtype = out_dtype or (x.dtype if x_float else torch.bfloat16)
     out = torch.empty((1, n), dtype=out_dtype, device=x.device) if out is None else out
