@@ -98,6 +98,9 @@ MM_CASES = [  # (M, N, K, config)
     (40, 33, 260, MMConfig(bm=32, bn=64, bk=256, split_k=2, swap=True)),
     # ten row tiles: a full band of the grouped tile order and a partial one, with split K
     (150, 40, 130, MMConfig(bm=16, bn=16, bk=128, split_k=2)),
+    # fewer weight bytes in a tile than the program has threads x 4 (the decode's inline assembly takes four)
+    (5, 24, 200, MMConfig(bm=16, bn=16, bk=128, num_warps=8)),
+    (9, 8, 136, MMConfig(bm=16, bn=16, bk=128, num_warps=4, swap=True)),
 ]
 
 
