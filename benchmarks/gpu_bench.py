@@ -500,6 +500,8 @@ def bench_e2e(results: dict, quick: bool) -> None:
             ("ternary_floathead", {"lm_head": "float"}, False),
             ("ternary_int8head_separate_norm", {"fuse_norm": False, "decode_only": True}, False),
         ]
+    # each decoder layer one persistent launch at batch 1 (decode_layer.py); last, being the newest
+    variants.append(("ternary_int8head_layer_kernel", {"layer_kernel": True, "decode_only": True}, False))
     if PREFILL_ONLY:
         variants = [
             (key, {**opts, "prefill_only": True}, e)
@@ -707,6 +709,9 @@ def print_table(results: dict) -> None:
             no_pdl = e2e.get(f"ternary_int8head_no_pdl_{fig}")
             if no_pdl:
                 line += f"; without PDL {no_pdl['tok_s']:.0f}"
+            layer = e2e.get(f"ternary_int8head_layer_kernel_{fig}")
+            if layer:
+                line += f"; one launch a layer {layer['tok_s']:.0f} ({layer['tok_s'] / bf16['tok_s']:.2f}x)"
             eager = [e2e.get(f"{k}_eager_prefill_{fig}") for k in ("ternary_int8head", "bf16_floathead")]
             if all(eager):
                 ours_e, bf16_e = eager[0]["tok_s"], eager[1]["tok_s"]

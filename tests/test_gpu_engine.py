@@ -144,6 +144,50 @@ def test_prefill_into_listed_rows_equals_prefill_at_an_offset():
     assert torch.equal(got, want) and torch.equal(cache.k, k) and torch.equal(cache.v, v)
 
 
+@pytest.mark.parametrize("programs,fused", [(None, None), (2, False), (3, GPU)])
+def test_layer_kernel_gives_the_five_launches_results(programs, fused):
+    """A decoder layer as one persistent launch (phase by phase in the interpreter; on the GPU, phases behind
+    grid barriers, also with fewer programs than work items so each loops): the same output row and cache
+    writes as the five separate launches, over several decode steps (the barrier counters keep growing)."""
+    from pybitnet.kernels.triton.attention import decode_attention
+    from pybitnet.kernels.triton.decode_layer import decode_layer
+
+    model = _model().to(DEV)
+    engine = CudaGraphEngine(model, max_batch_size=1, max_len=32, lm_head="float")
+    fwd, cache = engine.forward, engine.cache
+    engine.prefill([PROMPT])
+    k0, v0 = cache.k.clone(), cache.v.clone()
+    layer = fwd.layers[0]
+    g = torch.Generator().manual_seed(0)
+    for step in range(3):
+        x = (torch.randn(1, model.config.hidden_size, generator=g) * 3).to(DEV)
+        pos = torch.tensor([len(PROMPT) + step], dtype=torch.int32, device=DEV)
+        cache.k.copy_(k0)
+        cache.v.copy_(v0)
+        qkv = fwd._attention_in(x, layer)
+        attn = decode_attention(qkv, fwd.cos, fwd.sin, pos, cache.k[0], cache.v[0], fwd.n_heads, fwd.n_kv)
+        want = fwd._mlp(fwd._attention_out(attn, x, layer), layer)
+        k_want, v_want = cache.k.clone(), cache.v.clone()
+        cache.k.copy_(k0)
+        cache.v.copy_(v0)
+        got = decode_layer(
+            x, layer.gains_and_weights(), fwd.cos, fwd.sin, pos, cache.k[0], cache.v[0], fwd.n_heads,
+            fwd.n_kv, fwd.eps, fwd.act, fwd.barriers[:1], programs=programs, fused=fused,
+        )  # fmt: skip
+        assert torch.equal(cache.k, k_want) and torch.equal(cache.v, v_want)
+        if GPU:  # attention's dot products may group their sums by the launch's warp count
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        else:
+            assert torch.equal(got, want)
+
+
+def test_layer_kernel_engine_decodes_the_same_tokens():
+    model = _model().to(DEV)
+    kw = dict(max_batch_size=1, max_len=len(PROMPT) + NEW_TOKENS, lm_head="float")
+    ref = CudaGraphEngine(model, **kw).generate([PROMPT], NEW_TOKENS)
+    assert CudaGraphEngine(model, layer_kernel=True, **kw).generate([PROMPT], NEW_TOKENS) == ref
+
+
 @pytest.mark.skipif(not GPU, reason="CUDA graphs need a GPU")
 def test_graph_runner_with_captured_prefill_matches_the_eager_runner():
     """Prefill replayed from a graph per bucket into the slot given at replay: the same logits and decode

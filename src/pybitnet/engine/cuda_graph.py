@@ -5,14 +5,15 @@ decode step captured once per batch size in a CUDA graph (sampling included), so
 "triton_i2" layout, and runs prefill and decode with fused kernels: at batch 1 every projection is one launch
 (RMSNorm + int8 quantization + W2A8 GEMV + epilogue); at larger batches a norm + quantize launch feeds the
 tensor-core GEMM. With `norm_in_producer`, batch 1 instead normalizes and quantizes each projection's input
-once, in the last program of the GEMV that produces the row. `weights="ternary_int8"` also keeps every
-projection's codes expanded to int8 (1.25 bytes a weight in all, bf16's 2): products of more than one row
-(batched decode, prefill) then run on int8 tensor cores with no 2-bit decoding or expansion per call, while
-one row still reads the 2-bit weights; "ternary" keeps the 2-bit weights alone; "auto" (the default) keeps
-the int8 codes when they take at most a quarter of the GPU's free memory. `weights="bf16"` runs the same
-engine on dequantized bf16 weights through cuBLAS (the baseline the benchmarks compare against).
-`CudaGraphEngine.generate` decodes many sequences with no host round trip per token; `CudaGraphRunner` offers
-the same graphs behind the engine's ModelRunner interface.
+once, in the last program of the GEMV that produces the row; with `layer_kernel`, batch 1 runs each decoder
+layer as one persistent launch (decode_layer.py: the same per-tile code, phases separated by grid barriers).
+`weights="ternary_int8"` also keeps every projection's codes expanded to int8 (1.25 bytes a weight in all,
+bf16's 2): products of more than one row (batched decode, prefill) then run on int8 tensor cores with no 2-bit
+decoding or expansion per call, while one row still reads the 2-bit weights; "ternary" keeps the 2-bit weights
+alone; "auto" (the default) keeps the int8 codes when they take at most a quarter of the GPU's free memory.
+`weights="bf16"` runs the same engine on dequantized bf16 weights through cuBLAS (the baseline the benchmarks
+compare against). `CudaGraphEngine.generate` decodes many sequences with no host round trip per token;
+`CudaGraphRunner` offers the same graphs behind the engine's ModelRunner interface.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 
 from ..errors import ContextLengthError, InvalidRequestError, UnsupportedModelError
 from ..kernels.triton.attention import decode_attention
+from ..kernels.triton.decode_layer import decode_layer
 from ..kernels.triton.expanded import int8_codes
 from ..kernels.triton.matmul import MMConfig, default_config, int8_weight, ternary_gemv, ternary_mm
 from ..kernels.triton.quant import norm_quant
@@ -47,6 +49,10 @@ class _Layer:
     ffn_norm: torch.Tensor | None
     down: Weight
     codes: dict[str, torch.Tensor] = field(default_factory=dict)  # projection -> its int8 codes, if kept
+
+    def gains_and_weights(self) -> tuple:
+        """(ln1, qkv, attn_norm, o, ln2, gate_up, ffn_norm, down), as `decode_layer` takes them."""
+        return (self.ln1, self.qkv, self.attn_norm, self.o, self.ln2, self.gate_up, self.ffn_norm, self.down)
 
 
 def _ternary(module: torch.nn.Module) -> TernaryWeight:
@@ -81,6 +87,7 @@ class GpuForward:
         max_len: int | None = None,
         fuse_norm: bool = True,
         norm_in_producer: bool = False,
+        layer_kernel: bool = False,
     ) -> None:
         if weights not in WEIGHTS:
             raise InvalidRequestError(f"weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
@@ -94,6 +101,7 @@ class GpuForward:
         self.decode_gemv = decode_gemv
         self.fuse_norm = fuse_norm
         self.norm_in_producer = norm_in_producer
+        self.layer_kernel = layer_kernel
         self.act = c.hidden_act
         self.eps = c.rms_norm_eps
         self.n_heads, self.n_kv, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
@@ -109,6 +117,8 @@ class GpuForward:
             self.lm_weight = None if self.lm_int8 is not None else head
             cos, sin = model.rope(torch.arange(self.max_len, device=self.device)[None])
             self.cos, self.sin = cos[0].contiguous(), sin[0].contiguous()
+        # the arrival counters of the one-launch layers' barriers (decode_layer.py), one per layer
+        self.barriers = torch.zeros(len(self.layers), dtype=torch.int64, device=self.device)
 
     def _weight(self, tw: TernaryWeight) -> Weight:
         if self.dense:
@@ -213,7 +223,15 @@ class GpuForward:
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """One token per row: tokens [B] at positions [B] (int32), rows 0..B-1 of `cache` -> logits [B, V]."""
         x = F.embedding(tokens, self.embed)
-        if self.norm_in_producer and x.shape[0] == 1 and self.decode_gemv and not self.dense:
+        one_row = x.shape[0] == 1 and self.decode_gemv and not self.dense
+        if self.layer_kernel and one_row and self.fuse_norm:
+            for i, layer in enumerate(self.layers):
+                x = decode_layer(
+                    x, layer.gains_and_weights(), self.cos, self.sin, positions, cache.k[i], cache.v[i],
+                    self.n_heads, self.n_kv, self.eps, self.act, self.barriers[i : i + 1],
+                )  # fmt: skip
+            return self.logits(x)
+        if self.norm_in_producer and one_row:
             return self._decode_quant_chain(x, positions, cache)
         for i, layer in enumerate(self.layers):
             qkv = self._attention_in(x, layer)
@@ -382,8 +400,8 @@ class CudaGraphEngine:
     """Batched generation on one GPU: prefill, then decode steps replayed from a CUDA graph.
 
     `generate` takes up to `max_batch_size` prompts of token ids and returns each one's new tokens (up to and
-    including a stop token). `weights`, `lm_head`, `decode_gemv`, `fuse_norm`, `norm_in_producer`: see
-    GpuForward.
+    including a stop token). `weights`, `lm_head`, `decode_gemv`, `fuse_norm`, `norm_in_producer`,
+    `layer_kernel`: see GpuForward.
     `use_graph=False` runs the same step eagerly (for debugging, and on CPU under TRITON_INTERPRET=1).
     `prefill_graph` (default) also replays prefills from CUDA graphs, one per batch size and prompt length
     rounded up to PREFILL_BUCKET (see `prefill`): a 2048-token prefill of the 2B-4T shape launches ~450
@@ -403,6 +421,7 @@ class CudaGraphEngine:
         fuse_norm: bool = True,
         norm_in_producer: bool = False,
         prefill_graph: bool = True,
+        layer_kernel: bool = False,
     ) -> None:
         c = model.config
         self.max_len = max_len or c.max_position_embeddings
@@ -411,7 +430,7 @@ class CudaGraphEngine:
         self.use_graph = use_graph and self.device.type == "cuda"
         self.prefill_graph = prefill_graph and self.use_graph
         self.forward = GpuForward(
-            model, weights, lm_head, decode_gemv, self.max_len, fuse_norm, norm_in_producer
+            model, weights, lm_head, decode_gemv, self.max_len, fuse_norm, norm_in_producer, layer_kernel
         )
         self.cache = KVCache(
             c.num_hidden_layers, max_batch_size, c.num_key_value_heads, self.max_len, c.head_dim,

@@ -83,9 +83,22 @@ def _decode_attention_kernel(
     H: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr, GP: tl.constexpr, GR: tl.constexpr,
     BS: tl.constexpr, SPLITS: tl.constexpr, IEEE: tl.constexpr, NATIVE: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
-    b = tl.program_id(0)
-    g = tl.program_id(1)
-    sid = tl.program_id(2)
+    _attention_program(
+        tl.program_id(0), tl.program_id(1), tl.program_id(2), qkv_ptr, cos_ptr, sin_ptr, pos_ptr, k_ptr,
+        v_ptr, o_ptr, part_ptr, ml_ptr, cnt_ptr, stride_qkv, stride_cb, stride_ch, stride_cs, stride_o,
+        sm_scale, H, KVH, D, GP, GR, BS, SPLITS, IEEE, NATIVE, PDL,
+    )  # fmt: skip
+
+
+@triton.jit
+def _attention_program(
+    b, g, sid, qkv_ptr, cos_ptr, sin_ptr, pos_ptr, k_ptr, v_ptr, o_ptr, part_ptr, ml_ptr, cnt_ptr,
+    stride_qkv, stride_cb, stride_ch, stride_cs, stride_o, sm_scale,
+    H: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr, GP: tl.constexpr, GR: tl.constexpr,
+    BS: tl.constexpr, SPLITS: tl.constexpr, IEEE: tl.constexpr, NATIVE: tl.constexpr, PDL: tl.constexpr,
+):  # fmt: skip
+    """Sequence b, KV head g, split sid of `_decode_attention_kernel`, as a function so that a persistent
+    kernel can run several in a loop (decode_layer.py)."""
     G: tl.constexpr = H // KVH
     xdt = qkv_ptr.dtype.element_ty
     # Before the wait for the previous kernel (the q/k/v projection, see pdl_gate): the positions (written

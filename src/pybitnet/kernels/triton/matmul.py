@@ -308,10 +308,30 @@ def _gemv_kernel(
     THEN_QUANT: the output row [N] (NB >= N, a power of two) is also RMS-normalized with gain g2 (NORM2) and
     quantized into q2 / a2 by the last program to arrive (counter at tcnt), so the next GEMV reads int8 and
     no program of it normalizes the whole row again."""
-    pid_k = tl.program_id(1)
+    _gemv_program(
+        tl.program_id(0), tl.program_id(1), tl.num_programs(0), x_ptr, g_ptr, a_ptr, q_ptr, w_ptr, s_ptr,
+        o_ptr, r_ptr, ws_ptr, cnt_ptr, g2_ptr, q2_ptr, a2_ptr, tcnt_ptr, N, K, KW, KXW, eps, BN, BK, KB,
+        SPLIT_K, X_FLOAT, NORM, ACT, RESIDUAL, ROW_SCALE, PRIVATE_ROW, THEN_QUANT, NORM2, NB, USE_ASM, NATIVE,
+        PDL, False,
+    )  # fmt: skip
+
+
+@triton.jit
+def _gemv_program(
+    pid_n, pid_k, n_tiles,
+    x_ptr, g_ptr, a_ptr, q_ptr, w_ptr, s_ptr, o_ptr, r_ptr, ws_ptr, cnt_ptr, g2_ptr, q2_ptr, a2_ptr, tcnt_ptr,
+    N, K, KW, KXW, eps,
+    BN: tl.constexpr, BK: tl.constexpr, KB: tl.constexpr, SPLIT_K: tl.constexpr, X_FLOAT: tl.constexpr,
+    NORM: tl.constexpr, ACT: tl.constexpr, RESIDUAL: tl.constexpr, ROW_SCALE: tl.constexpr,
+    PRIVATE_ROW: tl.constexpr, THEN_QUANT: tl.constexpr, NORM2: tl.constexpr, NB: tl.constexpr,
+    USE_ASM: tl.constexpr, NATIVE: tl.constexpr, PDL: tl.constexpr, L2_IN: tl.constexpr,
+):  # fmt: skip
+    """Output tile pid_n, K share pid_k of `_gemv_kernel` (n_tiles output tiles in all), as a function so that
+    a persistent kernel can run tiles in a loop (decode_layer.py). L2_IN: the float row x was just written by
+    other programs of the same launch, so it is read past the L1 cache."""
     if PRIVATE_ROW:
-        q_ptr += (tl.program_id(0) * SPLIT_K + pid_k).to(tl.int64) * KB
-    rn = tl.program_id(0) * BN + tl.arange(0, BN)
+        q_ptr += (pid_n * SPLIT_K + pid_k).to(tl.int64) * KB
+    rn = pid_n * BN + tl.arange(0, BN)
     n_ok = rn < N
     BC: tl.constexpr = BK // 16  # tile columns (code words) per K block
     j = tl.arange(0, BC)
@@ -333,7 +353,7 @@ def _gemv_kernel(
     offs = tl.arange(0, KB)
     k_ok = offs < K
     if X_FLOAT:
-        q, a = load_norm_quant(x_ptr, g_ptr, offs, k_ok, K, eps, NORM, False, NATIVE)
+        q, a = load_norm_quant(x_ptr, g_ptr, offs, k_ok, K, eps, NORM, L2_IN, NATIVE)
         q = tl.where(k_ok, q, 0)
         tl.store(q_ptr + offs, q, mask=offs < 4 * KXW)  # zeros to the end of the last vector
         tl.debug_barrier()  # the row is in memory before any thread of the program reads a slice of it
@@ -368,11 +388,11 @@ def _gemv_kernel(
     rm = tl.arange(0, 1)
     a_row = tl.zeros((1,), tl.float32) + a
     _finish(out, out_u, rm, rn, rm < 1, n_ok, a_row, s_ptr, o_ptr, r_ptr, ws_ptr, cnt_ptr,
-            tl.program_id(0), pid_k, 1, N, 0, 0, SPLIT_K, ACT, RESIDUAL, ROW_SCALE, NATIVE)  # fmt: skip
+            pid_n, pid_k, 1, N, 0, 0, SPLIT_K, ACT, RESIDUAL, ROW_SCALE, NATIVE)  # fmt: skip
     if THEN_QUANT:  # the last program to finish normalizes and quantizes the whole output row for the next op
         tl.debug_barrier()  # every thread's outputs are stored before the arrival is counted
         arrived = tl.atomic_add(tcnt_ptr, 1)
-        if arrived == tl.num_programs(0) - 1:
+        if arrived == n_tiles - 1:
             tl.atomic_xchg(tcnt_ptr, 0)
             offs_n = tl.arange(0, NB)
             q2, a2 = load_norm_quant(o_ptr, g2_ptr, offs_n, offs_n < N, N, eps, NORM2, True, NATIVE)
