@@ -171,6 +171,13 @@ def _attention_program(
                 _combine_splits(part, ml, o_rows, n_active, G, GR, D, SPLITS)
 
 
+def split_workspace(device: torch.device, pairs: int, splits: int, gr: int, d: int):
+    """(partial outputs, running max / sum, arrival counters) of split attention over `pairs` (sequence, KV
+    head) pairs: shared scratch, the counters back at zero after each launch."""
+    ws = scratch_buffer(device, pairs * splits * gr * (d + 2), "attn").view(torch.float32)
+    return ws, ws[pairs * splits * gr * d :], scratch_buffer(device, pairs, "attn_count")
+
+
 def decode_attention(
     qkv: torch.Tensor,
     cos: torch.Tensor,
@@ -197,10 +204,7 @@ def decode_attention(
     gr = triton.next_power_of_2(group)
     part = ml = cnt = out
     if n_split > 1:
-        pairs = b * num_kv_heads
-        ws = scratch_buffer(qkv.device, pairs * n_split * gr * (d + 2), "attn").view(torch.float32)
-        part, ml = ws, ws[pairs * n_split * gr * d :]
-        cnt = scratch_buffer(qkv.device, pairs, "attn_count")
+        part, ml, cnt = split_workspace(qkv.device, b * num_kv_heads, n_split, gr, d)
     _decode_attention_kernel[(b, num_kv_heads, n_split)](
         qkv, cos, sin, positions, k_cache, v_cache, out, part, ml, cnt,
         qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0), d**-0.5,

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from ...quant import PackedWeight
-from .attention import DECODE_CONFIGS, _attention_program
+from .attention import DECODE_CONFIGS, _attention_program, split_workspace
 from .common import ACTIVATIONS, interpreting, launch_kwargs, on_gpu, pdl_gate, pdl_launch, scratch_buffer
 from .matmul import _gemv_program, default_config
 
@@ -49,6 +49,23 @@ def _grid_barrier(bar_ptr, target):
     while seen < target:
         seen = tl.atomic_add(bar_ptr, 0, sem="acquire")
     tl.debug_barrier()
+
+
+@triton.jit
+def _gemv_phase(
+    pid, n_prog, x_ptr, g_ptr, row, w_ptr, s_ptr, o_ptr, r_ptr, N, K, KW, KXW, eps,
+    BN: tl.constexpr, BK: tl.constexpr, KB: tl.constexpr, NORM: tl.constexpr, ACT: tl.constexpr,
+    RESIDUAL: tl.constexpr, ROW_SCALE: tl.constexpr, USE_ASM: tl.constexpr, NATIVE: tl.constexpr,
+    L2_IN: tl.constexpr,
+):  # fmt: skip
+    """The output tiles pid, pid + n_prog, ... of a one-row GEMV of the float row x (normalized with gain g
+    when NORM, quantized into this program's row)."""
+    for t in range(pid, tl.cdiv(N, BN), n_prog):
+        _gemv_program(
+            t, 0, 1, x_ptr, g_ptr, x_ptr, row, w_ptr, s_ptr, o_ptr, r_ptr, o_ptr, o_ptr, o_ptr, o_ptr, o_ptr,
+            o_ptr, N, K, KW, KXW, eps, BN, BK, KB, 1, True, NORM, ACT, RESIDUAL, ROW_SCALE, False, False,
+            False, 16, USE_ASM, NATIVE, False, L2_IN,
+        )  # fmt: skip
 
 
 @triton.jit
@@ -79,12 +96,8 @@ def _decode_layer_kernel(
         quota = n_prog.to(tl.int64) * 4  # each program arrives at four barriers a launch
         base = tl.atomic_add(bar_ptr, 0, sem="acquire") // quota * quota
     if FIRST <= 1 and LAST >= 1:
-        for t in range(pid, tl.cdiv(QKV_N, BN1), n_prog):
-            _gemv_program(
-                t, 0, 1, x_ptr, ln1_ptr, x_ptr, row, wqkv_ptr, sqkv_ptr, qkv_ptr, qkv_ptr, qkv_ptr, qkv_ptr,
-                qkv_ptr, qkv_ptr, qkv_ptr, qkv_ptr, QKV_N, HID, KW_H, KXW_H, eps, BN1, BK1, KB_H, 1, True,
-                NORM1, 0, False, RS1, False, False, False, 16, USE_ASM, NATIVE, False, False,
-            )  # fmt: skip
+        _gemv_phase(pid, n_prog, x_ptr, ln1_ptr, row, wqkv_ptr, sqkv_ptr, qkv_ptr, qkv_ptr, QKV_N, HID, KW_H,
+                    KXW_H, eps, BN1, BK1, KB_H, NORM1, 0, False, RS1, USE_ASM, NATIVE, False)  # fmt: skip
     if FUSED:
         _grid_barrier(bar_ptr, base + n_prog)
     if FIRST <= 2 and LAST >= 2:
@@ -96,31 +109,19 @@ def _decode_layer_kernel(
             )  # fmt: skip
     if FUSED:
         _grid_barrier(bar_ptr, base + 2 * n_prog)
-    if FIRST <= 3 and LAST >= 3:
-        for t in range(pid, tl.cdiv(HID, BN3), n_prog):
-            _gemv_program(
-                t, 0, 1, attn_ptr, an_ptr, attn_ptr, row, wo_ptr, so_ptr, h_ptr, x_ptr, h_ptr, h_ptr, h_ptr,
-                h_ptr, h_ptr, h_ptr, HID, QD, KW_Q, KXW_Q, eps, BN3, BK3, KB_Q, 1, True, NORM3, 0, True, RS3,
-                False, False, False, 16, USE_ASM, NATIVE, False, FUSED,
-            )  # fmt: skip
+    if FIRST <= 3 and LAST >= 3:  # + x
+        _gemv_phase(pid, n_prog, attn_ptr, an_ptr, row, wo_ptr, so_ptr, h_ptr, x_ptr, HID, QD, KW_Q, KXW_Q,
+                    eps, BN3, BK3, KB_Q, NORM3, 0, True, RS3, USE_ASM, NATIVE, FUSED)  # fmt: skip
     if FUSED:
         _grid_barrier(bar_ptr, base + 3 * n_prog)
-    if FIRST <= 4 and LAST >= 4:
-        for t in range(pid, tl.cdiv(INTER, BN4), n_prog):
-            _gemv_program(
-                t, 0, 1, h_ptr, ln2_ptr, h_ptr, row, wgu_ptr, sgu_ptr, gu_ptr, gu_ptr, gu_ptr, gu_ptr, gu_ptr,
-                gu_ptr, gu_ptr, gu_ptr, INTER, HID, KW_H, KXW_H, eps, BN4, BK4, KB_H, 1, True, NORM4, ACT,
-                False, RS4, False, False, False, 16, USE_ASM, NATIVE, False, FUSED,
-            )  # fmt: skip
+    if FIRST <= 4 and LAST >= 4:  # act(gate) * up
+        _gemv_phase(pid, n_prog, h_ptr, ln2_ptr, row, wgu_ptr, sgu_ptr, gu_ptr, gu_ptr, INTER, HID, KW_H,
+                    KXW_H, eps, BN4, BK4, KB_H, NORM4, ACT, False, RS4, USE_ASM, NATIVE, FUSED)  # fmt: skip
     if FUSED:
         _grid_barrier(bar_ptr, base + 4 * n_prog)
-    if FIRST <= 5 and LAST >= 5:
-        for t in range(pid, tl.cdiv(HID, BN5), n_prog):
-            _gemv_program(
-                t, 0, 1, gu_ptr, fn_ptr, gu_ptr, row, wd_ptr, sd_ptr, out_ptr, h_ptr, out_ptr, out_ptr,
-                out_ptr, out_ptr, out_ptr, out_ptr, HID, INTER, KW_I, KXW_I, eps, BN5, BK5, KB_I, 1, True,
-                NORM5, 0, True, RS5, False, False, False, 16, USE_ASM, NATIVE, False, FUSED,
-            )  # fmt: skip
+    if FIRST <= 5 and LAST >= 5:  # + h
+        _gemv_phase(pid, n_prog, gu_ptr, fn_ptr, row, wd_ptr, sd_ptr, out_ptr, h_ptr, HID, INTER, KW_I, KXW_I,
+                    eps, BN5, BK5, KB_I, NORM5, 0, True, RS5, USE_ASM, NATIVE, FUSED)  # fmt: skip
 
 
 @functools.cache
@@ -189,10 +190,7 @@ def decode_layer(
     kb_h, kb_q, kb_i = _block(hid), _block(qd), _block(inter)
     kb_row = max(kb_h, kb_q, kb_i)
     row = scratch_buffer(dev, programs * kb_row // 4, "layer_rows").view(torch.int8)
-    pairs = num_kv_heads
-    ws = scratch_buffer(dev, pairs * splits * gr * (d + 2), "attn").view(torch.float32)
-    part, ml = ws, ws[pairs * splits * gr * d :]
-    acnt = scratch_buffer(dev, pairs, "attn_count")
+    part, ml, acnt = split_workspace(dev, num_kv_heads, splits, gr, d)
     qkv = torch.empty((1, qkv_n), dtype=x.dtype, device=dev)
     attn = torch.empty((1, num_heads * d), dtype=x.dtype, device=dev)
     h = torch.empty_like(x)
