@@ -1,0 +1,68 @@
+"""Is the CPU decode GEMV bound by memory or by compute? Its rate on a weight that stays in the last-level
+cache against one streamed from DRAM, and the machine's read bandwidth, at 1 and 2 threads.
+
+    python benchmarks/cpu_gemv_ceiling.py [--threads 1,2] [--isa NAME]
+
+If the in-cache rate (the kernel's compute ceiling) is not well above the DRAM read bandwidth, decode cannot
+reach that bandwidth: the kernel, not memory, sets the pace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from pybitnet.kernels import cpu
+from pybitnet.quant import TernaryWeight, pack
+
+SHAPES = [(3840, 2560), (2560, 2560), (13824, 2560), (2560, 6912)]  # one 2B-4T layer's projections
+
+
+def packed(n: int, k: int, g: torch.Generator):
+    codes = torch.randint(-1, 2, (n, k), generator=g, dtype=torch.int8)
+    return pack(TernaryWeight(codes, torch.tensor(0.05)), "cpu_i2")
+
+
+def rate(isa: int, mats: list, xs: dict, calls: int) -> float:
+    """GB/s of weights read by `calls` passes over the matrices (best of three)."""
+    nbytes = sum(w.data.numel() for w in mats)
+    best = 0.0
+    for _ in range(3):
+        t = time.perf_counter()
+        for _ in range(calls):
+            for w in mats:
+                cpu.linear(isa, xs[w.shape[1]], w)
+        best = max(best, calls * nbytes / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--isa", help="a kernel ISA (avx512vnni, avx2, neondot, scalar); default: the best")
+    args = ap.parse_args()
+    isa_name = args.isa or cpu.best_isa()
+    isa = cpu.ISAS[isa_name]
+    g = torch.Generator().manual_seed(0)
+    cached = [packed(6144, 2560, g)]  # 3.9 MB: inside the last-level cache, past the per-core caches
+    streamed = [packed(n, k, g) for n, k in SHAPES * 6]  # 6 layers, ~104 MB: from DRAM
+    xs = {k: torch.randn(1, k, generator=g) for k in (2560, 6912)}
+    buf = torch.ones(1 << 30, dtype=torch.uint8)
+    print(f"kernel {isa_name}")
+    for threads in (int(t) for t in args.threads.split(",")):
+        cpu.set_num_threads(threads)
+        rate(isa, cached, xs, 20)  # warm-up: thread pool, caches
+        in_cache = rate(isa, cached, xs, 200)
+        from_dram = rate(isa, streamed, xs, 2)
+        bandwidth, _ = cpu._native.read_bandwidth(buf.data_ptr(), buf.numel(), 5)
+        print(
+            f"{threads} thread(s): GEMV from cache {in_cache:.1f} GB/s, from DRAM {from_dram:.1f} GB/s; "
+            f"read bandwidth {bandwidth:.1f} GB/s; DRAM GEMV = {from_dram / bandwidth:.0%} of bandwidth, "
+            f"compute ceiling = {in_cache / bandwidth:.0%} of it"
+        )
+
+
+if __name__ == "__main__":
+    main()
