@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import launch_kwargs, on_gpu, pdl_gate, pdl_launch, round_to, scratch_buffer
+from .common import dependency_wait, launch_kwargs, on_gpu, pdl_launch, round_to, scratch_buffer
 
 # launch shape by batch (rows <= 8: "small", else "large"): cache positions per loop step, warps, stages and
 # sequence splits; benchmarks/gpu_bench.py measures the alternatives on an H200 and sets the fastest
@@ -86,7 +86,7 @@ def _decode_attention_kernel(
     _attention_program(
         tl.program_id(0), tl.program_id(1), tl.program_id(2), qkv_ptr, cos_ptr, sin_ptr, pos_ptr, k_ptr,
         v_ptr, o_ptr, part_ptr, ml_ptr, cnt_ptr, stride_qkv, stride_cb, stride_ch, stride_cs, stride_o,
-        sm_scale, H, KVH, D, GP, GR, BS, SPLITS, IEEE, NATIVE, PDL,
+        sm_scale, H, KVH, D, GP, GR, BS, SPLITS, IEEE, NATIVE, PDL, False, o_ptr, 0,
     )  # fmt: skip
 
 
@@ -96,9 +96,11 @@ def _attention_program(
     stride_qkv, stride_cb, stride_ch, stride_cs, stride_o, sm_scale,
     H: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr, GP: tl.constexpr, GR: tl.constexpr,
     BS: tl.constexpr, SPLITS: tl.constexpr, IEEE: tl.constexpr, NATIVE: tl.constexpr, PDL: tl.constexpr,
+    BAR: tl.constexpr, bar_ptr, bar_target,
 ):  # fmt: skip
     """Sequence b, KV head g, split sid of `_decode_attention_kernel`, as a function so that a persistent
-    kernel can run several in a loop (decode_layer.py)."""
+    kernel can run several in a loop (decode_layer.py). BAR: q, k and v are ready at a grid barrier (bar_ptr
+    reaching bar_target), which this program passes after its reads of older cache entries."""
     G: tl.constexpr = H // KVH
     xdt = qkv_ptr.dtype.element_ty
     # Before the wait for the previous kernel (the q/k/v projection, see pdl_gate): the positions (written
@@ -118,7 +120,7 @@ def _attention_program(
     vt0 = tl.load(v_base + sp0[:, None] * stride_cs + d[None, :], mask=old, other=0.0).to(xdt)
     cos = tl.load(cos_ptr + pos * D + d).to(tl.float32)
     sin = tl.load(sin_ptr + pos * D + d).to(tl.float32)
-    pdl_gate(PDL)
+    dependency_wait(PDL, BAR, bar_ptr, bar_target)
     if start <= pos:
         rot = (d + D // 2) % D
         sign = tl.where(d < D // 2, -1.0, 1.0)

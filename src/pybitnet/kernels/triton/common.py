@@ -58,6 +58,30 @@ def pdl_gate(ON: tl.constexpr):
 
 
 @triton.jit
+def grid_barrier(bar_ptr, target):
+    """Arrive at a barrier of all the launch's programs; wait until the counter at bar_ptr reaches `target`.
+    The release orders the program's stores (every thread's, after the block barrier) before its arrival; the
+    acquire makes the other programs' stores visible to what follows. All programs must be resident (a
+    cooperative launch): a waiting program never yields its multiprocessor."""
+    tl.debug_barrier()
+    tl.atomic_add(bar_ptr, 1, sem="release")
+    seen = tl.atomic_add(bar_ptr, 0, sem="acquire")
+    while seen < target:
+        seen = tl.atomic_add(bar_ptr, 0, sem="acquire")
+    tl.debug_barrier()
+
+
+@triton.jit
+def dependency_wait(PDL: tl.constexpr, BAR: tl.constexpr, bar_ptr, bar_target):
+    """Where a program's inputs from before become readable: with BAR, a grid barrier (the previous phase of a
+    persistent launch, see decode_layer.py); else, with PDL, the previous kernel's end."""
+    if BAR:
+        grid_barrier(bar_ptr, bar_target)
+    else:
+        pdl_gate(PDL)
+
+
+@triton.jit
 def round_half_even(v, NATIVE: tl.constexpr):
     """torch.round on float32 (ties to even). The add-subtract of 1.5 * 2**23 rounds the same way in IEEE
     arithmetic for |v| < 2**22; the interpreter has no libdevice."""

@@ -31,7 +31,7 @@ import triton.language as tl
 
 from ...quant import PackedWeight
 from .attention import DECODE_CONFIGS, _attention_program, split_workspace
-from .common import ACTIVATIONS, interpreting, launch_kwargs, on_gpu, pdl_gate, pdl_launch, scratch_buffer
+from .common import ACTIVATIONS, grid_barrier, interpreting, launch_kwargs, on_gpu, pdl_launch, scratch_buffer
 from .matmul import _gemv_program, default_config
 
 PHASES = 5
@@ -39,32 +39,56 @@ NUM_WARPS = 8  # one launch shape for every phase: the tuned one-row GEMV tiles 
 
 
 @triton.jit
-def _grid_barrier(bar_ptr, target):
-    """Wait until the counter at bar_ptr reaches `target`, after adding this program's arrival. The release
-    orders the program's stores (every thread's, after the block barrier) before the arrival; the acquire
-    makes the other programs' stores visible to what follows."""
-    tl.debug_barrier()
-    tl.atomic_add(bar_ptr, 1, sem="release")
-    seen = tl.atomic_add(bar_ptr, 0, sem="acquire")
-    while seen < target:
-        seen = tl.atomic_add(bar_ptr, 0, sem="acquire")
-    tl.debug_barrier()
-
-
-@triton.jit
 def _gemv_phase(
     pid, n_prog, x_ptr, g_ptr, row, w_ptr, s_ptr, o_ptr, r_ptr, N, K, KW, KXW, eps,
     BN: tl.constexpr, BK: tl.constexpr, KB: tl.constexpr, NORM: tl.constexpr, ACT: tl.constexpr,
     RESIDUAL: tl.constexpr, ROW_SCALE: tl.constexpr, USE_ASM: tl.constexpr, NATIVE: tl.constexpr,
-    L2_IN: tl.constexpr,
+    L2_IN: tl.constexpr, PDL: tl.constexpr, BAR: tl.constexpr, bar_ptr, bar_target,
 ):  # fmt: skip
     """The output tiles pid, pid + n_prog, ... of a one-row GEMV of the float row x (normalized with gain g
-    when NORM, quantized into this program's row)."""
-    for t in range(pid, tl.cdiv(N, BN), n_prog):
+    when NORM, quantized into this program's row). A program's first tile waits for the inputs (PDL: the
+    previous kernel; BAR: the grid barrier, which a program without tiles still arrives at) after it has
+    requested its weights."""
+    n_tiles = tl.cdiv(N, BN)
+    if pid < n_tiles:
+        _gemv_program(
+            pid, 0, 1, x_ptr, g_ptr, x_ptr, row, w_ptr, s_ptr, o_ptr, r_ptr, o_ptr, o_ptr, o_ptr, o_ptr,
+            o_ptr, o_ptr, N, K, KW, KXW, eps, BN, BK, KB, 1, True, NORM, ACT, RESIDUAL, ROW_SCALE, False,
+            False, False, 16, USE_ASM, NATIVE, PDL, L2_IN, BAR, bar_ptr, bar_target,
+        )  # fmt: skip
+    elif BAR:
+        grid_barrier(bar_ptr, bar_target)
+    for t in range(pid + n_prog, n_tiles, n_prog):
         _gemv_program(
             t, 0, 1, x_ptr, g_ptr, x_ptr, row, w_ptr, s_ptr, o_ptr, r_ptr, o_ptr, o_ptr, o_ptr, o_ptr, o_ptr,
             o_ptr, N, K, KW, KXW, eps, BN, BK, KB, 1, True, NORM, ACT, RESIDUAL, ROW_SCALE, False, False,
-            False, 16, USE_ASM, NATIVE, False, L2_IN,
+            False, 16, USE_ASM, NATIVE, False, L2_IN, False, bar_ptr, bar_target,
+        )  # fmt: skip
+
+
+@triton.jit
+def _attention_phase(
+    pid, n_prog, qkv_ptr, cos_ptr, sin_ptr, pos_ptr, k_ptr, v_ptr, o_ptr, part_ptr, ml_ptr, cnt_ptr,
+    stride_cb, stride_ch, stride_cs, sm_scale,
+    H: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr, GP: tl.constexpr, GR: tl.constexpr,
+    BS: tl.constexpr, SPLITS: tl.constexpr, IEEE: tl.constexpr, NATIVE: tl.constexpr,
+    PDL: tl.constexpr, BAR: tl.constexpr, bar_ptr, bar_target,
+):  # fmt: skip
+    """The (KV head, split) items pid, pid + n_prog, ... of one sequence's decode attention; the first waits
+    for q, k and v as in `_gemv_phase`, after reading the older cache entries it needs."""
+    if pid < KVH * SPLITS:
+        _attention_program(
+            pid * 0, pid // SPLITS, pid % SPLITS, qkv_ptr, cos_ptr, sin_ptr, pos_ptr, k_ptr, v_ptr, o_ptr,
+            part_ptr, ml_ptr, cnt_ptr, 0, stride_cb, stride_ch, stride_cs, 0, sm_scale, H, KVH, D, GP, GR, BS,
+            SPLITS, IEEE, NATIVE, PDL, BAR, bar_ptr, bar_target,
+        )  # fmt: skip
+    elif BAR:
+        grid_barrier(bar_ptr, bar_target)
+    for item in range(pid + n_prog, KVH * SPLITS, n_prog):
+        _attention_program(
+            pid * 0, item // SPLITS, item % SPLITS, qkv_ptr, cos_ptr, sin_ptr, pos_ptr, k_ptr, v_ptr, o_ptr,
+            part_ptr, ml_ptr, cnt_ptr, 0, stride_cb, stride_ch, stride_cs, 0, sm_scale, H, KVH, D, GP, GR, BS,
+            SPLITS, IEEE, NATIVE, False, False, bar_ptr, bar_target,
         )  # fmt: skip
 
 
@@ -85,11 +109,12 @@ def _decode_layer_kernel(
     FIRST: tl.constexpr, LAST: tl.constexpr, FUSED: tl.constexpr,
     USE_ASM: tl.constexpr, NATIVE: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
-    """Phases FIRST..LAST of one layer (see the module docstring); FUSED: all five, barriers between them.
-    Every program quantizes its GEMV inputs into its own row at row_ptr (KB_ROW bytes)."""
+    """Phases FIRST..LAST of one layer (see the module docstring); FUSED: all five, a grid barrier before each
+    of phases 2-5 (inside each program's first work item, after its reads that do not depend on the phase
+    before). The launch's first phase waits for the previous kernel (PDL) the same way. Every program
+    quantizes its GEMV inputs into its own row at row_ptr (KB_ROW bytes)."""
     pid = tl.program_id(0)
     n_prog = tl.num_programs(0)
-    pdl_gate(PDL)
     row = row_ptr + pid.to(tl.int64) * KB_ROW
     base = 0
     if FUSED:
@@ -97,31 +122,24 @@ def _decode_layer_kernel(
         base = tl.atomic_add(bar_ptr, 0, sem="acquire") // quota * quota
     if FIRST <= 1 and LAST >= 1:
         _gemv_phase(pid, n_prog, x_ptr, ln1_ptr, row, wqkv_ptr, sqkv_ptr, qkv_ptr, qkv_ptr, QKV_N, HID, KW_H,
-                    KXW_H, eps, BN1, BK1, KB_H, NORM1, 0, False, RS1, USE_ASM, NATIVE, False)  # fmt: skip
-    if FUSED:
-        _grid_barrier(bar_ptr, base + n_prog)
+                    KXW_H, eps, BN1, BK1, KB_H, NORM1, 0, False, RS1, USE_ASM, NATIVE, False, PDL, False,
+                    bar_ptr, base)  # fmt: skip
     if FIRST <= 2 and LAST >= 2:
-        for item in range(pid, KVH * SPLITS, n_prog):
-            _attention_program(
-                pid * 0, item // SPLITS, item % SPLITS, qkv_ptr, cos_ptr, sin_ptr, pos_ptr, k_ptr, v_ptr,
-                attn_ptr, part_ptr, ml_ptr, acnt_ptr, 0, stride_cb, stride_ch, stride_cs, 0, sm_scale, H, KVH,
-                D, GP, GR, BS, SPLITS, IEEE, NATIVE, False,
-            )  # fmt: skip
-    if FUSED:
-        _grid_barrier(bar_ptr, base + 2 * n_prog)
+        _attention_phase(pid, n_prog, qkv_ptr, cos_ptr, sin_ptr, pos_ptr, k_ptr, v_ptr, attn_ptr, part_ptr,
+                         ml_ptr, acnt_ptr, stride_cb, stride_ch, stride_cs, sm_scale, H, KVH, D, GP, GR, BS,
+                         SPLITS, IEEE, NATIVE, PDL and FIRST == 2, FUSED, bar_ptr, base + n_prog)  # fmt: skip
     if FIRST <= 3 and LAST >= 3:  # + x
         _gemv_phase(pid, n_prog, attn_ptr, an_ptr, row, wo_ptr, so_ptr, h_ptr, x_ptr, HID, QD, KW_Q, KXW_Q,
-                    eps, BN3, BK3, KB_Q, NORM3, 0, True, RS3, USE_ASM, NATIVE, FUSED)  # fmt: skip
-    if FUSED:
-        _grid_barrier(bar_ptr, base + 3 * n_prog)
+                    eps, BN3, BK3, KB_Q, NORM3, 0, True, RS3, USE_ASM, NATIVE, FUSED, PDL and FIRST == 3,
+                    FUSED, bar_ptr, base + 2 * n_prog)  # fmt: skip
     if FIRST <= 4 and LAST >= 4:  # act(gate) * up
         _gemv_phase(pid, n_prog, h_ptr, ln2_ptr, row, wgu_ptr, sgu_ptr, gu_ptr, gu_ptr, INTER, HID, KW_H,
-                    KXW_H, eps, BN4, BK4, KB_H, NORM4, ACT, False, RS4, USE_ASM, NATIVE, FUSED)  # fmt: skip
-    if FUSED:
-        _grid_barrier(bar_ptr, base + 4 * n_prog)
+                    KXW_H, eps, BN4, BK4, KB_H, NORM4, ACT, False, RS4, USE_ASM, NATIVE, FUSED,
+                    PDL and FIRST == 4, FUSED, bar_ptr, base + 3 * n_prog)  # fmt: skip
     if FIRST <= 5 and LAST >= 5:  # + h
         _gemv_phase(pid, n_prog, gu_ptr, fn_ptr, row, wd_ptr, sd_ptr, out_ptr, h_ptr, HID, INTER, KW_I, KXW_I,
-                    eps, BN5, BK5, KB_I, NORM5, 0, True, RS5, USE_ASM, NATIVE, FUSED)  # fmt: skip
+                    eps, BN5, BK5, KB_I, NORM5, 0, True, RS5, USE_ASM, NATIVE, FUSED, PDL and FIRST == 5,
+                    FUSED, bar_ptr, base + 4 * n_prog)  # fmt: skip
 
 
 @functools.cache

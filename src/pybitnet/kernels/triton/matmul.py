@@ -31,6 +31,7 @@ import triton.language as tl
 from ...quant.layouts import PackedWeight
 from .common import (
     ACTIVATIONS,
+    dependency_wait,
     gated_activation,
     interpreting,
     launch_kwargs,
@@ -312,7 +313,7 @@ def _gemv_kernel(
         tl.program_id(0), tl.program_id(1), tl.num_programs(0), x_ptr, g_ptr, a_ptr, q_ptr, w_ptr, s_ptr,
         o_ptr, r_ptr, ws_ptr, cnt_ptr, g2_ptr, q2_ptr, a2_ptr, tcnt_ptr, N, K, KW, KXW, eps, BN, BK, KB,
         SPLIT_K, X_FLOAT, NORM, ACT, RESIDUAL, ROW_SCALE, PRIVATE_ROW, THEN_QUANT, NORM2, NB, USE_ASM, NATIVE,
-        PDL, False,
+        PDL, False, False, o_ptr, 0,
     )  # fmt: skip
 
 
@@ -324,11 +325,13 @@ def _gemv_program(
     BN: tl.constexpr, BK: tl.constexpr, KB: tl.constexpr, SPLIT_K: tl.constexpr, X_FLOAT: tl.constexpr,
     NORM: tl.constexpr, ACT: tl.constexpr, RESIDUAL: tl.constexpr, ROW_SCALE: tl.constexpr,
     PRIVATE_ROW: tl.constexpr, THEN_QUANT: tl.constexpr, NORM2: tl.constexpr, NB: tl.constexpr,
-    USE_ASM: tl.constexpr, NATIVE: tl.constexpr, PDL: tl.constexpr, L2_IN: tl.constexpr,
+    USE_ASM: tl.constexpr, NATIVE: tl.constexpr, PDL: tl.constexpr, L2_IN: tl.constexpr, BAR: tl.constexpr,
+    bar_ptr, bar_target,
 ):  # fmt: skip
     """Output tile pid_n, K share pid_k of `_gemv_kernel` (n_tiles output tiles in all), as a function so that
     a persistent kernel can run tiles in a loop (decode_layer.py). L2_IN: the float row x was just written by
-    other programs of the same launch, so it is read past the L1 cache."""
+    other programs of the same launch, so it is read past the L1 cache. BAR: the inputs are ready at a grid
+    barrier (bar_ptr reaching bar_target), which this program passes after requesting its first weights."""
     if PRIVATE_ROW:
         q_ptr += (pid_n * SPLIT_K + pid_k).to(tl.int64) * KB
     rn = pid_n * BN + tl.arange(0, BN)
@@ -348,7 +351,7 @@ def _gemv_program(
     wu = wt
     if ACT != 0:
         wu = tl.load(u_rows + cols[None, :], mask=w_mask, other=0)
-    pdl_gate(PDL)
+    dependency_wait(PDL, BAR, bar_ptr, bar_target)
 
     offs = tl.arange(0, KB)
     k_ok = offs < K
