@@ -1,5 +1,6 @@
 """Launch each ternary kernel of a 2B-4T decode / prefill step once, with its committed tiles, for Nsight
 Compute: where a kernel's time goes (memory throughput, occupancy, stall reasons), not how long it takes.
+At one row this includes a whole decoder layer as one persistent launch ("decode_layer_b1").
 
     ncu --clock-control none --profile-from-start off --section SpeedOfLight --section Occupancy \\
         --section LaunchStats --section WarpStateStats python benchmarks/gpu_profile.py [--rows 1,64,2048]
@@ -16,6 +17,7 @@ import torch
 from gpu_bench import SHAPES, random_packed  # this script's folder is on the path when it runs
 
 from pybitnet.kernels.triton.attention import decode_attention
+from pybitnet.kernels.triton.decode_layer import decode_layer
 from pybitnet.kernels.triton.matmul import ternary_gemv, ternary_mm
 
 
@@ -48,7 +50,28 @@ def launches(rows: list[int]):
             calls.append((f"attention_b{b}",
                           lambda qkv=qkv, cos=cos, kc=kc, vc=vc, pos=pos: decode_attention(
                               qkv, cos, cos, pos, kc, vc, 20, 5)))  # fmt: skip
+    if 1 in rows:  # one decoder layer as one persistent launch (decode_layer.py)
+        calls.append(("decode_layer_b1", one_layer(g)))
     return calls
+
+
+def one_layer(g: torch.Generator):
+    """A call running a random 2B-4T layer through `decode_layer` at batch 1, context 384."""
+    hid, inter = 2560, 6912
+    weights = [
+        random_packed(n, k, True, g)[1] for n, k in ((3840, hid), (hid, hid), (2 * inter, hid), (hid, inter))
+    ]
+    gains = [
+        (1 + 0.1 * torch.randn(k, generator=g)).to(torch.bfloat16).cuda() for k in (hid, hid, hid, inter)
+    ]
+    stacked = (gains[0], weights[0], gains[1], weights[1], gains[2], weights[2], gains[3], weights[3])
+    x = torch.randn(1, hid, device="cuda", dtype=torch.bfloat16)
+    cos = torch.randn(4096, 128, device="cuda", dtype=torch.bfloat16)
+    kc = torch.randn(1, 5, 4096, 128, device="cuda", dtype=torch.bfloat16)
+    vc = torch.randn_like(kc)
+    pos = torch.full((1,), 384, device="cuda", dtype=torch.int32)
+    barrier = torch.zeros(1, dtype=torch.int64, device="cuda")
+    return lambda: decode_layer(x, stacked, cos, cos, pos, kc, vc, 20, 5, 1e-5, "relu2", barrier)
 
 
 def main() -> None:
