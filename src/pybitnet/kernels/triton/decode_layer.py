@@ -178,8 +178,10 @@ def decode_layer(
 
     weights = (ln1, qkv, attn_norm, o, ln2, gate_up, ffn_norm, down): gains (None: no norm) and "triton_i2"
     weights as the engine holds them (q/k/v and gate/up rows stacked). barrier: this layer's int64 arrival
-    counter (zero at first, then left as the launches leave it). programs: P (default: the multiprocessor
-    count, at most the most work items of a phase); fused: one launch with barriers (default on a GPU)."""
+    counter (zero at first, then left as the launches leave it; every fused launch on one counter must use
+    the same number of programs, as the default does for a model's layers). programs: P (default: the
+    multiprocessor count, at most the most work items of a phase); fused: one launch with barriers (default
+    on a GPU)."""
     ln1, w_qkv, attn_norm, w_o, ln2, w_gu, ffn_norm, w_down = weights
     if x.shape[0] != 1:
         raise ValueError(f"decode_layer takes one row, got {x.shape[0]}")
