@@ -14,8 +14,8 @@ fi
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv >"$OUT/gpu.txt" 2>&1
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
-# a test that hangs on the GPU (a kernel waiting forever) ends its worker after 60 s; the others go on
-per_test=$(python3 -c "import pytest_timeout" 2>/dev/null && echo "--timeout 60 --timeout-method thread")
+# a test that hangs on the GPU (a kernel waiting forever) ends its worker after 120 s; the others go on
+per_test=$(python3 -c "import pytest_timeout" 2>/dev/null && echo "--timeout 120 --timeout-method thread")
 timeout "${TEST_TIMEOUT:-240}" python3 -m pytest tests/test_triton_kernels.py tests/test_gpu_engine.py -q -n 8 \
   -p no:cacheprovider $per_test >"$OUT/pytest.log" 2>&1
 tail -25 "$OUT/pytest.log"

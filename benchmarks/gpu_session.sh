@@ -8,7 +8,7 @@ set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
-OUT=$OUT TEST_TIMEOUT=${TEST_TIMEOUT:-120} BENCH_TIMEOUT=${BENCH_TIMEOUT:-260} \
+OUT=$OUT TEST_TIMEOUT=${TEST_TIMEOUT:-150} BENCH_TIMEOUT=${BENCH_TIMEOUT:-260} \
   bash benchmarks/gpu_run.sh --precompile 12
 # the reference kind (torch straight-through) times like nn.Linear compiled; leaving it out keeps the stage
 # (three kinds, their 200-step loss curves and the noise-floor curve) near 3 minutes
