@@ -56,6 +56,15 @@ def _combine_splits(part_ptr, ml_ptr, o_rows, n_active, G: tl.constexpr, GR: tl.
 
 
 @triton.jit
+def _kv_block(k_base, v_base, sp, s_ok, stride_cs, d, xdt: tl.constexpr):
+    """Cached keys and values [BS, D] of positions sp (zeros where not s_ok)."""
+    offs = sp[:, None] * stride_cs + d[None, :]
+    kt = tl.load(k_base + offs, mask=s_ok[:, None], other=0.0).to(xdt)
+    vt = tl.load(v_base + offs, mask=s_ok[:, None], other=0.0).to(xdt)
+    return kt, vt
+
+
+@triton.jit
 def _attend(q, kt, vt, s_ok, m_i, l_i, acc, sm_scale, xdt: tl.constexpr, IEEE: tl.constexpr,
             NATIVE: tl.constexpr):  # fmt: skip
     """One block of cached positions into the online softmax: (m_i, l_i, acc) updated with keys kt and values
@@ -115,9 +124,7 @@ def _attention_program(
     k_base = k_ptr + b.to(tl.int64) * stride_cb + g * stride_ch
     v_base = v_ptr + b.to(tl.int64) * stride_cb + g * stride_ch
     sp0 = start + tl.arange(0, BS)
-    old = (sp0 < pos)[:, None]
-    kt0 = tl.load(k_base + sp0[:, None] * stride_cs + d[None, :], mask=old, other=0.0).to(xdt)
-    vt0 = tl.load(v_base + sp0[:, None] * stride_cs + d[None, :], mask=old, other=0.0).to(xdt)
+    kt0, vt0 = _kv_block(k_base, v_base, sp0, sp0 < pos, stride_cs, d, xdt)
     cos = tl.load(cos_ptr + pos * D + d).to(tl.float32)
     sin = tl.load(sin_ptr + pos * D + d).to(tl.float32)
     dependency_wait(PDL, BAR, bar_ptr, bar_target)
@@ -150,8 +157,7 @@ def _attention_program(
         for s0 in range(start + BS, tl.minimum(start + chunk, pos + 1), BS):
             sp = s0 + tl.arange(0, BS)
             s_ok = sp <= pos
-            kt = tl.load(k_base + sp[:, None] * stride_cs + d[None, :], mask=s_ok[:, None], other=0.0).to(xdt)
-            vt = tl.load(v_base + sp[:, None] * stride_cs + d[None, :], mask=s_ok[:, None], other=0.0).to(xdt)
+            kt, vt = _kv_block(k_base, v_base, sp, s_ok, stride_cs, d, xdt)
             m_i, l_i, acc = _attend(q, kt, vt, s_ok, m_i, l_i, acc, sm_scale, xdt, IEEE, NATIVE)
         o_rows = o_ptr + b.to(tl.int64) * stride_o + g * G * D
         if SPLITS == 1:

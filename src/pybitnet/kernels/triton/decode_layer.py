@@ -31,8 +31,8 @@ import triton.language as tl
 
 from ...quant import PackedWeight
 from .attention import DECODE_CONFIGS, _attention_program, split_workspace
-from .common import ACTIVATIONS, grid_barrier, interpreting, launch_kwargs, on_gpu, pdl_launch, scratch_buffer
-from .matmul import _gemv_program, default_config
+from .common import ACTIVATIONS, grid_barrier, launch_kwargs, on_gpu, pdl_launch, scratch_buffer
+from .matmul import _gemv_program, default_config, gemv_row
 
 PHASES = 5
 NUM_WARPS = 8  # one launch shape for every phase: the tuned one-row GEMV tiles all use 8 warps
@@ -153,10 +153,6 @@ def _tile(n: int, k: int, gated: bool) -> tuple[int, int]:
     return cfg.bn, cfg.bk
 
 
-def _block(k: int) -> int:
-    return max(triton.next_power_of_2(k), 16)
-
-
 def decode_layer(
     x: torch.Tensor,
     weights: tuple,
@@ -197,17 +193,14 @@ def decode_layer(
     splits = attn_cfg["splits"]
     dev = x.device
     native = on_gpu(x)
-    fused = native and not interpreting() if fused is None else fused
-    tiles = {1: _tile(qkv_n, hid, False), 3: _tile(hid, qd, False), 4: _tile(inter, hid, True)}
-    tiles[5] = _tile(hid, inter, False)
-    work = max(
-        -(-qkv_n // tiles[1][0]), num_kv_heads * splits, -(-hid // tiles[3][0]), -(-inter // tiles[4][0]),
-        -(-hid // tiles[5][0]),
-    )  # fmt: skip
+    fused = native if fused is None else fused
+    gemvs = {1: (qkv_n, hid, False), 3: (hid, qd, False), 4: (inter, hid, True), 5: (hid, inter, False)}
+    tiles = {phase: _tile(*shape) for phase, shape in gemvs.items()}
+    work = max(num_kv_heads * splits, *(-(-gemvs[p][0] // tiles[p][0]) for p in gemvs))
     if programs is None:
         programs = _multiprocessors(dev.index if dev.index is not None else 0) if native else 4
     programs = max(1, min(programs, work))
-    kb_h, kb_q, kb_i = _block(hid), _block(qd), _block(inter)
+    (kb_h, kxw_h), (kb_q, kxw_q), (kb_i, kxw_i) = gemv_row(hid), gemv_row(qd), gemv_row(inter)
     kb_row = max(kb_h, kb_q, kb_i)
     row = scratch_buffer(dev, programs * kb_row // 4, "layer_rows").view(torch.int8)
     part, ml, acnt = split_workspace(dev, num_kv_heads, splits, gr, d)
@@ -223,7 +216,7 @@ def decode_layer(
         ffn_norm if ffn_norm is not None else x, w_down.data, w_down.scale,
         cos, sin, positions, k_cache, v_cache, part, ml, acnt, barrier,
         hid, qkv_n, qd, inter, w_qkv.data.shape[1], w_o.data.shape[1], w_down.data.shape[1],
-        -(-hid // 16) * 4, -(-qd // 16) * 4, -(-inter // 16) * 4,
+        kxw_h, kxw_q, kxw_i,
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), eps, d**-0.5,
     )  # fmt: skip
     consts = dict(

@@ -477,6 +477,12 @@ def default_config(m: int, n: int, k: int, w8: bool = False, gated: bool = False
     return MMConfig(bm=128, bn=128, bk=256, num_warps=8, num_stages=3)
 
 
+def gemv_row(k: int) -> tuple[int, int]:
+    """(KB, KXW) of a one-row GEMV over K inputs: the power-of-two span of its int8 row (at least one
+    16-byte vector) and the 32-bit words it reads, K rounded up to whole 16-byte vectors."""
+    return max(triton.next_power_of_2(k), 16), -(-k // 16) * 4
+
+
 def _check(x: torch.Tensor, w: PackedWeight, act: str | None) -> tuple[int, int, int]:
     """(output columns, K, activation code) of a product; a gated one halves the weight's rows."""
     n_rows, k = w.shape
@@ -580,7 +586,7 @@ def ternary_gemv(
     grid = (triton.cdiv(n, cfg.bn), cfg.split_k)
     ws, cnt = _split_buffers(x.device, 1, 2 * n if act_code else n, grid[0], cfg.split_k)
     private = x_float and cfg.private_row
-    kb = max(triton.next_power_of_2(k), 16)
+    kb, kxw = gemv_row(k)
     if x_float:  # the kernel quantizes into this row (a row per program when private)
         rows = grid[0] * grid[1] if private else 1
         q = scratch_buffer(x.device, rows * kb // 4, "row").view(torch.int8)
@@ -600,7 +606,7 @@ def ternary_gemv(
         residual if residual is not None else out,
         ws if ws is not None else out, cnt if cnt is not None else out,
         g2 if g2 is not None else out, q2, a2, tcnt,
-        n, k, w.data.shape[1], -(-k // 16) * 4, eps,
+        n, k, w.data.shape[1], kxw, eps,
         BN=cfg.bn, BK=cfg.bk, KB=kb, SPLIT_K=cfg.split_k, X_FLOAT=x_float,
         NORM=gain is not None, ACT=act_code, RESIDUAL=residual is not None, ROW_SCALE=w.scale.numel() > 1,
         PRIVATE_ROW=private, THEN_QUANT=then_quant is not None, NORM2=g2 is not None,
