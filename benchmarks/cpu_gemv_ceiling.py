@@ -41,9 +41,11 @@ def rate(isa: int, mats: list, xs: dict, calls: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", default="1,2")
-    ap.add_argument("--isa", help="a kernel ISA (avx512vnni, avx2, neondot, scalar); default: the best")
+    ap.add_argument("--isa", choices=sorted(cpu.ISAS), help="the kernel's instruction set; default: the best")
     args = ap.parse_args()
     isa_name = args.isa or cpu.best_isa()
+    if not cpu.isa_available(isa_name):
+        ap.error(f"--isa {isa_name}: this CPU or build cannot run it (best here: {cpu.best_isa()})")
     isa = cpu.ISAS[isa_name]
     g = torch.Generator().manual_seed(0)
     cached = [packed(6144, 2560, g)]  # 3.9 MB: inside the last-level cache, past the per-core caches

@@ -181,6 +181,22 @@ def test_layer_kernel_gives_the_five_launches_results(programs, fused):
             assert torch.equal(got, want)
 
 
+def test_layer_kernel_rejects_what_it_cannot_run():
+    from pybitnet.kernels.triton.decode_layer import decode_layer
+
+    model = _model().to(DEV)
+    fwd = CudaGraphEngine(model, max_batch_size=2, max_len=32, lm_head="float").forward
+    layer, cache_k = fwd.layers[0], torch.zeros(2, fwd.n_kv, 32, fwd.head_dim, device=DEV)
+    pos = torch.zeros(2, dtype=torch.int32, device=DEV)
+    args = (fwd.cos, fwd.sin, pos, cache_k, cache_k, fwd.n_heads, fwd.n_kv, fwd.eps, fwd.act)
+    args += (fwd.barriers[:1],)
+    with pytest.raises(ValueError, match="one row"):
+        decode_layer(torch.zeros(2, model.config.hidden_size, device=DEV), layer.gains_and_weights(), *args)
+    dense = (layer.ln1, layer.qkv.data, *layer.gains_and_weights()[2:])
+    with pytest.raises(ValueError, match="triton_i2"):
+        decode_layer(torch.zeros(1, model.config.hidden_size, device=DEV), dense, *args)
+
+
 def test_layer_kernel_engine_decodes_the_same_tokens():
     model = _model().to(DEV)
     kw = dict(max_batch_size=1, max_len=len(PROMPT) + NEW_TOKENS, lm_head="float")
