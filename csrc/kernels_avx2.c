@@ -13,11 +13,6 @@
 
 #define BN_WIDEN_K 1024 /* 32 vpmaddubsw results of 32 k each per int16 lane */
 #define GEMV_WIDEN_KB 8  /* blocks per int16 accumulation in the GEMV (see gemv_tile) */
-/* Bytes ahead of the decode GEMVs' weight reads (ternary and int8 head) to prefetch: the ternary loop is busy
- * enough that the hardware prefetcher alone keeps too few lines in flight (measured on a 2-core Zen 4: the
- * decode step's ternary GEMVs ~15% faster). Past a tile's end it prefetches the next tile, which the same
- * thread usually reads next; prefetches never fault, so running past the matrix is harmless. */
-#define GEMV_PREFETCH 2048
 _Static_assert(BN_WIDEN_K == 1024, "the GEMM micro-kernel's assembly puts unpacked rows 1024 bytes apart");
 #define GEMM_MIN_M 4    /* from this many activation rows, unpack weights once and run the tiled GEMM */
 #define GEMM_MC 64      /* activation rows per GEMM block */
@@ -52,8 +47,8 @@ static void gemv_tile(const uint8_t *tile, int64_t nkb, const int8_t *x, int32_t
             __m256i x2 = _mm256_loadu_si256((const __m256i *)(xb + 64));
             __m256i x3 = _mm256_loadu_si256((const __m256i *)(xb + 96));
             const uint8_t *b = tile + kb * BN_TILE_KBLOCK_BYTES;
-            _mm_prefetch((const char *)(b + GEMV_PREFETCH), _MM_HINT_T0);
-            _mm_prefetch((const char *)(b + GEMV_PREFETCH + 64), _MM_HINT_T0);
+            _mm_prefetch((const char *)(b + BN_GEMV_PREFETCH), _MM_HINT_T0);
+            _mm_prefetch((const char *)(b + BN_GEMV_PREFETCH + 64), _MM_HINT_T0);
             for (int r = 0; r < BN_ROWS; r++) {
                 __m256i v = _mm256_loadu_si256((const __m256i *)(b + r * BN_RUN));
                 __m256i t = _mm256_srli_epi16(v, 4);
@@ -212,8 +207,8 @@ static void int8_avx2(const bn_act *x, const bn_qmat *w, int64_t n0, int64_t n1)
                 __m256i xv = _mm256_loadu_si256((const __m256i *)(xr + c * 32));
                 __m256i ax = _mm256_abs_epi8(xv);
                 const int8_t *b = tile + c * BN_ROWS * 32;
-                _mm_prefetch((const char *)(b + GEMV_PREFETCH), _MM_HINT_T0);
-                _mm_prefetch((const char *)(b + GEMV_PREFETCH + 64), _MM_HINT_T0);
+                _mm_prefetch((const char *)(b + BN_GEMV_PREFETCH), _MM_HINT_T0);
+                _mm_prefetch((const char *)(b + BN_GEMV_PREFETCH + 64), _MM_HINT_T0);
                 a0 = dot8(a0, ax, xv, b);
                 a1 = dot8(a1, ax, xv, b + 32);
                 a2 = dot8(a2, ax, xv, b + 64);

@@ -1,7 +1,7 @@
 /* AVX-512 VNNI kernels (compiled with -mavx512f -mavx512bw -mavx512vl -mavx512vnni; only called after the CPU
  * and OS report them). vpdpbusd adds four unsigned x signed byte products straight into int32 lanes, without
- * saturation: a lane grows by at most 4 * 2 * 128 = 1024 per instruction for ternary codes, so no
- * intermediate int16 sums exist and K up to 2**21 cannot overflow.
+ * saturation: a lane grows by at most 4 * 2 * 128 = 1024 per instruction for unpacked ternary codes (the GEMM),
+ * so no intermediate int16 sums exist and K up to 2**21 cannot overflow; the GEMV's bound is below.
  */
 #include <immintrin.h>
 #include <string.h>
@@ -19,30 +19,35 @@ static inline int32_t hsum256(__m256i v) {
     return _mm_cvtsi128_si32(s);
 }
 
-/* GEMV: a zmm holds two rows' 32-byte runs of one k-block; the activation block is broadcast to both halves. */
+/* GEMV: a zmm holds two rows' 32-byte runs of one k-block; the activation block is broadcast to both halves.
+ * The four bit-pair planes are masked in place (0x03, 0x0c, 0x30, 0xc0), never shifted down: plane j's codes
+ * enter the products times 4^j, into accumulators of its own, and every lane of those is a multiple of 4^j, so an
+ * arithmetic shift at the end divides exactly. Two loads, eight ands and eight vpdpbusd per block (the shifting
+ * version had six more port-0 shifts, which made the loop too slow to keep DRAM busy). A lane of plane 3 grows by
+ * at most 4 * 128 * 128 = 2^16 per block, so K below 2^22 cannot overflow. */
 static void gemv_tile(const uint8_t *tile, int64_t nkb, const int8_t *x, int32_t out[BN_ROWS]) {
-    const __m512i m3 = _mm512_set1_epi8(3);
-    __m512i a01 = _mm512_setzero_si512(), b01 = _mm512_setzero_si512();
-    __m512i a23 = _mm512_setzero_si512(), b23 = _mm512_setzero_si512();
+    const __m512i mask[4] = {_mm512_set1_epi8(0x03), _mm512_set1_epi8(0x0c), _mm512_set1_epi8(0x30),
+                             _mm512_set1_epi8((char)0xc0)};
+    __m512i r01[4], r23[4]; /* per plane: rows 0-1, rows 2-3 */
+    for (int j = 0; j < 4; j++) r01[j] = r23[j] = _mm512_setzero_si512();
     for (int64_t kb = 0; kb < nkb; kb++) {
         const int8_t *xb = x + kb * BN_KBLOCK;
-        __m512i x0 = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)xb));
-        __m512i x1 = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(xb + 32)));
-        __m512i x2 = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(xb + 64)));
-        __m512i x3 = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(xb + 96)));
         const uint8_t *b = tile + kb * BN_TILE_KBLOCK_BYTES;
+        _mm_prefetch((const char *)(b + BN_GEMV_PREFETCH), _MM_HINT_T0);
+        _mm_prefetch((const char *)(b + BN_GEMV_PREFETCH + 64), _MM_HINT_T0);
         __m512i v01 = _mm512_loadu_si512((const void *)b);
         __m512i v23 = _mm512_loadu_si512((const void *)(b + 64));
-        a01 = _mm512_dpbusd_epi32(a01, _mm512_and_si512(v01, m3), x0);
-        b01 = _mm512_dpbusd_epi32(b01, _mm512_and_si512(_mm512_srli_epi16(v01, 2), m3), x1);
-        a01 = _mm512_dpbusd_epi32(a01, _mm512_and_si512(_mm512_srli_epi16(v01, 4), m3), x2);
-        b01 = _mm512_dpbusd_epi32(b01, _mm512_and_si512(_mm512_srli_epi16(v01, 6), m3), x3);
-        a23 = _mm512_dpbusd_epi32(a23, _mm512_and_si512(v23, m3), x0);
-        b23 = _mm512_dpbusd_epi32(b23, _mm512_and_si512(_mm512_srli_epi16(v23, 2), m3), x1);
-        a23 = _mm512_dpbusd_epi32(a23, _mm512_and_si512(_mm512_srli_epi16(v23, 4), m3), x2);
-        b23 = _mm512_dpbusd_epi32(b23, _mm512_and_si512(_mm512_srli_epi16(v23, 6), m3), x3);
+        for (int j = 0; j < 4; j++) {
+            __m512i xj = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(xb + 32 * j)));
+            r01[j] = _mm512_dpbusd_epi32(r01[j], _mm512_and_si512(v01, mask[j]), xj);
+            r23[j] = _mm512_dpbusd_epi32(r23[j], _mm512_and_si512(v23, mask[j]), xj);
+        }
     }
-    __m512i s01 = _mm512_add_epi32(a01, b01), s23 = _mm512_add_epi32(a23, b23);
+    __m512i s01 = r01[0], s23 = r23[0];
+    for (int j = 1; j < 4; j++) {
+        s01 = _mm512_add_epi32(s01, _mm512_srai_epi32(r01[j], 2 * j));
+        s23 = _mm512_add_epi32(s23, _mm512_srai_epi32(r23[j], 2 * j));
+    }
     out[0] = hsum256(_mm512_castsi512_si256(s01));
     out[1] = hsum256(_mm512_extracti64x4_epi64(s01, 1));
     out[2] = hsum256(_mm512_castsi512_si256(s23));
@@ -142,6 +147,8 @@ static void int8_avx512vnni(const bn_act *x, const bn_qmat *w, int64_t n0, int64
             for (int64_t c = 0; c < chunks; c++) {
                 __m512i xv = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(xr + c * 32)));
                 const int8_t *b = tile + c * BN_ROWS * 32;
+                _mm_prefetch((const char *)(b + BN_GEMV_PREFETCH), _MM_HINT_T0);
+                _mm_prefetch((const char *)(b + BN_GEMV_PREFETCH + 64), _MM_HINT_T0);
                 a01 = _mm512_dpbusd_epi32(a01, _mm512_xor_si512(_mm512_loadu_si512((const void *)b), flip), xv);
                 a23 = _mm512_dpbusd_epi32(a23, _mm512_xor_si512(_mm512_loadu_si512((const void *)(b + 64)), flip), xv);
             }

@@ -168,6 +168,7 @@ def decode_layer(
     barrier: torch.Tensor,
     programs: int | None = None,
     fused: bool | None = None,
+    maxnreg: int | None = None,
 ) -> torch.Tensor:
     """The layer's output row [1, hidden] for the input row x [1, hidden] (one token at positions [1]), as the
     five launches q/k/v GEMV -> decode_attention -> o GEMV (+ x) -> gate/up GEMV -> down GEMV (+ h) give it.
@@ -177,7 +178,7 @@ def decode_layer(
     counter (zero at first, then left as the launches leave it; every fused launch on one counter must use
     the same number of programs, as the default does for a model's layers). programs: P (default: the
     multiprocessor count, at most the most work items of a phase); fused: one launch with barriers (default
-    on a GPU)."""
+    on a GPU); maxnreg: a cap on registers per thread (128 lets two programs share a multiprocessor)."""
     ln1, w_qkv, attn_norm, w_o, ln2, w_gu, ffn_norm, w_down = weights
     if x.shape[0] != 1:
         raise ValueError(f"decode_layer takes one row, got {x.shape[0]}")
@@ -228,6 +229,8 @@ def decode_layer(
         H=num_heads, KVH=num_kv_heads, D=d, GP=max(16, gr), GR=gr, BS=attn_cfg["block"], SPLITS=splits,
         IEEE=x.dtype == torch.float32, USE_ASM=native, NATIVE=native, num_warps=NUM_WARPS, num_stages=1,
     )  # fmt: skip
+    if maxnreg is not None and native:
+        consts["maxnreg"] = maxnreg
     if fused:  # cooperative: if the P programs cannot all be resident the driver refuses it (no hang)
         _decode_layer_kernel[(programs,)](
             *args, FIRST=1, LAST=PHASES, FUSED=True, **consts, **launch_kwargs(pdl_launch(x)),
