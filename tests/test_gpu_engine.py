@@ -144,11 +144,14 @@ def test_prefill_into_listed_rows_equals_prefill_at_an_offset():
     assert torch.equal(got, want) and torch.equal(cache.k, k) and torch.equal(cache.v, v)
 
 
-@pytest.mark.parametrize("programs,fused", [(None, None), (2, False), (3, GPU)])
-def test_layer_kernel_gives_the_five_launches_results(programs, fused):
+@pytest.mark.parametrize(
+    "programs,fused,overlap", [(None, None, True), (2, False, True), (3, GPU, True), (3, GPU, False)]
+)
+def test_layer_kernel_gives_the_five_launches_results(programs, fused, overlap):
     """A decoder layer as one persistent launch (phase by phase in the interpreter; on the GPU, phases behind
-    grid barriers, also with fewer programs than work items so each loops): the same output row and cache
-    writes as the five separate launches, over several decode steps (the barrier counters keep growing)."""
+    grid barriers, also with fewer programs than work items so each loops; with and without the first work
+    item's loads before the wait): the same output row and cache writes as the five separate launches, over
+    several decode steps (the barrier counters keep growing)."""
     from pybitnet.kernels.triton.attention import decode_attention
     from pybitnet.kernels.triton.decode_layer import decode_layer
 
@@ -172,7 +175,7 @@ def test_layer_kernel_gives_the_five_launches_results(programs, fused):
         cache.v.copy_(v0)
         got = decode_layer(
             x, layer.gains_and_weights(), fwd.cos, fwd.sin, pos, cache.k[0], cache.v[0], fwd.n_heads,
-            fwd.n_kv, fwd.eps, fwd.act, fwd.barriers[:1], programs=programs, fused=fused,
+            fwd.n_kv, fwd.eps, fwd.act, fwd.barriers[:1], programs=programs, fused=fused, overlap=overlap,
         )  # fmt: skip
         assert torch.equal(cache.k, k_want) and torch.equal(cache.v, v_want)
         if GPU:  # attention's dot products may group their sums by the launch's warp count

@@ -6,7 +6,8 @@ decode step captured once per batch size in a CUDA graph (sampling included), so
 (RMSNorm + int8 quantization + W2A8 GEMV + epilogue); at larger batches a norm + quantize launch feeds the
 tensor-core GEMM. With `norm_in_producer`, batch 1 instead normalizes and quantizes each projection's input
 once, in the last program of the GEMV that produces the row; with `layer_kernel`, batch 1 runs each decoder
-layer as one persistent launch (decode_layer.py: the same per-tile code, phases separated by grid barriers).
+layer as one persistent launch (decode_layer.py: the same per-tile code, phases separated by grid barriers;
+measured slower on an H200, so off by default).
 `weights="ternary_int8"` also keeps every projection's codes expanded to int8 (1.25 bytes a weight in all,
 bf16's 2): products of more than one row (batched decode, prefill) then run on int8 tensor cores with no 2-bit
 decoding or expansion per call, while one row still reads the 2-bit weights; "ternary" keeps the 2-bit weights

@@ -18,7 +18,14 @@ phases are separated by grid-wide barriers on an arrival counter per layer that 
 the first barrier); the launch is cooperative, so the driver guarantees that all P programs are resident
 (or refuses the launch) and a barrier cannot wait for a program that never runs. The interpreter runs
 programs one after another, so no program could wait for another: there (or with `fused=False`) each phase
-is its own launch of the same kernel. Not yet timed on a GPU: opt-in (`GpuForward(layer_kernel=True)`).
+is its own launch of the same kernel.
+
+Opt-in (`GpuForward(layer_kernel=True)`), because on an H200 it is slower: 675-684 tok/s against 998-1009 for
+the five launches a layer (benchmarks/gpu_layer_kernel.py). A grid barrier costs ~0.8 µs, so most of the
+loss is elsewhere: with programmatic dependent launch a kernel's programs start (and request their weights)
+while the kernel before still runs, on the same multiprocessors; one program per multiprocessor has no such
+overlap across phases. Halving the code (`overlap=False`), two programs per multiprocessor at 128 registers
+(spills) and requesting the later phases' weights into L2 at the start were measured, none faster.
 """
 
 from __future__ import annotations
@@ -31,7 +38,15 @@ import triton.language as tl
 
 from ...quant import PackedWeight
 from .attention import DECODE_CONFIGS, _attention_program, split_workspace
-from .common import ACTIVATIONS, grid_barrier, launch_kwargs, on_gpu, pdl_launch, scratch_buffer
+from .common import (
+    ACTIVATIONS,
+    dependency_wait,
+    grid_barrier,
+    launch_kwargs,
+    on_gpu,
+    pdl_launch,
+    scratch_buffer,
+)
 from .matmul import _gemv_program, default_config, gemv_row
 
 PHASES = 5
@@ -43,14 +58,18 @@ def _gemv_phase(
     pid, n_prog, x_ptr, g_ptr, row, w_ptr, s_ptr, o_ptr, r_ptr, N, K, KW, KXW, eps,
     BN: tl.constexpr, BK: tl.constexpr, KB: tl.constexpr, NORM: tl.constexpr, ACT: tl.constexpr,
     RESIDUAL: tl.constexpr, ROW_SCALE: tl.constexpr, USE_ASM: tl.constexpr, NATIVE: tl.constexpr,
-    L2_IN: tl.constexpr, PDL: tl.constexpr, BAR: tl.constexpr, bar_ptr, bar_target,
+    L2_IN: tl.constexpr, PDL: tl.constexpr, BAR: tl.constexpr, bar_ptr, bar_target, OVERLAP: tl.constexpr,
 ):  # fmt: skip
     """The output tiles pid, pid + n_prog, ... of a one-row GEMV of the float row x (normalized with gain g
     when NORM, quantized into this program's row). A program's first tile waits for the inputs (PDL: the
     previous kernel; BAR: the grid barrier, which a program without tiles still arrives at) after it has
-    requested its weights."""
+    requested its weights; without OVERLAP every program waits first (one copy of the tile code, not two)."""
     n_tiles = tl.cdiv(N, BN)
-    if pid < n_tiles:
+    first = pid + n_prog
+    if not OVERLAP:
+        dependency_wait(PDL, BAR, bar_ptr, bar_target)
+        first = pid
+    elif pid < n_tiles:
         _gemv_program(
             pid, 0, 1, x_ptr, g_ptr, x_ptr, row, w_ptr, s_ptr, o_ptr, r_ptr, o_ptr, o_ptr, o_ptr, o_ptr,
             o_ptr, o_ptr, N, K, KW, KXW, eps, BN, BK, KB, 1, True, NORM, ACT, RESIDUAL, ROW_SCALE, False,
@@ -58,7 +77,7 @@ def _gemv_phase(
         )  # fmt: skip
     elif BAR:
         grid_barrier(bar_ptr, bar_target)
-    for t in range(pid + n_prog, n_tiles, n_prog):
+    for t in range(first, n_tiles, n_prog):
         _gemv_program(
             t, 0, 1, x_ptr, g_ptr, x_ptr, row, w_ptr, s_ptr, o_ptr, r_ptr, o_ptr, o_ptr, o_ptr, o_ptr, o_ptr,
             o_ptr, N, K, KW, KXW, eps, BN, BK, KB, 1, True, NORM, ACT, RESIDUAL, ROW_SCALE, False, False,
@@ -72,11 +91,15 @@ def _attention_phase(
     stride_cb, stride_ch, stride_cs, sm_scale,
     H: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr, GP: tl.constexpr, GR: tl.constexpr,
     BS: tl.constexpr, SPLITS: tl.constexpr, IEEE: tl.constexpr, NATIVE: tl.constexpr,
-    PDL: tl.constexpr, BAR: tl.constexpr, bar_ptr, bar_target,
+    PDL: tl.constexpr, BAR: tl.constexpr, bar_ptr, bar_target, OVERLAP: tl.constexpr,
 ):  # fmt: skip
     """The (KV head, split) items pid, pid + n_prog, ... of one sequence's decode attention; the first waits
     for q, k and v as in `_gemv_phase`, after reading the older cache entries it needs."""
-    if pid < KVH * SPLITS:
+    first = pid + n_prog
+    if not OVERLAP:
+        dependency_wait(PDL, BAR, bar_ptr, bar_target)
+        first = pid
+    elif pid < KVH * SPLITS:
         _attention_program(
             pid * 0, pid // SPLITS, pid % SPLITS, qkv_ptr, cos_ptr, sin_ptr, pos_ptr, k_ptr, v_ptr, o_ptr,
             part_ptr, ml_ptr, cnt_ptr, 0, stride_cb, stride_ch, stride_cs, 0, sm_scale, H, KVH, D, GP, GR, BS,
@@ -84,7 +107,7 @@ def _attention_phase(
         )  # fmt: skip
     elif BAR:
         grid_barrier(bar_ptr, bar_target)
-    for item in range(pid + n_prog, KVH * SPLITS, n_prog):
+    for item in range(first, KVH * SPLITS, n_prog):
         _attention_program(
             pid * 0, item // SPLITS, item % SPLITS, qkv_ptr, cos_ptr, sin_ptr, pos_ptr, k_ptr, v_ptr, o_ptr,
             part_ptr, ml_ptr, cnt_ptr, 0, stride_cb, stride_ch, stride_cs, 0, sm_scale, H, KVH, D, GP, GR, BS,
@@ -107,7 +130,7 @@ def _decode_layer_kernel(
     H: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr, GP: tl.constexpr, GR: tl.constexpr,
     BS: tl.constexpr, SPLITS: tl.constexpr, IEEE: tl.constexpr,
     FIRST: tl.constexpr, LAST: tl.constexpr, FUSED: tl.constexpr,
-    USE_ASM: tl.constexpr, NATIVE: tl.constexpr, PDL: tl.constexpr,
+    USE_ASM: tl.constexpr, NATIVE: tl.constexpr, PDL: tl.constexpr, OVERLAP: tl.constexpr,
 ):  # fmt: skip
     """Phases FIRST..LAST of one layer (see the module docstring); FUSED: all five, a grid barrier before each
     of phases 2-5 (inside each program's first work item, after its reads that do not depend on the phase
@@ -123,23 +146,24 @@ def _decode_layer_kernel(
     if FIRST <= 1 and LAST >= 1:
         _gemv_phase(pid, n_prog, x_ptr, ln1_ptr, row, wqkv_ptr, sqkv_ptr, qkv_ptr, qkv_ptr, QKV_N, HID, KW_H,
                     KXW_H, eps, BN1, BK1, KB_H, NORM1, 0, False, RS1, USE_ASM, NATIVE, False, PDL, False,
-                    bar_ptr, base)  # fmt: skip
+                    bar_ptr, base, OVERLAP)  # fmt: skip
     if FIRST <= 2 and LAST >= 2:
         _attention_phase(pid, n_prog, qkv_ptr, cos_ptr, sin_ptr, pos_ptr, k_ptr, v_ptr, attn_ptr, part_ptr,
                          ml_ptr, acnt_ptr, stride_cb, stride_ch, stride_cs, sm_scale, H, KVH, D, GP, GR, BS,
-                         SPLITS, IEEE, NATIVE, PDL and FIRST == 2, FUSED, bar_ptr, base + n_prog)  # fmt: skip
+                         SPLITS, IEEE, NATIVE, PDL and FIRST == 2, FUSED, bar_ptr, base + n_prog,
+                         OVERLAP)  # fmt: skip
     if FIRST <= 3 and LAST >= 3:  # + x
         _gemv_phase(pid, n_prog, attn_ptr, an_ptr, row, wo_ptr, so_ptr, h_ptr, x_ptr, HID, QD, KW_Q, KXW_Q,
                     eps, BN3, BK3, KB_Q, NORM3, 0, True, RS3, USE_ASM, NATIVE, FUSED, PDL and FIRST == 3,
-                    FUSED, bar_ptr, base + 2 * n_prog)  # fmt: skip
+                    FUSED, bar_ptr, base + 2 * n_prog, OVERLAP)  # fmt: skip
     if FIRST <= 4 and LAST >= 4:  # act(gate) * up
         _gemv_phase(pid, n_prog, h_ptr, ln2_ptr, row, wgu_ptr, sgu_ptr, gu_ptr, gu_ptr, INTER, HID, KW_H,
                     KXW_H, eps, BN4, BK4, KB_H, NORM4, ACT, False, RS4, USE_ASM, NATIVE, FUSED,
-                    PDL and FIRST == 4, FUSED, bar_ptr, base + 3 * n_prog)  # fmt: skip
+                    PDL and FIRST == 4, FUSED, bar_ptr, base + 3 * n_prog, OVERLAP)  # fmt: skip
     if FIRST <= 5 and LAST >= 5:  # + h
         _gemv_phase(pid, n_prog, gu_ptr, fn_ptr, row, wd_ptr, sd_ptr, out_ptr, h_ptr, HID, INTER, KW_I, KXW_I,
                     eps, BN5, BK5, KB_I, NORM5, 0, True, RS5, USE_ASM, NATIVE, FUSED, PDL and FIRST == 5,
-                    FUSED, bar_ptr, base + 4 * n_prog)  # fmt: skip
+                    FUSED, bar_ptr, base + 4 * n_prog, OVERLAP)  # fmt: skip
 
 
 @functools.cache
@@ -169,6 +193,7 @@ def decode_layer(
     programs: int | None = None,
     fused: bool | None = None,
     maxnreg: int | None = None,
+    overlap: bool = True,
 ) -> torch.Tensor:
     """The layer's output row [1, hidden] for the input row x [1, hidden] (one token at positions [1]), as the
     five launches q/k/v GEMV -> decode_attention -> o GEMV (+ x) -> gate/up GEMV -> down GEMV (+ h) give it.
@@ -178,7 +203,9 @@ def decode_layer(
     counter (zero at first, then left as the launches leave it; every fused launch on one counter must use
     the same number of programs, as the default does for a model's layers). programs: P (default: the
     multiprocessor count, at most the most work items of a phase); fused: one launch with barriers (default
-    on a GPU); maxnreg: a cap on registers per thread (128 lets two programs share a multiprocessor)."""
+    on a GPU); maxnreg: a cap on registers per thread (128 lets two programs share a multiprocessor); overlap:
+    each program's first work item of a phase requests its weights before the wait (else the wait comes first
+    and each phase's code exists once, not twice)."""
     ln1, w_qkv, attn_norm, w_o, ln2, w_gu, ffn_norm, w_down = weights
     if x.shape[0] != 1:
         raise ValueError(f"decode_layer takes one row, got {x.shape[0]}")
@@ -227,7 +254,8 @@ def decode_layer(
         ACT=ACTIVATIONS[act], RS1=w_qkv.scale.numel() > 1, RS3=w_o.scale.numel() > 1,
         RS4=w_gu.scale.numel() > 1, RS5=w_down.scale.numel() > 1,
         H=num_heads, KVH=num_kv_heads, D=d, GP=max(16, gr), GR=gr, BS=attn_cfg["block"], SPLITS=splits,
-        IEEE=x.dtype == torch.float32, USE_ASM=native, NATIVE=native, num_warps=NUM_WARPS, num_stages=1,
+        IEEE=x.dtype == torch.float32, USE_ASM=native, NATIVE=native, OVERLAP=overlap, num_warps=NUM_WARPS,
+        num_stages=1,
     )  # fmt: skip
     if maxnreg is not None and native:
         consts["maxnreg"] = maxnreg
