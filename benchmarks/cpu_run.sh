@@ -2,10 +2,11 @@
 # benchmarks/cpu_vs_llamacpp.py on a machine without registry access (for instance a GPU machine's host CPU,
 # to measure the AVX-512 VNNI path where the development machine has AVX2 only). Wheels the machine lacks go in
 # .whl/ (llama-cpp-python built for that CPU, e.g. CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX512=ON
-# -DGGML_AVX512_VNNI=ON ..."; diskcache; gguf); the package is built from this tree into /tmp/site. The run is
-# pinned to THREADS distinct physical cores; results and the CPU's description land in $OUT.
+# -DGGML_AVX512_VNNI=ON ..."; diskcache; gguf); the package is built from this tree into /tmp/site. The runs are
+# pinned to THREADS distinct physical cores: the comparison, then the decode GEMV's ceiling and where a decode
+# step's time goes; results and the CPU's description land in $OUT.
 #
-#     OUT=cpu_out THREADS=2 bash benchmarks/cpu_run.sh
+#     OUT=cpu_out THREADS=2 bash benchmarks/cpu_run.sh          # ~5 minutes
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-cpu_out}
@@ -26,8 +27,12 @@ echo
 # one logical CPU from each of the first THREADS cores
 cpus=$(lscpu -p=CPU,CORE | grep -v '^#' | sort -t, -k2,2n -u | head -n "$THREADS" | cut -d, -f1 | paste -sd,)
 echo "pinned to CPUs $cpus"
-PYTHONPATH=/tmp/site timeout "${BENCH_TIMEOUT:-540}" taskset -c "$cpus" \
+PYTHONPATH=/tmp/site timeout "${BENCH_TIMEOUT:-300}" taskset -c "$cpus" \
   python3 benchmarks/cpu_vs_llamacpp.py --threads "$THREADS" >"$OUT/cpu_vs_llamacpp.log" 2>&1
 rc=$?
 tail -20 "$OUT/cpu_vs_llamacpp.log"
+PYTHONPATH=/tmp/site timeout 150 taskset -c "$cpus" python3 benchmarks/cpu_gemv_ceiling.py --threads "1,$THREADS" \
+  2>&1 | tee "$OUT/ceiling.log"
+PYTHONPATH=/tmp/site timeout 150 taskset -c "$cpus" python3 benchmarks/cpu_decode_profile.py --threads "$THREADS" \
+  2>&1 | tee "$OUT/decode_profile.log" | head -6
 exit $rc
