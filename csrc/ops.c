@@ -172,7 +172,7 @@ static double now_seconds(void) {
 }
 
 /* The best rate of `reps` passes each with plain reads and with software prefetch: which reads faster depends
- * on the CPU (a Zen 4 reads faster without, a Sapphire Rapids with), and a bandwidth figure should be what
+ * on the CPU (a Zen 4 reads faster without, an AMX-era Xeon with), and a bandwidth figure should be what
  * the machine can do. */
 double bn_read_bandwidth(const void *buf, size_t nbytes, int reps, uint64_t *checksum) {
     read_job job = {(const uint64_t *)buf, nbytes / 8, 0, {0}};
