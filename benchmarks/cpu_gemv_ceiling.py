@@ -10,6 +10,7 @@ reach that bandwidth: the kernel, not memory, sets the pace.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from pathlib import Path
 
@@ -63,7 +64,7 @@ def main() -> None:
     # copies of one layer's matrices, at least 3x the last-level cache (a 300 MB L3 holds several layers)
     layer = [packed(n, k, g) for n, k in SHAPES]
     copies = max(6, -(-3 * last_level_cache_bytes() // sum(w.data.numel() for w in layer)))
-    streamed = [type(w)(w.layout, w.data.clone(), w.scale, w.shape) for _ in range(copies) for w in layer]
+    streamed = [dataclasses.replace(w, data=w.data.clone()) for _ in range(copies) for w in layer]
     xs = {k: torch.randn(1, k, generator=g) for k in (2560, 6912)}
     buf = torch.ones(1 << 30, dtype=torch.uint8)
     print(f"kernel {isa_name}")

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import json
 import math
@@ -168,7 +169,7 @@ def random_packed(n: int, k: int, per_row: bool, g: torch.Generator) -> tuple[Te
     scale = torch.rand(n if per_row else (), generator=g) * 0.05 + 0.01
     tw = TernaryWeight(codes, scale)
     pw = pack(tw, "triton_i2")
-    return tw, type(pw)(pw.layout, pw.data.cuda(), pw.scale.cuda(), pw.shape)
+    return tw, dataclasses.replace(pw, data=pw.data.cuda(), scale=pw.scale.cuda())
 
 
 def exact_ref(xq: torch.Tensor, a: torch.Tensor, tw: TernaryWeight, dtype: torch.dtype) -> torch.Tensor:
@@ -182,7 +183,7 @@ COMPILE_ONLY: tuple[int, int] | None = None
 
 
 def _clone(pw):
-    return type(pw)(pw.layout, pw.data.clone(), pw.scale, pw.shape)
+    return dataclasses.replace(pw, data=pw.data.clone())
 
 
 def tune(name, run, configs, ref, copies, log, exact_only: bool = True) -> tuple[MMConfig | None, float]:

@@ -29,6 +29,11 @@
 #ifndef BN_GEMV_PREFETCH
 #define BN_GEMV_PREFETCH 2048
 #endif
+/* The x86 decode GEMVs' prefetch of the 128-byte block BN_GEMV_PREFETCH bytes past p (two cache lines); for the
+ * files that include immintrin.h. */
+#define BN_PREFETCH_AHEAD(p)                                                                                 \
+    (_mm_prefetch((const char *)(p) + BN_GEMV_PREFETCH, _MM_HINT_T0),                                        \
+     _mm_prefetch((const char *)(p) + BN_GEMV_PREFETCH + 64, _MM_HINT_T0))
 
 /* Quantized activations: M rows of k_pad int8 values (zero past the true K), their dequantization
  * factors a (x ~= xq / a) and integer row sums. */

@@ -47,8 +47,7 @@ static void gemv_tile(const uint8_t *tile, int64_t nkb, const int8_t *x, int32_t
             __m256i x2 = _mm256_loadu_si256((const __m256i *)(xb + 64));
             __m256i x3 = _mm256_loadu_si256((const __m256i *)(xb + 96));
             const uint8_t *b = tile + kb * BN_TILE_KBLOCK_BYTES;
-            _mm_prefetch((const char *)(b + BN_GEMV_PREFETCH), _MM_HINT_T0);
-            _mm_prefetch((const char *)(b + BN_GEMV_PREFETCH + 64), _MM_HINT_T0);
+            BN_PREFETCH_AHEAD(b);
             for (int r = 0; r < BN_ROWS; r++) {
                 __m256i v = _mm256_loadu_si256((const __m256i *)(b + r * BN_RUN));
                 __m256i t = _mm256_srli_epi16(v, 4);
@@ -207,8 +206,7 @@ static void int8_avx2(const bn_act *x, const bn_qmat *w, int64_t n0, int64_t n1)
                 __m256i xv = _mm256_loadu_si256((const __m256i *)(xr + c * 32));
                 __m256i ax = _mm256_abs_epi8(xv);
                 const int8_t *b = tile + c * BN_ROWS * 32;
-                _mm_prefetch((const char *)(b + BN_GEMV_PREFETCH), _MM_HINT_T0);
-                _mm_prefetch((const char *)(b + BN_GEMV_PREFETCH + 64), _MM_HINT_T0);
+                BN_PREFETCH_AHEAD(b);
                 a0 = dot8(a0, ax, xv, b);
                 a1 = dot8(a1, ax, xv, b + 32);
                 a2 = dot8(a2, ax, xv, b + 64);

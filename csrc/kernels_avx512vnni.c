@@ -33,8 +33,7 @@ static void gemv_tile(const uint8_t *tile, int64_t nkb, const int8_t *x, int32_t
     for (int64_t kb = 0; kb < nkb; kb++) {
         const int8_t *xb = x + kb * BN_KBLOCK;
         const uint8_t *b = tile + kb * BN_TILE_KBLOCK_BYTES;
-        _mm_prefetch((const char *)(b + BN_GEMV_PREFETCH), _MM_HINT_T0);
-        _mm_prefetch((const char *)(b + BN_GEMV_PREFETCH + 64), _MM_HINT_T0);
+        BN_PREFETCH_AHEAD(b);
         __m512i v01 = _mm512_loadu_si512((const void *)b);
         __m512i v23 = _mm512_loadu_si512((const void *)(b + 64));
         for (int j = 0; j < 4; j++) {
@@ -147,8 +146,7 @@ static void int8_avx512vnni(const bn_act *x, const bn_qmat *w, int64_t n0, int64
             for (int64_t c = 0; c < chunks; c++) {
                 __m512i xv = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(xr + c * 32)));
                 const int8_t *b = tile + c * BN_ROWS * 32;
-                _mm_prefetch((const char *)(b + BN_GEMV_PREFETCH), _MM_HINT_T0);
-                _mm_prefetch((const char *)(b + BN_GEMV_PREFETCH + 64), _MM_HINT_T0);
+                BN_PREFETCH_AHEAD(b);
                 a01 = _mm512_dpbusd_epi32(a01, _mm512_xor_si512(_mm512_loadu_si512((const void *)b), flip), xv);
                 a23 = _mm512_dpbusd_epi32(a23, _mm512_xor_si512(_mm512_loadu_si512((const void *)(b + 64)), flip), xv);
             }
