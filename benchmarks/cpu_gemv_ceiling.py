@@ -37,6 +37,16 @@ def last_level_cache_bytes() -> int:
     return max(sizes)
 
 
+def thread_counts(text: str) -> list[int]:
+    try:
+        counts = [int(t) for t in text.split(",")]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive thread counts separated by commas, got {text!r}")
+    return counts
+
+
 def rate(isa: int, mats: list, xs: dict, calls: int) -> float:
     """GB/s of weights read by `calls` passes over the matrices (best of three)."""
     nbytes = sum(w.data.numel() for w in mats)
@@ -52,7 +62,7 @@ def rate(isa: int, mats: list, xs: dict, calls: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--threads", type=thread_counts, default="1,2", help="thread counts, e.g. 1,2")
     ap.add_argument("--isa", choices=sorted(cpu.ISAS), help="the kernel's instruction set; default: the best")
     args = ap.parse_args()
     isa_name = args.isa or cpu.best_isa()
@@ -68,7 +78,7 @@ def main() -> None:
     xs = {k: torch.randn(1, k, generator=g) for k in (2560, 6912)}
     buf = torch.ones(1 << 30, dtype=torch.uint8)
     print(f"kernel {isa_name}")
-    for threads in (int(t) for t in args.threads.split(",")):
+    for threads in args.threads:
         cpu.set_num_threads(threads)
         rate(isa, cached, xs, 20)  # warm-up: thread pool, caches
         in_cache = rate(isa, cached, xs, 200)
