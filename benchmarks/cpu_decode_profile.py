@@ -1,7 +1,9 @@
-"""Where a decode step's time goes on the C kernels: CPU time per token by native call and Python/torch work.
+"""Where a decode step's time goes on the C kernels: wall time per token in each native call (the layers, the
+head) and in everything else (Python, torch), then a profile of that rest by CPU time.
 
-CPU time (not wall time) is measured so that other load on a shared machine distorts it less; with one thread
-it is the work per token. Builds a random model of a preset's shape.
+The native calls are timed by wall clock around each call (their worker threads spin, so CPU time would count
+them twice); the rest's profile uses CPU time, which other load on a shared machine distorts less. Builds a
+random model of a preset's shape.
 
     python benchmarks/cpu_decode_profile.py [--preset bitnet-2b-4t] [--layers 30] [--tokens 32] [--threads 1]
 """
@@ -9,6 +11,7 @@ it is the work per token. Builds a random model of a preset's shape.
 from __future__ import annotations
 
 import argparse
+import collections
 import cProfile
 import pstats
 import time
@@ -33,17 +36,40 @@ def main() -> None:
     torch.set_num_threads(1)
     cpu.set_num_threads(args.threads)
     n = args.tokens
+    native = cpu._native
+    spent: dict[str, float] = collections.defaultdict(float)
+
+    class Timed:  # the native module with each call timed by wall clock
+        def __getattr__(self, name: str):
+            fn = getattr(native, name)
+            if not callable(fn):
+                return fn
+
+            def timed(*a):
+                t = time.perf_counter()
+                try:
+                    return fn(*a)
+                finally:
+                    spent[name] += time.perf_counter() - t
+
+            return timed
+
     with torch.inference_mode():
         run_tg(model, n)
-        cpu0, wall0 = time.process_time(), time.perf_counter()
-        run_tg(model, n)
-        cpu_ms, wall_ms = (time.process_time() - cpu0) / n * 1e3, (time.perf_counter() - wall0) / n * 1e3
+        cpu._native = Timed()
+        try:
+            wall_ms = run_tg(model, n) / n * 1e3
+        finally:
+            cpu._native = native
         prof = cProfile.Profile(time.process_time)
         prof.enable()
         run_tg(model, n)
         prof.disable()
     print(f"{args.preset}, {model.config.num_hidden_layers} layers, {args.threads} kernel threads")
-    print(f"per token: CPU {cpu_ms:.1f} ms, wall {wall_ms:.1f} ms ({1e3 / wall_ms:.2f} tok/s)")
+    print(f"per token: wall {wall_ms:.2f} ms ({1e3 / wall_ms:.2f} tok/s)")
+    for name, s in sorted(spent.items(), key=lambda kv: -kv[1]):
+        print(f"  {s / n * 1e3:7.2f} ms/token in native {name}")
+    print(f"  {wall_ms - sum(spent.values()) / n * 1e3:7.2f} ms/token outside native calls; by CPU time:")
     stats = pstats.Stats(prof)
     total = sum(v[2] for v in stats.stats.values())
     for (_, _, name), (_, calls, tottime, _, _) in sorted(stats.stats.items(), key=lambda kv: -kv[1][2])[:12]:

@@ -17,6 +17,7 @@ pytest.importorskip("triton")
 
 from pybitnet.kernels import get_kernel, select_kernel
 from pybitnet.kernels.reference import reference_linear, scale_output, ternary_matmul_int
+from pybitnet.kernels.triton.argmax import argmax_rows, greedy_advance
 from pybitnet.kernels.triton.attention import decode_attention
 from pybitnet.kernels.triton.expanded import expand_codes, int8_codes
 from pybitnet.kernels.triton.matmul import MMConfig, int8_weight, ternary_gemv, ternary_mm
@@ -341,6 +342,51 @@ def test_decode_attention_matches_rope_and_sdpa(dtype, splits, block):
     ref = ref.reshape(b, h * d)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert (out.float() - ref).abs().max() < tol
+
+
+@pytest.mark.parametrize("v", [1, 7, 1024, 1025, 5003, 70001])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_argmax_rows_matches_torch(v, dtype):
+    g = torch.Generator().manual_seed(v)
+    x = torch.randn(3, v, generator=g).to(dtype)
+    x[1] = x[1].round()  # many ties: the first index of the maximum wins
+    x[2, v // 2] = float("inf")
+    if v > 2:
+        x[2, v - 1] = float("inf")
+    x = x.to(DEV)
+    assert torch.equal(argmax_rows(x).cpu(), x.cpu().float().argmax(-1))
+    assert torch.equal(argmax_rows(x[:, : max(1, v // 3)]).cpu(), x[:, : max(1, v // 3)].cpu().argmax(-1))
+
+
+def test_argmax_rows_nan_and_infinite_rows_as_torch():
+    x = torch.full((5, 3000), float("-inf"))
+    x[1, 2500], x[1, 700] = float("nan"), 5.0  # a NaN beats any number
+    x[2, 1200], x[2, 2900] = float("nan"), float("nan")  # the first NaN
+    x[3] = float("inf")
+    x[4, 1500], x[4, 2000] = -0.0, 0.0  # equal: the first
+    ref = x.argmax(-1)
+    assert ref.tolist() == [0, 2500, 1200, 0, 1500]
+    assert torch.equal(argmax_rows(x.to(DEV)).cpu(), ref)
+    with pytest.raises(ValueError, match="logits"):
+        argmax_rows(torch.zeros(2, 0, device=DEV))
+
+
+def test_greedy_advance_does_a_decode_steps_bookkeeping():
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(5, 3001, generator=g).to(DEV)
+    tokens = torch.zeros(5, dtype=torch.long, device=DEV)
+    history = torch.full((5, 9), -1, dtype=torch.long, device=DEV)
+    step = torch.tensor([3], device=DEV)
+    positions = torch.arange(10, 15, dtype=torch.int32, device=DEV)
+    for i in range(2):  # the arrival counters are back at zero after a launch
+        greedy_advance(logits, tokens, history, step, positions)
+        want = logits.argmax(-1)
+        assert torch.equal(tokens, want)
+        assert torch.equal(history[:, 3 + i], want)
+        assert step.item() == 4 + i
+        assert positions.tolist() == list(range(11 + i, 16 + i))
+        logits = logits.roll(7, dims=1)
+    assert (history[:, :3] == -1).all() and (history[:, 5:] == -1).all()
 
 
 @pytest.mark.skipif(

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ContextLengthError, InvalidRequestError, UnsupportedModelError
+from ..kernels.triton.argmax import argmax_rows, greedy_advance
 from ..kernels.triton.attention import decode_attention
 from ..kernels.triton.decode_layer import decode_layer
 from ..kernels.triton.expanded import int8_codes
@@ -213,11 +214,14 @@ class GpuForward:
         """Final norm and lm_head on hidden states [B, H] -> float32 logits [B, V]."""
         if self.lm_int8 is not None:
             xq, a, _ = norm_quant(x, self.norm, self.eps)
-            return ternary_mm(
-                xq, a, self.lm_int8, torch.float32, config=self.configs.get(("lm_head", x.shape[0]))
-            )
+            return self._int8_logits(xq, a)
         xn = self._dense_norm(x, self.norm)
         return (xn.to(self.lm_weight.dtype) @ self.lm_weight.T).float()
+
+    def _int8_logits(self, xq: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """The int8 head on final-normed rows already quantized (xq int8 [B, H], scales a [B])."""
+        cfg = self.configs.get(("lm_head", xq.shape[0]))
+        return ternary_mm(xq, a, self.lm_int8, torch.float32, config=cfg)
 
     # ---- passes ----
 
@@ -273,7 +277,7 @@ class GpuForward:
             nxt = self.norm if last else self.layers[i + 1].ln1
             x, xq, xa = self._gemv("down", mq, layer.down, nxt, a=ma, out_dtype=dt, residual=h)
         if self.lm_int8 is not None:  # xq, xa: the final norm of x, quantized
-            return ternary_mm(xq, xa, self.lm_int8, torch.float32, config=self.configs.get(("lm_head", 1)))
+            return self._int8_logits(xq, xa)
         return self.logits(x)
 
     def prefill(
@@ -313,7 +317,7 @@ def sample_tokens(
 ) -> torch.Tensor:
     """Token ids [B] from logits [B, V] with per-row temperature (0: greedy), top-k (>= V: off), top-p,
     without host synchronization (so it can be captured in a CUDA graph): argmax(p / E), E ~ Exp(1)."""
-    greedy = logits.argmax(dim=-1)
+    greedy = argmax_rows(logits)
     probs = torch.softmax(logits / temperature.clamp(min=1e-5)[:, None], dim=-1)
     sorted_p, order = probs.sort(dim=-1, descending=True)
     rank = torch.arange(probs.shape[-1], device=probs.device)
@@ -322,7 +326,7 @@ def sample_tokens(
     mass_before = sorted_p.cumsum(dim=-1) - sorted_p
     keep &= mass_before < top_p[:, None] * sorted_p.sum(dim=-1, keepdim=True)
     probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p * keep)
-    sampled = (probs / torch.empty_like(probs).exponential_()).argmax(dim=-1)
+    sampled = argmax_rows(probs / torch.empty_like(probs).exponential_())
     return torch.where(temperature <= 0, greedy, sampled)
 
 
@@ -381,10 +385,10 @@ class _DecodeLoop:
 
     def step(self) -> None:
         logits = self.engine.forward.decode(self.tokens, self.positions, self.engine.cache)
-        if self.sampling:
-            nxt = sample_tokens(logits, self.temperature, self.top_k, self.top_p)
-        else:
-            nxt = logits.argmax(dim=-1)
+        if not self.sampling:  # argmax, history, positions and step index in one launch
+            greedy_advance(logits, self.tokens, self.history, self.step_index, self.positions)
+            return
+        nxt = sample_tokens(logits, self.temperature, self.top_k, self.top_p)
         self.history.scatter_(1, self.step_index.expand(self.n)[:, None], nxt[:, None])
         self.tokens.copy_(nxt)
         self.positions.add_(1)

@@ -21,7 +21,9 @@ from .common import dependency_wait, launch_kwargs, on_gpu, pdl_launch, round_to
 # launch shape by batch (rows <= 8: "small", else "large"): cache positions per loop step, warps, stages and
 # sequence splits; benchmarks/gpu_bench.py measures the alternatives on an H200 and sets the fastest
 DECODE_CONFIGS = {
-    "small": {"block": 64, "num_warps": 4, "num_stages": 2, "splits": 8},  # 6.5 µs vs 8.0 unsplit (ctx 384)
+    # batch 1, context 384, the whole decode step (benchmarks/gpu_decode_timeline.py): 939 µs against 967 for
+    # 64 positions / 8 splits / 4 warps, the fastest alone (6.5 µs) but not inside the step
+    "small": {"block": 32, "num_warps": 2, "num_stages": 2, "splits": 16},
     "large": {"block": 64, "num_warps": 4, "num_stages": 2, "splits": 1},  # 20.9 µs vs 22.0 for 128 / 8 warps
 }
 
