@@ -1,7 +1,7 @@
 """Where a batch-1 decode step's time goes on the GPU: the kernels of one replayed step (2B-4T shape, random
 weights, the default engine), each kernel's mean duration and the idle time between consecutive kernels, from
-the PyTorch profiler (CUPTI) over a few graph replays; then the step's tok/s with other split-attention
-launch shapes, to check the engine's DECODE_CONFIGS in place.
+the PyTorch profiler (CUPTI) over a few graph replays; then the step's tok/s with other launch shapes
+for the attention, each projection and the head, to check the committed tiles in place.
 
     python benchmarks/gpu_decode_timeline.py [--context 384] [--replays 20] [--out timeline.json]
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import itertools
 import json
 import statistics
@@ -21,6 +22,7 @@ import torch
 
 from pybitnet.engine.cuda_graph import CudaGraphEngine
 from pybitnet.kernels.triton import attention as att
+from pybitnet.kernels.triton.matmul import MMConfig
 from pybitnet.models.presets import preset
 from pybitnet.models.random_init import random_model
 
@@ -38,6 +40,26 @@ def _decode_loop(eng: CudaGraphEngine, context: int):
     loop.run()
     torch.cuda.synchronize()
     return loop
+
+
+STEPS_ROOM = 256  # cache positions past the context: a measurement runs ~110 steps from it
+GEMV = functools.partial(MMConfig, num_warps=8, num_stages=1, gemv=True)
+TILES = {  # alternatives to the committed tiles (matmul.TUNED) of the engine's fused-norm one-row GEMVs
+    "qkv": [GEMV(bn=64, bk=2048, private_row=True), GEMV(bn=32, bk=2048, private_row=True),
+            GEMV(bn=64, bk=4096, private_row=True)],
+    "o": [GEMV(bn=32, bk=4096, num_warps=16), GEMV(bn=32, bk=4096, private_row=True)],
+    "gate_up": [GEMV(bn=32, bk=1024, private_row=True, num_warps=16), GEMV(bn=32, bk=1024, private_row=True)],
+    "down": [GEMV(bn=32, bk=4096, private_row=True), GEMV(bn=32, bk=8192, private_row=True, num_warps=16)],
+    "lm_head": [MMConfig(bm=16, bn=64, bk=256, num_warps=4, num_stages=4),
+                MMConfig(bm=16, bn=128, bk=256, num_warps=8, num_stages=4)],
+}  # fmt: skip
+
+
+def in_step(eng: CudaGraphEngine, context: int) -> float:
+    """ms a step of the engine's batch-1 decode graph, captured again (after a change of launch shapes)."""
+    eng._loops.clear()
+    torch.cuda.empty_cache()
+    return step_ms(_decode_loop(eng, context))
 
 
 @torch.inference_mode()
@@ -94,7 +116,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = random_model(preset("bitnet-2b-4t"), seed=0, dtype=torch.bfloat16, kernel="reference").cuda()
     results: dict = {"context": args.context}
-    eng = CudaGraphEngine(model, max_batch_size=1, max_len=args.context + 64)
+    eng = CudaGraphEngine(model, max_batch_size=1, max_len=args.context + STEPS_ROOM)
     loop = _decode_loop(eng, args.context)
     results["default_step_ms"] = step_ms(loop)
     print(f"default engine: {results['default_step_ms'] * 1e3:.1f} µs a step")
@@ -110,23 +132,26 @@ def main() -> None:
         results["timeline_error"] = repr(exc)
         print("timeline failed:", exc)
     del eng, loop
-    # the small-batch split-attention shapes, each in the whole captured step
+    # in the whole captured step (a launch shape fastest alone need not be fastest between its neighbours):
+    # the split-attention shapes, then each projection's one-row tiles and the int8 head's
+    eng = CudaGraphEngine(model, max_batch_size=1, max_len=args.context + STEPS_ROOM)
     small = dict(att.DECODE_CONFIGS["small"])
-    sweep = {}
-    for block, splits, warps in [(64, 8, 4), (32, 16, 2), (32, 8, 2), (64, 8, 2), (32, 16, 4), (16, 32, 2),
-                                 (32, 32, 2), (64, 8, 4), (32, 16, 2)]:  # fmt: skip
+    sweep = results["in_step_ms"] = {"default": in_step(eng, args.context)}
+    for block, splits, warps in [(64, 8, 4), (32, 16, 4)]:
         att.DECODE_CONFIGS["small"].update(block=block, splits=splits, num_warps=warps)
-        eng = CudaGraphEngine(model, max_batch_size=1, max_len=args.context + 64)
-        ms = step_ms(_decode_loop(eng, args.context))
-        sweep[f"block{block}_splits{splits}_warps{warps}"] = ms
-        print(
-            f"attention block {block} splits {splits} warps {warps}: {ms * 1e3:.1f} µs, {1e3 / ms:.0f} tok/s"
-        )
-        del eng
-        torch.cuda.empty_cache()
-    att.DECODE_CONFIGS["small"].clear()
-    att.DECODE_CONFIGS["small"].update(small)
-    results["attention_sweep_step_ms"] = sweep
+        sweep[f"attention block{block} splits{splits} warps{warps}"] = in_step(eng, args.context)
+        att.DECODE_CONFIGS["small"].update(small)
+    for name, configs in TILES.items():
+        for cfg in configs:
+            eng.forward.configs[(name, 1)] = cfg
+            try:
+                sweep[f"{name} {cfg}"] = in_step(eng, args.context)
+            except Exception as exc:  # a shape the kernel cannot take: recorded, the sweep goes on
+                sweep[f"{name} {cfg}"] = repr(exc)[:200]
+            del eng.forward.configs[(name, 1)]
+    sweep["default again"] = in_step(eng, args.context)
+    for key, ms in sweep.items():
+        print(f"{key}: {ms * 1e3:.1f} µs, {1e3 / ms:.0f} tok/s" if isinstance(ms, float) else f"{key}: {ms}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)

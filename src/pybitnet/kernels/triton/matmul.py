@@ -419,15 +419,17 @@ class MMConfig:
 
 
 # (rows bucket, N, K, gated) -> the tiles measured fastest on an H200 (benchmarks/gpu_bench.py, 2026-11-30)
-# for the 2B-4T projections as the engine runs them; other shapes fall back to `default_config`'s rules.
+# for the 2B-4T projections as the engine runs them; other shapes fall back to `default_config`'s rules. The
+# one-row tiles are checked in the whole decode step too (benchmarks/gpu_decode_timeline.py), where the
+# fastest shape alone is not always the fastest between its neighbours.
 _GEMV = functools.partial(MMConfig, num_warps=8, num_stages=1, gemv=True)
 _H200_2B4T = {
-    (1, 3840, 2560, False): _GEMV(bn=32, bk=2048, private_row=True),
+    (1, 3840, 2560, False): _GEMV(bn=64, bk=2048, private_row=True, num_warps=16),  # step: 886 vs 937 µs
     (1, 2560, 2560, False): _GEMV(bn=32, bk=4096),
     (1, 6912, 2560, True): _GEMV(bn=64, bk=1024, private_row=True),
     (1, 13824, 2560, False): _GEMV(bn=16, bk=2048),
-    (1, 2560, 6912, False): _GEMV(bn=32, bk=4096, private_row=True),
-    (1, 128256, 2560, False): MMConfig(bm=16, bn=64, bk=256, num_warps=4, num_stages=4),
+    (1, 2560, 6912, False): _GEMV(bn=32, bk=4096, private_row=True, num_warps=16),  # step: 884 vs 894 µs
+    (1, 128256, 2560, False): MMConfig(bm=16, bn=256, bk=128, num_warps=8, num_stages=4),
     (64, 3840, 2560, False): MMConfig(bn=32, num_stages=4, swap=True),
     (64, 2560, 2560, False): MMConfig(bn=32, num_stages=4, swap=True),
     (64, 6912, 2560, True): MMConfig(swap=True),
