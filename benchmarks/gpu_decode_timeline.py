@@ -45,13 +45,12 @@ def _decode_loop(eng: CudaGraphEngine, context: int):
 STEPS_ROOM = 256  # cache positions past the context: a measurement runs ~110 steps from it
 GEMV = functools.partial(MMConfig, num_warps=8, num_stages=1, gemv=True)
 TILES = {  # alternatives to the committed tiles (matmul.TUNED) of the engine's fused-norm one-row GEMVs
-    "qkv": [GEMV(bn=64, bk=2048, private_row=True), GEMV(bn=32, bk=2048, private_row=True),
-            GEMV(bn=64, bk=4096, private_row=True)],
-    "o": [GEMV(bn=32, bk=4096, num_warps=16), GEMV(bn=32, bk=4096, private_row=True)],
-    "gate_up": [GEMV(bn=32, bk=1024, private_row=True, num_warps=16), GEMV(bn=32, bk=1024, private_row=True)],
-    "down": [GEMV(bn=32, bk=4096, private_row=True), GEMV(bn=32, bk=8192, private_row=True, num_warps=16)],
+    "qkv": [GEMV(bn=64, bk=2048, private_row=True), GEMV(bn=128, bk=2048, private_row=True, num_warps=16)],
+    "o": [GEMV(bn=16, bk=4096, num_warps=16), GEMV(bn=32, bk=4096, private_row=True, num_warps=16)],
+    "gate_up": [GEMV(bn=32, bk=1024, private_row=True), GEMV(bn=64, bk=1024, private_row=True, num_warps=4)],
+    "down": [GEMV(bn=32, bk=4096, private_row=True), GEMV(bn=16, bk=8192, private_row=True, num_warps=16)],
     "lm_head": [MMConfig(bm=16, bn=64, bk=256, num_warps=4, num_stages=4),
-                MMConfig(bm=16, bn=128, bk=256, num_warps=8, num_stages=4)],
+                MMConfig(bm=16, bn=256, bk=128, num_warps=8, num_stages=5)],
 }  # fmt: skip
 
 
@@ -137,9 +136,11 @@ def main() -> None:
     eng = CudaGraphEngine(model, max_batch_size=1, max_len=args.context + STEPS_ROOM)
     small = dict(att.DECODE_CONFIGS["small"])
     sweep = results["in_step_ms"] = {"default": in_step(eng, args.context)}
-    for block, splits, warps in [(64, 8, 4), (32, 16, 4)]:
-        att.DECODE_CONFIGS["small"].update(block=block, splits=splits, num_warps=warps)
-        sweep[f"attention block{block} splits{splits} warps{warps}"] = in_step(eng, args.context)
+    for block, splits, warps, stages in [(64, 8, 4, 2), (32, 16, 4, 2), (32, 16, 2, 1), (32, 16, 2, 3),
+                                         (32, 16, 1, 2), (16, 16, 2, 2)]:  # fmt: skip
+        att.DECODE_CONFIGS["small"].update(block=block, splits=splits, num_warps=warps, num_stages=stages)
+        key = f"attention {block} positions x {splits} splits, {warps} warps, {stages} stages"
+        sweep[key] = in_step(eng, args.context)
         att.DECODE_CONFIGS["small"].update(small)
     for name, configs in TILES.items():
         for cfg in configs:
