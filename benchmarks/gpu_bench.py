@@ -70,6 +70,9 @@ GEMV_CONFIGS = [  # one-row kernel tiles of 32-bit code words (`_dot_words`)
         (4, 1024, 1, 2, 1), (16, 2048, 2, 8, 1), (8, 4096, 1, 8, 1), (16, 4096, 1, 16, 1),
         (16, 2048, 1, 16, 1), (32, 2048, 1, 16, 1), (8, 2048, 1, 4, 1), (32, 4096, 1, 16, 1),
     ]
+] + [  # resident programs, each over several tiles (the fastest of benchmarks/gpu_gemv_resident.py)
+    MMConfig(bn=bn, resident=res, num_warps=nw, num_stages=1, gemv=True)
+    for bn, res, nw in [(16, 4, 4), (8, 4, 4), (32, 3, 4), (32, 2, 8), (16, 2, 4)]
 ]  # fmt: skip
 DOT1_CONFIGS = [
     MMConfig(bm=16, bn=bn, bk=bk, split_k=sk, num_warps=nw, num_stages=ns)

@@ -44,14 +44,12 @@ def _decode_loop(eng: CudaGraphEngine, context: int):
 
 STEPS_ROOM = 256  # cache positions past the context: a measurement runs ~110 steps from it
 GEMV = functools.partial(MMConfig, num_warps=8, num_stages=1, gemv=True)
-TILES = {  # alternatives to the committed tiles (matmul.TUNED) of the engine's fused-norm one-row GEMVs
-    "qkv": [GEMV(bn=64, bk=2048, private_row=True), GEMV(bn=128, bk=2048, private_row=True, num_warps=16)],
-    "o": [GEMV(bn=16, bk=4096, num_warps=16), GEMV(bn=32, bk=4096, private_row=True, num_warps=16)],
-    "gate_up": [GEMV(bn=32, bk=1024, private_row=True), GEMV(bn=64, bk=1024, private_row=True, num_warps=4)],
-    "down": [GEMV(bn=32, bk=4096, private_row=True), GEMV(bn=16, bk=8192, private_row=True, num_warps=16)],
-    "lm_head": [MMConfig(bm=16, bn=64, bk=256, num_warps=4, num_stages=4),
-                MMConfig(bm=16, bn=256, bk=128, num_warps=8, num_stages=5)],
-}  # fmt: skip
+RESIDENT = [(16, 4, 4), (8, 4, 4), (32, 3, 4), (16, 2, 4)]  # (rows, programs a multiprocessor, warps)
+TILES = {  # alternatives to the committed tiles (matmul.TUNED) of the engine's fused-norm one-row GEMVs:
+    # resident programs (benchmarks/gpu_gemv_resident.py), in the step
+    name: [GEMV(bn=bn, resident=res, num_warps=nw) for bn, res, nw in RESIDENT]
+    for name in ("qkv", "o", "gate_up", "down")
+}
 
 
 def in_step(eng: CudaGraphEngine, context: int) -> float:

@@ -169,6 +169,11 @@ GEMV_CASES = [  # 32-bit word tiles; K not whole words or 128-blocks (partial la
     (70, 2560, MMConfig(bn=32, bk=1024, split_k=3, gemv=True)),
     (24, 202, MMConfig(bn=8, bk=128, gemv=True)),
     (6, 3, MMConfig(bn=8, bk=128, gemv=True)),
+    # resident programs, each over several tiles and all of K (more tiles than programs in the interpreter)
+    (48, 200, MMConfig(bn=8, gemv=True, resident=1)),
+    (130, 1000, MMConfig(bn=16, gemv=True, resident=2)),
+    (70, 2560, MMConfig(bn=8, gemv=True, resident=1)),
+    (6, 3, MMConfig(bn=8, gemv=True, resident=1)),
 ]
 
 
@@ -262,6 +267,26 @@ def test_gemv_then_quant_equals_norm_quant_of_its_output(dtype, with_gain):
         else:  # the sum of squares may be added in another order on the GPU (see the norm_quant test)
             assert (q2.int() - ref_q.int()).abs().max() <= 1
             assert torch.allclose(a2, ref_a, rtol=4 * torch.finfo(dtype).eps)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("act", [None, "relu2"])
+def test_resident_gemv_equals_the_tile_per_program_gemv(dtype, act):
+    """Resident programs (several output tiles each) give the tile-per-program kernel's bytes: a float row
+    normalized and quantized inside, the gated product, a residual, an odd K and N."""
+    g = torch.Generator().manual_seed(3)
+    n, k = (2 * 45, 1000) if act else (77, 1000)
+    tw = _ternary(n, k, g, per_row=True)
+    x = (torch.randn(1, k, generator=g) * 2).to(dtype).to(DEV)
+    gain = _norm(k, dtype, g).weight.to(DEV)
+    resid = None if act else torch.randn(1, n, generator=g).to(dtype).to(DEV)
+    want = ternary_gemv(x, _packed(tw), gain=gain, act=act, residual=resid, config=MMConfig(bn=16, gemv=True))
+    for resident in (1, 3):
+        got = ternary_gemv(x, _packed(tw), gain=gain, act=act, residual=resid,
+                           config=MMConfig(bn=8, gemv=True, resident=resident))  # fmt: skip
+        assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="resident"):
+        ternary_gemv(x, _packed(tw), config=MMConfig(bn=8, gemv=True, resident=1, split_k=2))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -30,8 +30,6 @@ overlap across phases. Halving the code (`overlap=False`), two programs per mult
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
@@ -47,7 +45,7 @@ from .common import (
     pdl_launch,
     scratch_buffer,
 )
-from .matmul import _gemv_program, default_config, gemv_row
+from .matmul import _gemv_program, default_config, gemv_row, multiprocessors
 
 PHASES = 5
 NUM_WARPS = 8  # one launch shape for every phase: the tuned one-row GEMV tiles all use 8 warps
@@ -166,11 +164,6 @@ def _decode_layer_kernel(
                     FUSED, bar_ptr, base + 4 * n_prog, OVERLAP)  # fmt: skip
 
 
-@functools.cache
-def _multiprocessors(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _tile(n: int, k: int, gated: bool) -> tuple[int, int]:
     """(rows, K block) of the one-row GEMV tiles the separate launches would use for this product."""
     cfg = default_config(1, n, k, gated=gated)
@@ -226,7 +219,7 @@ def decode_layer(
     tiles = {phase: _tile(*shape) for phase, shape in gemvs.items()}
     work = max(num_kv_heads * splits, *(-(-gemvs[p][0] // tiles[p][0]) for p in gemvs))
     if programs is None:
-        programs = _multiprocessors(dev.index if dev.index is not None else 0) if native else 4
+        programs = multiprocessors(dev.index if dev.index is not None else 0) if native else 4
     programs = max(1, min(programs, work))
     (kb_h, kxw_h), (kb_q, kxw_q), (kb_i, kxw_i) = gemv_row(hid), gemv_row(qd), gemv_row(inter)
     kb_row = max(kb_h, kb_q, kb_i)

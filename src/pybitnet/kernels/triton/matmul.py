@@ -403,6 +403,113 @@ def _gemv_program(
             tl.store(a2_ptr, a2)
 
 
+@triton.jit
+def _weight_tile(w_ptr, t, N, KW, BN: tl.constexpr, j, col_ok, ACT: tl.constexpr):
+    """Code words [BN, BC] of output tile t (and of its up rows, N further, when ACT); zeros past N."""
+    rn = t * BN + tl.arange(0, BN)
+    ok = (rn < N)[:, None] & col_ok[None, :]
+    wt = tl.load((w_ptr + rn.to(tl.int64)[:, None] * KW).to(tl.pointer_type(tl.int32)) + j[None, :], mask=ok,
+                 other=0)  # fmt: skip
+    wu = wt
+    if ACT != 0:
+        u_rows = (w_ptr + (rn + N).to(tl.int64)[:, None] * KW).to(tl.pointer_type(tl.int32))
+        wu = tl.load(u_rows + j[None, :], mask=ok, other=0)
+    return wt, wu
+
+
+@triton.jit
+def _gemv_resident_kernel(
+    x_ptr, g_ptr, a_ptr, q_ptr, w_ptr, s_ptr, o_ptr, r_ptr, N, K, KW, KXW, eps,
+    BN: tl.constexpr, KB: tl.constexpr, X_FLOAT: tl.constexpr, NORM: tl.constexpr, ACT: tl.constexpr,
+    RESIDUAL: tl.constexpr, ROW_SCALE: tl.constexpr, USE_ASM: tl.constexpr, NATIVE: tl.constexpr,
+    PDL: tl.constexpr,
+):  # fmt: skip
+    """`_gemv_kernel` with programs that stay resident: program p computes output tiles p, p + P, ... each
+    over all of K at once, and requests the next tile's weights before it multiplies the current one, so its
+    loads stay in flight from its first tile to its last; a float row is normalized and quantized once a
+    program."""
+    pid = tl.program_id(0)
+    n_prog = tl.num_programs(0)
+    BC: tl.constexpr = KB // 16
+    j = tl.arange(0, BC)
+    col_ok = j < KW // 4
+    wt, wu = _weight_tile(w_ptr, pid, N, KW, BN, j, col_ok, ACT)
+    pdl_gate(PDL)
+    offs = tl.arange(0, KB)
+    k_ok = offs < K
+    if X_FLOAT:  # into this program's own row, then read back as words
+        q_ptr += pid.to(tl.int64) * KB
+        q, a = load_norm_quant(x_ptr, g_ptr, offs, k_ok, K, eps, NORM, False, NATIVE)
+        q = tl.where(k_ok, q, 0)
+        tl.store(q_ptr + offs, q, mask=offs < 4 * KXW)
+        tl.debug_barrier()
+    else:
+        a = tl.load(a_ptr)
+        q = tl.load(x_ptr + offs, mask=k_ok, other=0)
+    total_x = tl.sum(q.to(tl.int32), axis=0)
+    q_words = q_ptr.to(tl.pointer_type(tl.int32))
+    kw = (j // 8) * 32 + (j % 8)  # word i of slice s: elements 4i..4i+3 of the slice
+    x0 = tl.load(q_words + kw, mask=kw < KXW, other=0)
+    x1 = tl.load(q_words + kw + 8, mask=kw + 8 < KXW, other=0)
+    x2 = tl.load(q_words + kw + 16, mask=kw + 16 < KXW, other=0)
+    x3 = tl.load(q_words + kw + 24, mask=kw + 24 < KXW, other=0)
+    rm = tl.arange(0, 1)
+    a_row = tl.zeros((1,), tl.float32) + a
+    for t in range(pid, tl.cdiv(N, BN), n_prog):
+        wt_next, wu_next = _weight_tile(w_ptr, t + n_prog, N, KW, BN, j, col_ok, ACT)
+        acc = _dot_words(wt, x0, x1, x2, x3, tl.zeros((BN, BC), tl.int32), USE_ASM)
+        acc_u = acc
+        if ACT != 0:
+            acc_u = _dot_words(wu, x0, x1, x2, x3, tl.zeros((BN, BC), tl.int32), USE_ASM)
+        rn = t * BN + tl.arange(0, BN)
+        out = (tl.sum(acc, axis=1) - total_x)[None, :]
+        out_u = (tl.sum(acc_u, axis=1) - total_x)[None, :]
+        _epilogue(out, out_u, rm, rn, rm < 1, rn < N, a_row, s_ptr, o_ptr, r_ptr, N, 0, 0, ACT, RESIDUAL,
+                  ROW_SCALE, NATIVE)  # fmt: skip
+        wt = wt_next
+        wu = wu_next
+
+
+def _gemv_rows(x: torch.Tensor, x_float: bool, kb: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, the int8 row buffer a one-row GEMV reads words from): for a float x, `rows` rows of kb bytes it
+    quantizes into; for an int8 x, x itself, or an aligned zero-padded copy when x is not in whole 16-byte
+    vectors (the kernels read 16 bytes at a time)."""
+    k = x.shape[1]
+    if x_float:
+        return x, scratch_buffer(x.device, rows * kb // 4, "row").view(torch.int8)
+    if k % 16 or x.data_ptr() % 16:
+        q = scratch_buffer(x.device, kb // 4, "row").view(torch.int8)
+        q[k:].zero_()
+        q[:k].copy_(x[0])
+        return q[None, :k], q
+    return x, x
+
+
+@functools.cache
+def multiprocessors(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _gemv_resident(x, w, a, gain, eps, residual, act_code, out, cfg, use_asm) -> torch.Tensor:
+    """ternary_gemv through `_gemv_resident_kernel`: cfg.resident programs a multiprocessor (at most one a
+    tile), one K block over all of K."""
+    n, k = out.shape[1], w.shape[1]
+    kb, kxw = gemv_row(k)
+    # in the interpreter, two "multiprocessors": a few programs, each over several tiles
+    sms = multiprocessors(x.device.index or 0) if on_gpu(x) else 2
+    programs = min(triton.cdiv(n, cfg.bn), cfg.resident * sms)
+    x, q = _gemv_rows(x, a is None, kb, programs)  # a float row: each program quantizes into its own row
+    _gemv_resident_kernel[(programs,)](
+        x, gain if gain is not None else x, a if a is not None else x, q, w.data, w.scale, out,
+        residual if residual is not None else out, n, k, w.data.shape[1], kxw, eps,
+        BN=cfg.bn, KB=kb, X_FLOAT=a is None, NORM=gain is not None, ACT=act_code,
+        RESIDUAL=residual is not None, ROW_SCALE=w.scale.numel() > 1,
+        USE_ASM=on_gpu(x) if use_asm is None else use_asm, NATIVE=on_gpu(x),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_kwargs(pdl_launch(x)),
+    )  # fmt: skip
+    return out
+
+
 @dataclass(frozen=True)
 class MMConfig:
     """Tile shape and launch options of one product; `gemv` picks the one-row ALU kernel."""
@@ -416,6 +523,7 @@ class MMConfig:
     gemv: bool = False
     swap: bool = False
     private_row: bool = False  # fused-norm GEMV: each program quantizes into its own row, not a shared one
+    resident: int = 0  # one-row GEMV: this many resident programs a multiprocessor, each over many tiles
 
 
 # (rows bucket, N, K, gated) -> the tiles measured fastest on an H200 (benchmarks/gpu_bench.py, 2026-11-30)
@@ -585,20 +693,15 @@ def ternary_gemv(
     x_float = a is None
     out_dtype = out_dtype or (x.dtype if x_float else torch.bfloat16)
     out = torch.empty((1, n), dtype=out_dtype, device=x.device) if out is None else out
+    if cfg.resident:
+        if cfg.split_k != 1 or then_quant is not None:
+            raise ValueError("a resident-program GEMV config takes split_k 1 and no then_quant")
+        return _gemv_resident(x, w, a, gain, eps, residual, act_code, out, cfg, use_asm)
     grid = (triton.cdiv(n, cfg.bn), cfg.split_k)
     ws, cnt = _split_buffers(x.device, 1, 2 * n if act_code else n, grid[0], cfg.split_k)
     private = x_float and cfg.private_row
     kb, kxw = gemv_row(k)
-    if x_float:  # the kernel quantizes into this row (a row per program when private)
-        rows = grid[0] * grid[1] if private else 1
-        q = scratch_buffer(x.device, rows * kb // 4, "row").view(torch.int8)
-    elif k % 16 or x.data_ptr() % 16:  # the kernel reads x in 16-byte vectors: an aligned, zero-padded copy
-        q = scratch_buffer(x.device, kb // 4, "row").view(torch.int8)
-        q[k:].zero_()
-        q[:k].copy_(x[0])
-        x = q[None, :k]
-    else:
-        q = x
+    x, q = _gemv_rows(x, x_float, kb, grid[0] * grid[1] if private else 1)
     g2, q2, a2 = then_quant or (None, out, out)
     if then_quant is not None and cfg.split_k != 1:
         raise ValueError("then_quant needs a config with split_k 1")

@@ -1,0 +1,63 @@
+"""The one-row GEMV with resident programs (`MMConfig(resident=...)`: each program several output tiles over
+all of K, the next tile's weights requested before the current one is multiplied) against the
+tile-per-program kernel, on the issue's 2B-4T shapes, int8 row in. Timed as benchmarks/gpu_bench.py times
+kernels (100 launches in a CUDA graph, weight copies past L2, median of 7 replays), with and without
+programmatic dependent launch; every configuration is checked against the exact integer result first.
+
+    python benchmarks/gpu_gemv_resident.py [--shapes qkv,o,gate_up,down]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+
+import torch
+from gpu_bench import SHAPES, _clone, copies_for, exact_ref, graph_time_us, pdl, random_packed
+
+from pybitnet.kernels.triton.matmul import MMConfig, ternary_gemv
+from pybitnet.quant import quantize_activations
+
+GEMV = functools.partial(MMConfig, gemv=True, num_stages=1)
+CONFIGS = [GEMV(bn=16, bk=2048, num_warps=8)] + [  # the tile-per-program default, then resident programs
+    GEMV(bn=bn, resident=res, num_warps=nw)
+    for bn in (8, 16, 32, 64)
+    for res in (1, 2, 3, 4)
+    for nw in (2, 4, 8)
+    if bn * nw <= 256
+]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", default="qkv,o,gate_up,down")
+    args = ap.parse_args()
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    g = torch.Generator().manual_seed(0)
+    for name in args.shapes.split(","):
+        n, k = SHAPES[name]
+        xq, a = quantize_activations(torch.randn(1, k, device="cuda", dtype=torch.bfloat16))
+        a = a[:, 0].contiguous()
+        tw, pw0 = random_packed(n, k, False, g)
+        copies = [pw0] + [_clone(pw0) for _ in range(copies_for(pw0.data.numel(), l2) - 1)]
+        ref = exact_ref(xq, a, tw, torch.bfloat16)
+        out = torch.empty(1, n, device="cuda", dtype=torch.bfloat16)
+        rows = []
+        for cfg in CONFIGS:
+            ternary_gemv(xq, copies[0], a=a, out=out, config=cfg)
+            if not torch.equal(out, ref):
+                print(f"{name} {cfg}: NOT EXACT")
+                continue
+            calls = [functools.partial(ternary_gemv, xq, w, a=a, out=out, config=cfg) for w in copies]
+            with_pdl = graph_time_us(calls)
+            with pdl(False):
+                without = graph_time_us(calls)
+            rows.append((with_pdl, without, cfg))
+        rows.sort(key=lambda r: r[0])
+        for t, t_no, cfg in rows[:4] + [r for r in rows if not r[2].resident]:
+            kind = f"resident {cfg.resident}" if cfg.resident else f"tile a program, bk {cfg.bk}"
+            print(f"{name}: {t:.2f} µs (no PDL {t_no:.2f}), {cfg.bn} rows, {kind}, {cfg.num_warps} warps")
+
+
+if __name__ == "__main__":
+    main()
