@@ -1,6 +1,6 @@
 """Ternary (W2A8) and int8 (W8A8) matrix products in Triton, integer-exact, with fused epilogues.
 
-Two kernels:
+Two kernels (and a variant of the second):
 - `_mm_kernel`: any number of rows on int8 tensor cores (`tl.dot`); the 2-bit codes of a weight tile are
   expanded to int8 {-1, 0, 1} in registers, four 32-column slices per byte column (the "triton_i2" layout).
   Also takes int8 weights (the int8 lm_head, and ternary weights expanded once per call for many rows:
@@ -10,6 +10,9 @@ Two kernels:
   products per instruction, against codes w+1 in {0,1,2}; the row sum of the activations is subtracted once.
   The activation row can come as float: the kernel then applies RMSNorm and int8 quantization itself (each
   program from the whole row, which sits in L2), so a norm + quantize launch disappears from the decode step.
+  `_gemv_resident_kernel` (`MMConfig(resident=R)`) is the same product with R programs a multiprocessor, each
+  over several output tiles and all of K, the next tile's weights requested before the current one is
+  multiplied: faster alone on an int8 row (benchmarks/gpu_gemv_resident.py), not inside the decode step.
 
 Both split K across programs where it pays: each program stores its partial int32 sums in its own plane of a
 workspace, and the last program of each output tile (an arrival counter decides) adds the planes up and
