@@ -48,7 +48,7 @@ from .common import (
 from .matmul import _gemv_program, default_config, gemv_row, multiprocessors
 
 PHASES = 5
-NUM_WARPS = 8  # one launch shape for every phase: the tuned one-row GEMV tiles all use 8 warps
+NUM_WARPS = 8  # one launch shape for every phase (the separate one-row GEMVs use 8 or 16 warps)
 
 
 @triton.jit
