@@ -9,6 +9,7 @@ global count, so how a batch is split over micro-steps and processes does not ch
 from __future__ import annotations
 
 import copy
+import gc
 import math
 import random
 import signal
@@ -214,9 +215,18 @@ def _check_resumable(saved: dict[str, Any], cfg: TrainConfig, global_batch: int)
 
 
 def train(cfg: TrainConfig) -> TrainResult:
-    # ---- processes, devices, seeds
     device = pick_device(cfg.device)
     info = distributed.setup(cfg.distributed, device.type)
+    result = _train(cfg, info, device)
+    # the run's model, optimizer and FSDP state are freed before the process groups go: left to interpreter
+    # exit, gloo work they still reference can abort a process whose run has finished
+    gc.collect()
+    distributed.teardown(info)
+    return result
+
+
+def _train(cfg: TrainConfig, info: distributed.DistInfo, device: torch.device) -> TrainResult:
+    # ---- devices, seeds
     if device.type == "cuda":
         device = torch.device("cuda", info.local_rank)
         torch.cuda.set_device(device)
@@ -352,7 +362,6 @@ def train(cfg: TrainConfig) -> TrainResult:
             monitor.print(f"exported {', '.join(str(p) for p in result.exported.values())}")
         distributed.barrier(info)
     monitor.close()
-    distributed.teardown(info)
     return result
 
 
