@@ -29,6 +29,11 @@
 #ifndef BN_GEMV_PREFETCH
 #define BN_GEMV_PREFETCH 2048
 #endif
+/* Chunks a thread's share of a GEMV's rows is cut into, claimed one at a time: small enough to rebalance when a
+ * thread is descheduled, large enough for each to stream. A build may set it (-DBN_CHUNKS_PER_THREAD=...). */
+#ifndef BN_CHUNKS_PER_THREAD
+#define BN_CHUNKS_PER_THREAD 16
+#endif
 /* The x86 decode GEMVs' prefetch of the 128-byte block BN_GEMV_PREFETCH bytes past p (two cache lines); for the
  * files that include immintrin.h. */
 #define BN_PREFETCH_AHEAD(p)                                                                                 \

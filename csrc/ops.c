@@ -120,8 +120,7 @@ static void ternary_task(void *p, int tid, int64_t t0, int64_t t1) {
 void bn_run_ternary(const bn_isa_ops *ops, const bn_act *x, const bn_tmat *mats, int nmats) {
     ternary_job job = {ops, x, mats, nmats, 0};
     for (int i = 0; i < nmats; i++) job.tiles += (mats[i].n + BN_ROWS - 1) / BN_ROWS;
-    /* chunks of ~1/16 of a thread's share: small enough to rebalance, large enough to stream */
-    int64_t grain = job.tiles / (16 * (int64_t)bn_pool_threads());
+    int64_t grain = job.tiles / (BN_CHUNKS_PER_THREAD * (int64_t)bn_pool_threads());
     bn_pool_run(ternary_task, &job, job.tiles, grain > 4 ? grain : 4);
 }
 
@@ -140,7 +139,8 @@ static void head_task(void *p, int tid, int64_t q0, int64_t q1) {
 
 void bn_run_head(const bn_isa_ops *ops, const bn_act *x, const bn_qmat *w, int bits) {
     head_job job = {bits == 4 ? ops->int4 : ops->int8, x, w};
-    int64_t quads = (w->n + BN_ROWS - 1) / BN_ROWS, grain = quads / (16 * (int64_t)bn_pool_threads());
+    int64_t quads = (w->n + BN_ROWS - 1) / BN_ROWS;
+    int64_t grain = quads / (BN_CHUNKS_PER_THREAD * (int64_t)bn_pool_threads());
     bn_pool_run(head_task, &job, quads, grain > 4 ? grain : 4);
 }
 
