@@ -290,6 +290,36 @@ def _dot_words(wt, x0, x1, x2, x3, acc, USE_ASM: tl.constexpr):
 
 
 @triton.jit
+def _activation_row(x_ptr, g_ptr, a_ptr, q_ptr, offs, K, KXW, eps, X_FLOAT: tl.constexpr, NORM: tl.constexpr,
+                    L2_IN: tl.constexpr, NATIVE: tl.constexpr):  # fmt: skip
+    """(int8 values at offs, scale a) of a one-row GEMV's activation row: x already int8 (scale at a_ptr), or
+    (X_FLOAT) the float row normalized (NORM) and quantized here, stored into the row at q_ptr (zeros to the
+    end of the last 16-byte vector) for the program's threads to read back as words."""
+    k_ok = offs < K
+    if X_FLOAT:
+        q, a = load_norm_quant(x_ptr, g_ptr, offs, k_ok, K, eps, NORM, L2_IN, NATIVE)
+        q = tl.where(k_ok, q, 0)
+        tl.store(q_ptr + offs, q, mask=offs < 4 * KXW)
+        tl.debug_barrier()  # the row is in memory before any thread of the program reads a slice of it
+    else:
+        a = tl.load(a_ptr)
+        q = tl.load(x_ptr + offs, mask=k_ok, other=0)
+    return q, a
+
+
+@triton.jit
+def _slice_words(q_words, w0, j, KXW):
+    """The activation words of the four 32-element slices of the K block whose first word is w0: word i of
+    slice s holds elements 4i..4i+3 of the slice (zero past the row's KXW words)."""
+    kw = w0 + (j // 8) * 32 + (j % 8)
+    x0 = tl.load(q_words + kw, mask=kw < KXW, other=0)
+    x1 = tl.load(q_words + kw + 8, mask=kw + 8 < KXW, other=0)
+    x2 = tl.load(q_words + kw + 16, mask=kw + 16 < KXW, other=0)
+    x3 = tl.load(q_words + kw + 24, mask=kw + 24 < KXW, other=0)
+    return x0, x1, x2, x3
+
+
+@triton.jit
 def _gemv_kernel(
     x_ptr, g_ptr, a_ptr, q_ptr, w_ptr, s_ptr, o_ptr, r_ptr, ws_ptr, cnt_ptr, g2_ptr, q2_ptr, a2_ptr, tcnt_ptr,
     N, K, KW, KXW, eps,
@@ -357,15 +387,7 @@ def _gemv_program(
     dependency_wait(PDL, BAR, bar_ptr, bar_target)
 
     offs = tl.arange(0, KB)
-    k_ok = offs < K
-    if X_FLOAT:
-        q, a = load_norm_quant(x_ptr, g_ptr, offs, k_ok, K, eps, NORM, L2_IN, NATIVE)
-        q = tl.where(k_ok, q, 0)
-        tl.store(q_ptr + offs, q, mask=offs < 4 * KXW)  # zeros to the end of the last vector
-        tl.debug_barrier()  # the row is in memory before any thread of the program reads a slice of it
-    else:
-        a = tl.load(a_ptr)
-        q = tl.load(x_ptr + offs, mask=k_ok, other=0)
+    q, a = _activation_row(x_ptr, g_ptr, a_ptr, q_ptr, offs, K, KXW, eps, X_FLOAT, NORM, L2_IN, NATIVE)
     # codes are w + 1: sum(x) over this program's K blocks is subtracted at the end
     mine = ((offs // BK) % SPLIT_K) == pid_k
     total_x = tl.sum(tl.where(mine, q.to(tl.int32), 0), axis=0)
@@ -379,11 +401,7 @@ def _gemv_program(
         wu_next = wt_next
         if ACT != 0:
             wu_next = tl.load(u_rows + next_cols[None, :], mask=next_mask, other=0)
-        kw = kb * (BK // 4) + (j // 8) * 32 + (j % 8)  # word i of slice s: elements 4i..4i+3 of the slice
-        x0 = tl.load(q_words + kw, mask=kw < KXW, other=0)
-        x1 = tl.load(q_words + kw + 8, mask=kw + 8 < KXW, other=0)
-        x2 = tl.load(q_words + kw + 16, mask=kw + 16 < KXW, other=0)
-        x3 = tl.load(q_words + kw + 24, mask=kw + 24 < KXW, other=0)
+        x0, x1, x2, x3 = _slice_words(q_words, kb * (BK // 4), j, KXW)
         acc = _dot_words(wt, x0, x1, x2, x3, acc, USE_ASM)
         if ACT != 0:
             acc_u = _dot_words(wu, x0, x1, x2, x3, acc_u, USE_ASM)
@@ -438,24 +456,12 @@ def _gemv_resident_kernel(
     col_ok = j < KW // 4
     wt, wu = _weight_tile(w_ptr, pid, N, KW, BN, j, col_ok, ACT)
     pdl_gate(PDL)
-    offs = tl.arange(0, KB)
-    k_ok = offs < K
-    if X_FLOAT:  # into this program's own row, then read back as words
+    if X_FLOAT:  # this program's own row
         q_ptr += pid.to(tl.int64) * KB
-        q, a = load_norm_quant(x_ptr, g_ptr, offs, k_ok, K, eps, NORM, False, NATIVE)
-        q = tl.where(k_ok, q, 0)
-        tl.store(q_ptr + offs, q, mask=offs < 4 * KXW)
-        tl.debug_barrier()
-    else:
-        a = tl.load(a_ptr)
-        q = tl.load(x_ptr + offs, mask=k_ok, other=0)
+    q, a = _activation_row(x_ptr, g_ptr, a_ptr, q_ptr, tl.arange(0, KB), K, KXW, eps, X_FLOAT, NORM, False,
+                           NATIVE)  # fmt: skip
     total_x = tl.sum(q.to(tl.int32), axis=0)
-    q_words = q_ptr.to(tl.pointer_type(tl.int32))
-    kw = (j // 8) * 32 + (j % 8)  # word i of slice s: elements 4i..4i+3 of the slice
-    x0 = tl.load(q_words + kw, mask=kw < KXW, other=0)
-    x1 = tl.load(q_words + kw + 8, mask=kw + 8 < KXW, other=0)
-    x2 = tl.load(q_words + kw + 16, mask=kw + 16 < KXW, other=0)
-    x3 = tl.load(q_words + kw + 24, mask=kw + 24 < KXW, other=0)
+    x0, x1, x2, x3 = _slice_words(q_ptr.to(tl.pointer_type(tl.int32)), 0, j, KXW)
     rm = tl.arange(0, 1)
     a_row = tl.zeros((1,), tl.float32) + a
     for t in range(pid, tl.cdiv(N, BN), n_prog):
