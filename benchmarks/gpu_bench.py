@@ -620,8 +620,9 @@ def _e2e_variant(e2e, model, gen, key, opts, prompt_len, steps, quick) -> None:
 
 
 @torch.inference_mode()
-def _decode_rate(eng, prompts, steps: int) -> tuple[float, float]:
-    """Prefill, then time `steps` graph replays of the decode step with CUDA events."""
+def decode_loop(eng, prompts):
+    """The engine's greedy decode step for these prompts (its graph captured by an earlier `generate`),
+    prefilled, positioned after each prompt and run once."""
     loop = eng._loop(len(prompts), False)
     logits = eng.prefill(prompts)
     loop.tokens.copy_(logits.argmax(-1))
@@ -629,13 +630,24 @@ def _decode_rate(eng, prompts, steps: int) -> tuple[float, float]:
     loop.step_index.fill_(1)
     loop.run()
     torch.cuda.synchronize()
+    return loop
+
+
+@torch.inference_mode()
+def replay_ms(loop, replays: int) -> float:
+    """ms a decode step: `replays` replays of the loop's graph timed with CUDA events."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
-    for _ in range(steps - 1):
+    for _ in range(replays):
         loop.run()
     end.record()
     end.synchronize()
-    ms = start.elapsed_time(end) / (steps - 1)
+    return start.elapsed_time(end) / replays
+
+
+def _decode_rate(eng, prompts, steps: int) -> tuple[float, float]:
+    """Prefill, then time `steps` - 1 graph replays of the decode step: (tok/s, ms a step)."""
+    ms = replay_ms(decode_loop(eng, prompts), steps - 1)
     return len(prompts) * 1000 / ms, ms
 
 

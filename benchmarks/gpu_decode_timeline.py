@@ -19,6 +19,7 @@ import json
 import statistics
 
 import torch
+from gpu_bench import decode_loop, replay_ms  # this script's folder is on the path when it runs
 
 from pybitnet.engine.cuda_graph import CudaGraphEngine
 from pybitnet.kernels.triton import attention as att
@@ -27,19 +28,11 @@ from pybitnet.models.presets import preset
 from pybitnet.models.random_init import random_model
 
 
-@torch.inference_mode()
 def _decode_loop(eng: CudaGraphEngine, context: int):
     """A captured batch-1 decode loop positioned after a `context`-token prompt."""
     prompt = torch.randint(0, 128000, (1, context)).tolist()
     eng.generate(prompt, 4)  # captures the graph, compiles everything
-    loop = eng._loop(1, False)
-    logits = eng.prefill(prompt)
-    loop.tokens.copy_(logits.argmax(-1))
-    loop.positions.fill_(context)
-    loop.step_index.fill_(1)
-    loop.run()
-    torch.cuda.synchronize()
-    return loop
+    return decode_loop(eng, prompt)
 
 
 STEPS_ROOM = 256  # cache positions past the context: a measurement runs ~110 steps from it
@@ -59,17 +52,10 @@ def in_step(eng: CudaGraphEngine, context: int) -> float:
     return step_ms(_decode_loop(eng, context))
 
 
-@torch.inference_mode()
 def step_ms(loop, steps: int = 100) -> float:
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    for _ in range(5):
-        loop.run()
-    start.record()
-    for _ in range(steps):
-        loop.run()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / steps
+    """ms a step over `steps` replays, after 5 more to warm up."""
+    replay_ms(loop, 5)
+    return replay_ms(loop, steps)
 
 
 @torch.inference_mode()

@@ -19,7 +19,8 @@ import triton.language as tl
 from .common import dependency_wait, launch_kwargs, on_gpu, pdl_launch, round_to, scratch_buffer
 
 # launch shape by batch (rows <= 8: "small", else "large"): cache positions per loop step, warps, stages and
-# sequence splits; benchmarks/gpu_bench.py measures the alternatives on an H200 and sets the fastest
+# sequence splits; benchmarks/gpu_bench.py measures the alternatives on an H200 (and uses the fastest for
+# "large"), benchmarks/gpu_decode_timeline.py the small ones inside the whole decode step
 DECODE_CONFIGS = {
     # batch 1, context 384, the whole decode step (benchmarks/gpu_decode_timeline.py): 939 µs against 967 for
     # 64 positions / 8 splits / 4 warps, the fastest alone (6.5 µs) but not inside the step

@@ -20,12 +20,13 @@ the first barrier); the launch is cooperative, so the driver guarantees that all
 programs one after another, so no program could wait for another: there (or with `fused=False`) each phase
 is its own launch of the same kernel.
 
-Opt-in (`GpuForward(layer_kernel=True)`), because on an H200 it is slower: 675-684 tok/s against 998-1009 for
-the five launches a layer (benchmarks/gpu_layer_kernel.py). A grid barrier costs ~0.8 µs, so most of the
-loss is elsewhere: with programmatic dependent launch a kernel's programs start (and request their weights)
-while the kernel before still runs, on the same multiprocessors; one program per multiprocessor has no such
-overlap across phases. Halving the code (`overlap=False`), two programs per multiprocessor at 128 registers
-(spills) and requesting the later phases' weights into L2 at the start were measured, none faster.
+Opt-in (`GpuForward(layer_kernel=True)`), because on an H200 it is slower: 658-694 tok/s against 1,108-1,109
+for the five launches a layer (benchmarks/gpu_bench.py; benchmarks/gpu_layer_kernel.py for its variants). A
+grid barrier costs ~0.8 µs, so most of the loss is elsewhere: with programmatic dependent launch a kernel's
+programs start (and request their weights) while the kernel before still runs, on the same multiprocessors;
+one program per multiprocessor has no such overlap across phases. Halving the code (`overlap=False`), two
+programs per multiprocessor at 128 registers (spills) and requesting the later phases' weights into L2 at the
+start were measured, none faster.
 """
 
 from __future__ import annotations
