@@ -79,7 +79,7 @@ GEMV_CONFIGS = [  # one-row kernel tiles of 32-bit code words (`_dot_words`)
     ]
 ] + [  # resident programs, each over several tiles (the fastest of benchmarks/gpu_gemv_resident.py)
     MMConfig(bn=bn, resident=res, num_warps=nw, num_stages=1, gemv=True)
-    for bn, res, nw in [(16, 4, 4), (8, 4, 4), (32, 3, 4), (32, 2, 8), (16, 2, 4)]
+    for bn, res, nw in [(16, 4, 4), (8, 4, 4), (32, 3, 4), (32, 2, 8), (16, 2, 4), (8, 16, 1), (32, 4, 2)]
 ]  # fmt: skip
 DOT1_CONFIGS = [
     MMConfig(bm=16, bn=bn, bk=bk, split_k=sk, num_warps=nw, num_stages=ns)

@@ -37,10 +37,22 @@ def _decode_loop(eng: CudaGraphEngine, context: int):
 
 STEPS_ROOM = 256  # cache positions past the context: a measurement runs ~110 steps from it
 GEMV = functools.partial(MMConfig, num_warps=8, num_stages=1, gemv=True)
-RESIDENT = [(16, 4, 4), (8, 4, 4), (32, 3, 4), (16, 2, 4)]  # (rows, programs a multiprocessor, warps)
+# (rows, programs a multiprocessor, warps); with many programs a multiprocessor each has one tile
+RESIDENT = [
+    (16, 4, 4),
+    (8, 4, 4),
+    (32, 3, 4),
+    (16, 2, 4),
+    (16, 8, 2),
+    (8, 16, 2),
+    (32, 8, 2),
+    (8, 16, 1),
+    (32, 4, 2),
+]
 TILES = {  # alternatives to the committed tiles (matmul.TUNED) of the engine's fused-norm one-row GEMVs:
-    # resident programs (benchmarks/gpu_gemv_resident.py), in the step
+    # resident programs (benchmarks/gpu_gemv_resident.py), and small programs over all of K, in the step
     name: [GEMV(bn=bn, resident=res, num_warps=nw) for bn, res, nw in RESIDENT]
+    + [GEMV(bn=bn, bk=4096, private_row=True, num_warps=2) for bn in (8, 16)]
     for name in ("qkv", "o", "gate_up", "down")
 }
 
@@ -95,7 +107,23 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=384)
     ap.add_argument("--replays", type=int, default=20)
     ap.add_argument("--out", default=None, help="write the figures as JSON here")
+    ap.add_argument("--projections", default="qkv,o,gate_up,down", help="whose tiles the in-step sweep tries")
+    ap.add_argument("--tiles", type=int, default=None, help="only the last N alternatives of each projection")
+    ap.add_argument(
+        "--resident",
+        action="append",
+        default=[],
+        metavar="NAME=ROWS/PROGRAMS/WARPS,...",
+        help="try these resident-program shapes for a projection instead of its list (repeatable)",
+    )
+    ap.add_argument("--no-attention", action="store_true", help="skip the attention shapes in the sweep")
     args = ap.parse_args()
+    for spec in args.resident:
+        name, shapes = spec.split("=")
+        TILES[name] = [
+            GEMV(bn=bn, resident=res, num_warps=nw)
+            for bn, res, nw in (map(int, s.split("/")) for s in shapes.split(","))
+        ]
     torch.manual_seed(0)
     model = random_model(preset("bitnet-2b-4t"), seed=0, dtype=torch.bfloat16, kernel="reference").cuda()
     results: dict = {"context": args.context}
@@ -120,14 +148,14 @@ def main() -> None:
     eng = CudaGraphEngine(model, max_batch_size=1, max_len=args.context + STEPS_ROOM)
     small = dict(att.DECODE_CONFIGS["small"])
     sweep = results["in_step_ms"] = {"default": in_step(eng, args.context)}
-    for block, splits, warps, stages in [(64, 8, 4, 2), (32, 16, 4, 2), (32, 16, 2, 1), (32, 16, 2, 3),
-                                         (32, 16, 1, 2), (16, 16, 2, 2)]:  # fmt: skip
+    shapes = [(64, 8, 4, 2), (32, 16, 4, 2), (32, 16, 2, 1), (32, 16, 2, 3), (32, 16, 1, 2), (16, 16, 2, 2)]
+    for block, splits, warps, stages in [] if args.no_attention else shapes:
         att.DECODE_CONFIGS["small"].update(block=block, splits=splits, num_warps=warps, num_stages=stages)
         key = f"attention {block} positions x {splits} splits, {warps} warps, {stages} stages"
         sweep[key] = in_step(eng, args.context)
         att.DECODE_CONFIGS["small"].update(small)
-    for name, configs in TILES.items():
-        for cfg in configs:
+    for name in args.projections.split(","):
+        for cfg in TILES[name][-args.tiles if args.tiles else 0 :]:
             eng.forward.configs[(name, 1)] = cfg
             try:
                 sweep[f"{name} {cfg}"] = in_step(eng, args.context)

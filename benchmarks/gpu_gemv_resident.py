@@ -4,7 +4,8 @@ tile-per-program kernel, on the issue's 2B-4T shapes, int8 row in. Timed as benc
 kernels (100 launches in a CUDA graph, weight copies past L2, median of 7 replays), with and without
 programmatic dependent launch; every configuration is checked against the exact integer result first.
 
-    python benchmarks/gpu_gemv_resident.py [--shapes qkv,o,gate_up,down]
+    python benchmarks/gpu_gemv_resident.py [--shapes qkv,o,gate_up,down] [--bn 8,16,32,64] \\
+        [--resident 1,2,3,4] [--warps 2,4,8]
 """
 
 from __future__ import annotations
@@ -13,24 +14,35 @@ import argparse
 import functools
 
 import torch
-from gpu_bench import SHAPES, _clone, copies_for, exact_ref, graph_time_us, pdl, random_packed
+from gpu_bench import ISSUE_US, SHAPES, _clone, copies_for, exact_ref, graph_time_us, pdl, random_packed
 
 from pybitnet.kernels.triton.matmul import MMConfig, ternary_gemv
 from pybitnet.quant import quantize_activations
 
 GEMV = functools.partial(MMConfig, gemv=True, num_stages=1)
-CONFIGS = [GEMV(bn=16, bk=2048, num_warps=8)] + [  # the tile-per-program default, then resident programs
-    GEMV(bn=bn, resident=res, num_warps=nw)
-    for bn in (8, 16, 32, 64)
-    for res in (1, 2, 3, 4)
-    for nw in (2, 4, 8)
-    if bn * nw <= 256
-]
+
+
+def configs(bns: list[int], residents: list[int], warps: list[int]) -> list[MMConfig]:
+    """The tile-per-program default, then resident programs of each shape."""
+    return [GEMV(bn=16, bk=2048, num_warps=8)] + [
+        GEMV(bn=bn, resident=res, num_warps=nw)
+        for bn in bns
+        for res in residents
+        for nw in warps
+        if bn * nw <= 256
+    ]
+
+
+def ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",")]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default="qkv,o,gate_up,down")
+    ap.add_argument("--bn", type=ints, default=[8, 16, 32, 64], help="rows a tile, e.g. 4,8,16")
+    ap.add_argument("--resident", type=ints, default=[1, 2, 3, 4], help="programs a multiprocessor")
+    ap.add_argument("--warps", type=ints, default=[2, 4, 8], help="warps a program")
     args = ap.parse_args()
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     g = torch.Generator().manual_seed(0)
@@ -43,7 +55,7 @@ def main() -> None:
         ref = exact_ref(xq, a, tw, torch.bfloat16)
         out = torch.empty(1, n, device="cuda", dtype=torch.bfloat16)
         rows = []
-        for cfg in CONFIGS:
+        for cfg in configs(args.bn, args.resident, args.warps):
             ternary_gemv(xq, copies[0], a=a, out=out, config=cfg)
             if not torch.equal(out, ref):
                 print(f"{name} {cfg}: NOT EXACT")
@@ -57,6 +69,18 @@ def main() -> None:
         for t, t_no, cfg in rows[:4] + [r for r in rows if not r[2].resident]:
             kind = f"resident {cfg.resident}" if cfg.resident else f"tile a program, bk {cfg.bk}"
             print(f"{name}: {t:.2f} µs (no PDL {t_no:.2f}), {cfg.bn} rows, {kind}, {cfg.num_warps} warps")
+        del copies
+        # cuBLAS bf16 on the same row, weights past L2 as well
+        xb = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        wb = [torch.randn(n, k, device="cuda", dtype=xb.dtype) for _ in range(copies_for(2 * n * k, l2))]
+        bf16 = graph_time_us([functools.partial(torch.matmul, xb, w.T, out=out) for w in wb])
+        del wb
+        if rows:
+            best = rows[0][0]
+            print(
+                f"{name}: cuBLAS bf16 {bf16:.2f} µs (same run); fastest {best:.2f} µs = {bf16 / best:.2f}x "
+                f"cuBLAS, {ISSUE_US[name][1] / best:.2f}x Microsoft W2A8 ({ISSUE_US[name][1]} µs, issue)"
+            )
 
 
 if __name__ == "__main__":

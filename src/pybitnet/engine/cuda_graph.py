@@ -254,7 +254,8 @@ class GpuForward:
         q = torch.empty((1, n), dtype=torch.int8, device=x.device)
         a = torch.empty((1,), dtype=torch.float32, device=x.device)
         cfg = self.configs.get((name, 1)) or default_config(1, n, w.shape[1], gated=kw.get("act") is not None)
-        cfg = replace(cfg, split_k=1)  # the arrival count covers one program per output tile
+        # the arrival count covers one program per output tile, of the tile-per-program kernel
+        cfg = replace(cfg, split_k=1, resident=0, bk=cfg.bk if not cfg.resident else 2048)
         y = ternary_gemv(x, w, eps=self.eps, config=cfg, then_quant=(next_gain, q, a), **kw)
         return y, q, a
 

@@ -10,9 +10,10 @@ Two kernels (and a variant of the second):
   products per instruction, against codes w+1 in {0,1,2}; the row sum of the activations is subtracted once.
   The activation row can come as float: the kernel then applies RMSNorm and int8 quantization itself (each
   program from the whole row, which sits in L2), so a norm + quantize launch disappears from the decode step.
-  `_gemv_resident_kernel` (`MMConfig(resident=R)`) is the same product with R programs a multiprocessor, each
-  over several output tiles and all of K, the next tile's weights requested before the current one is
-  multiplied: faster alone on an int8 row (benchmarks/gpu_gemv_resident.py), not inside the decode step.
+  `_gemv_resident_kernel` (`MMConfig(resident=R)`) is the same product with at most R programs a
+  multiprocessor, each over one or several output tiles and all of K (a row's code words in two power-of-two
+  pieces, so few lanes idle), the next tile's weights requested before the current one is multiplied: the
+  2B-4T decode step's projections run on it (benchmarks/gpu_gemv_resident.py, gpu_decode_timeline.py).
 
 Both split K across programs where it pays: each program stores its partial int32 sums in its own plane of a
 workspace, and the last program of each output tile (an arrival counter decides) adds the planes up and
@@ -308,10 +309,11 @@ def _activation_row(x_ptr, g_ptr, a_ptr, q_ptr, offs, K, KXW, eps, X_FLOAT: tl.c
 
 
 @triton.jit
-def _slice_words(q_words, w0, j, KXW):
-    """The activation words of the four 32-element slices of the K block whose first word is w0: word i of
-    slice s holds elements 4i..4i+3 of the slice (zero past the row's KXW words)."""
-    kw = w0 + (j // 8) * 32 + (j % 8)
+def _slice_words(q_words, c, KXW):
+    """The activation words that code words c (indices in the row) multiply: code word c holds elements
+    4c'..4c'+3 of the four 32-element slices of its 128-element block (c' = c mod 8), which are activation
+    words c' + 8s of the block (zero past the row's KXW words)."""
+    kw = (c // 8) * 32 + (c % 8)
     x0 = tl.load(q_words + kw, mask=kw < KXW, other=0)
     x1 = tl.load(q_words + kw + 8, mask=kw + 8 < KXW, other=0)
     x2 = tl.load(q_words + kw + 16, mask=kw + 16 < KXW, other=0)
@@ -401,7 +403,7 @@ def _gemv_program(
         wu_next = wt_next
         if ACT != 0:
             wu_next = tl.load(u_rows + next_cols[None, :], mask=next_mask, other=0)
-        x0, x1, x2, x3 = _slice_words(q_words, kb * (BK // 4), j, KXW)
+        x0, x1, x2, x3 = _slice_words(q_words, kb * BC + j, KXW)
         acc = _dot_words(wt, x0, x1, x2, x3, acc, USE_ASM)
         if ACT != 0:
             acc_u = _dot_words(wu, x0, x1, x2, x3, acc_u, USE_ASM)
@@ -425,58 +427,66 @@ def _gemv_program(
 
 
 @triton.jit
-def _weight_tile(w_ptr, t, N, KW, BN: tl.constexpr, j, col_ok, ACT: tl.constexpr):
-    """Code words [BN, BC] of output tile t (and of its up rows, N further, when ACT); zeros past N."""
+def _weight_tile(w_ptr, t, N, KW, BN: tl.constexpr, c, ACT: tl.constexpr):
+    """Code words c [len(c)] of the BN rows of output tile t (and of its up rows, N further, when ACT);
+    zeros past N and past the row."""
     rn = t * BN + tl.arange(0, BN)
-    ok = (rn < N)[:, None] & col_ok[None, :]
-    wt = tl.load((w_ptr + rn.to(tl.int64)[:, None] * KW).to(tl.pointer_type(tl.int32)) + j[None, :], mask=ok,
+    ok = (rn < N)[:, None] & (c < KW // 4)[None, :]
+    wt = tl.load((w_ptr + rn.to(tl.int64)[:, None] * KW).to(tl.pointer_type(tl.int32)) + c[None, :], mask=ok,
                  other=0)  # fmt: skip
     wu = wt
     if ACT != 0:
         u_rows = (w_ptr + (rn + N).to(tl.int64)[:, None] * KW).to(tl.pointer_type(tl.int32))
-        wu = tl.load(u_rows + j[None, :], mask=ok, other=0)
+        wu = tl.load(u_rows + c[None, :], mask=ok, other=0)
     return wt, wu
+
+
+@triton.jit
+def _tile_dot(wt, c, q_words, KXW, USE_ASM: tl.constexpr):
+    """[BN] sums over code words c of codes(wt) . x."""
+    x0, x1, x2, x3 = _slice_words(q_words, c, KXW)
+    return tl.sum(_dot_words(wt, x0, x1, x2, x3, tl.zeros(wt.shape, tl.int32), USE_ASM), axis=1)
 
 
 @triton.jit
 def _gemv_resident_kernel(
     x_ptr, g_ptr, a_ptr, q_ptr, w_ptr, s_ptr, o_ptr, r_ptr, N, K, KW, KXW, eps,
-    BN: tl.constexpr, KB: tl.constexpr, X_FLOAT: tl.constexpr, NORM: tl.constexpr, ACT: tl.constexpr,
-    RESIDUAL: tl.constexpr, ROW_SCALE: tl.constexpr, USE_ASM: tl.constexpr, NATIVE: tl.constexpr,
-    PDL: tl.constexpr,
+    BN: tl.constexpr, KB: tl.constexpr, BC1: tl.constexpr, BC2: tl.constexpr, X_FLOAT: tl.constexpr,
+    NORM: tl.constexpr, ACT: tl.constexpr, RESIDUAL: tl.constexpr, ROW_SCALE: tl.constexpr,
+    USE_ASM: tl.constexpr, NATIVE: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """`_gemv_kernel` with programs that stay resident: program p computes output tiles p, p + P, ... each
     over all of K at once, and requests the next tile's weights before it multiplies the current one, so its
     loads stay in flight from its first tile to its last; a float row is normalized and quantized once a
-    program."""
+    program. A row's code words are read as two power-of-two pieces (BC1, then BC2 from BC1 on), so few
+    lanes idle when the row is not a power of two long (2560 inputs: 128 + 32 words, not 256)."""
     pid = tl.program_id(0)
     n_prog = tl.num_programs(0)
-    BC: tl.constexpr = KB // 16
-    j = tl.arange(0, BC)
-    col_ok = j < KW // 4
-    wt, wu = _weight_tile(w_ptr, pid, N, KW, BN, j, col_ok, ACT)
+    c1 = tl.arange(0, BC1)
+    c2 = BC1 + tl.arange(0, BC2)
+    wt1, wu1 = _weight_tile(w_ptr, pid, N, KW, BN, c1, ACT)
+    wt2, wu2 = _weight_tile(w_ptr, pid, N, KW, BN, c2, ACT)
     pdl_gate(PDL)
     if X_FLOAT:  # this program's own row
         q_ptr += pid.to(tl.int64) * KB
     q, a = _activation_row(x_ptr, g_ptr, a_ptr, q_ptr, tl.arange(0, KB), K, KXW, eps, X_FLOAT, NORM, False,
                            NATIVE)  # fmt: skip
     total_x = tl.sum(q.to(tl.int32), axis=0)
-    x0, x1, x2, x3 = _slice_words(q_ptr.to(tl.pointer_type(tl.int32)), 0, j, KXW)
+    q_words = q_ptr.to(tl.pointer_type(tl.int32))
     rm = tl.arange(0, 1)
     a_row = tl.zeros((1,), tl.float32) + a
     for t in range(pid, tl.cdiv(N, BN), n_prog):
-        wt_next, wu_next = _weight_tile(w_ptr, t + n_prog, N, KW, BN, j, col_ok, ACT)
-        acc = _dot_words(wt, x0, x1, x2, x3, tl.zeros((BN, BC), tl.int32), USE_ASM)
-        acc_u = acc
+        wt1_next, wu1_next = _weight_tile(w_ptr, t + n_prog, N, KW, BN, c1, ACT)
+        wt2_next, wu2_next = _weight_tile(w_ptr, t + n_prog, N, KW, BN, c2, ACT)
+        out = _tile_dot(wt1, c1, q_words, KXW, USE_ASM) + _tile_dot(wt2, c2, q_words, KXW, USE_ASM) - total_x
+        out_u = out
         if ACT != 0:
-            acc_u = _dot_words(wu, x0, x1, x2, x3, tl.zeros((BN, BC), tl.int32), USE_ASM)
+            out_u = _tile_dot(wu1, c1, q_words, KXW, USE_ASM) + _tile_dot(wu2, c2, q_words, KXW, USE_ASM)
+            out_u -= total_x
         rn = t * BN + tl.arange(0, BN)
-        out = (tl.sum(acc, axis=1) - total_x)[None, :]
-        out_u = (tl.sum(acc_u, axis=1) - total_x)[None, :]
-        _epilogue(out, out_u, rm, rn, rm < 1, rn < N, a_row, s_ptr, o_ptr, r_ptr, N, 0, 0, ACT, RESIDUAL,
-                  ROW_SCALE, NATIVE)  # fmt: skip
-        wt = wt_next
-        wu = wu_next
+        _epilogue(out[None, :], out_u[None, :], rm, rn, rm < 1, rn < N, a_row, s_ptr, o_ptr, r_ptr, N, 0, 0,
+                  ACT, RESIDUAL, ROW_SCALE, NATIVE)  # fmt: skip
+        wt1, wu1, wt2, wu2 = wt1_next, wu1_next, wt2_next, wu2_next
 
 
 def _gemv_rows(x: torch.Tensor, x_float: bool, kb: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -508,10 +518,13 @@ def _gemv_resident(x, w, a, gain, eps, residual, act_code, out, cfg, use_asm) ->
     sms = multiprocessors(x.device.index or 0) if on_gpu(x) else 2
     programs = min(triton.cdiv(n, cfg.bn), cfg.resident * sms)
     x, q = _gemv_rows(x, a is None, kb, programs)  # a float row: each program quantizes into its own row
+    words = w.data.shape[1] // 4  # a row's code words: the largest power of two, then the rest
+    bc1 = 1 << (words.bit_length() - 1)
     _gemv_resident_kernel[(programs,)](
         x, gain if gain is not None else x, a if a is not None else x, q, w.data, w.scale, out,
         residual if residual is not None else out, n, k, w.data.shape[1], kxw, eps,
-        BN=cfg.bn, KB=kb, X_FLOAT=a is None, NORM=gain is not None, ACT=act_code,
+        BN=cfg.bn, KB=kb, BC1=bc1, BC2=triton.next_power_of_2(max(words - bc1, 1)), X_FLOAT=a is None,
+        NORM=gain is not None, ACT=act_code,
         RESIDUAL=residual is not None, ROW_SCALE=w.scale.numel() > 1,
         USE_ASM=on_gpu(x) if use_asm is None else use_asm, NATIVE=on_gpu(x),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_kwargs(pdl_launch(x)),
@@ -540,12 +553,12 @@ class MMConfig:
 # one-row tiles are checked in the whole decode step too (benchmarks/gpu_decode_timeline.py), where the
 # fastest shape alone is not always the fastest between its neighbours.
 _GEMV = functools.partial(MMConfig, num_warps=8, num_stages=1, gemv=True)
-_H200_2B4T = {
-    (1, 3840, 2560, False): _GEMV(bn=64, bk=2048, private_row=True, num_warps=16),  # step: 886 vs 937 µs
-    (1, 2560, 2560, False): _GEMV(bn=32, bk=4096),
-    (1, 6912, 2560, True): _GEMV(bn=64, bk=1024, private_row=True),
-    (1, 13824, 2560, False): _GEMV(bn=16, bk=2048),
-    (1, 2560, 6912, False): _GEMV(bn=32, bk=4096, private_row=True, num_warps=16),  # step: 884 vs 894 µs
+_H200_2B4T = {  # the one-row projections: resident programs (all but gate/up one tile each), step at 384
+    (1, 3840, 2560, False): _GEMV(bn=64, resident=1, num_warps=16),  # step: 847 vs 860 µs (64 x 2048 tiles)
+    (1, 2560, 2560, False): _GEMV(bn=32, resident=1),  # step: 851 vs 860 µs (32 x 4096 tiles)
+    (1, 6912, 2560, True): _GEMV(bn=64, resident=1),  # step: 855 vs 873 µs (64 x 1024 tiles)
+    (1, 13824, 2560, False): _GEMV(bn=8, resident=16, num_warps=1),  # alone: 4.26 µs
+    (1, 2560, 6912, False): _GEMV(bn=32, resident=1, num_warps=16),  # step: 855 vs 860 µs (32 x 4096 tiles)
     (1, 128256, 2560, False): MMConfig(bm=16, bn=256, bk=128, num_warps=8, num_stages=4),
     (64, 3840, 2560, False): MMConfig(bn=32, num_stages=4, swap=True),
     (64, 2560, 2560, False): MMConfig(bn=32, num_stages=4, swap=True),
