@@ -37,23 +37,17 @@ def _decode_loop(eng: CudaGraphEngine, context: int):
 
 STEPS_ROOM = 256  # cache positions past the context: a measurement runs ~110 steps from it
 GEMV = functools.partial(MMConfig, num_warps=8, num_stages=1, gemv=True)
-# (rows, programs a multiprocessor, warps); with many programs a multiprocessor each has one tile
-RESIDENT = [
-    (16, 4, 4),
-    (8, 4, 4),
-    (32, 3, 4),
-    (16, 2, 4),
-    (16, 8, 2),
-    (8, 16, 2),
-    (32, 8, 2),
-    (8, 16, 1),
-    (32, 4, 2),
-]
-TILES = {  # alternatives to the committed tiles (matmul.TUNED) of the engine's fused-norm one-row GEMVs:
-    # resident programs (benchmarks/gpu_gemv_resident.py), and small programs over all of K, in the step
-    name: [GEMV(bn=bn, resident=res, num_warps=nw) for bn, res, nw in RESIDENT]
-    + [GEMV(bn=bn, bk=4096, private_row=True, num_warps=2) for bn in (8, 16)]
-    for name in ("qkv", "o", "gate_up", "down")
+# (rows, programs a multiprocessor, warps); with as many programs as tiles, each has one tile
+RESIDENT = [(64, 1, 16), (64, 1, 8), (32, 1, 8), (32, 1, 16), (32, 3, 4), (16, 4, 4), (16, 8, 2)]  # fmt: skip
+TILE_A_PROGRAM = {  # the tile-a-program shapes the projections ran on before the resident kernel
+    "qkv": GEMV(bn=64, bk=2048, private_row=True, num_warps=16),
+    "o": GEMV(bn=32, bk=4096),
+    "gate_up": GEMV(bn=64, bk=1024, private_row=True),
+    "down": GEMV(bn=32, bk=4096, private_row=True, num_warps=16),
+}
+TILES = {  # alternatives to the committed tiles (matmul.TUNED) of the engine's fused-norm one-row GEMVs
+    name: [GEMV(bn=bn, resident=res, num_warps=nw) for bn, res, nw in RESIDENT] + [tile]
+    for name, tile in TILE_A_PROGRAM.items()
 }
 
 
