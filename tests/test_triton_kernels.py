@@ -174,6 +174,7 @@ GEMV_CASES = [  # 32-bit word tiles; K not whole words or 128-blocks (partial la
     (130, 1000, MMConfig(bn=16, gemv=True, resident=2)),
     (70, 2560, MMConfig(bn=8, gemv=True, resident=1)),
     (6, 3, MMConfig(bn=8, gemv=True, resident=1)),
+    (40, 700, MMConfig(bn=16, gemv=True, resident=2)),  # a row of 48 code words: pieces of 32 and 16
 ]
 
 
@@ -273,9 +274,10 @@ def test_gemv_then_quant_equals_norm_quant_of_its_output(dtype, with_gain):
 @pytest.mark.parametrize("act", [None, "relu2"])
 def test_resident_gemv_equals_the_tile_per_program_gemv(dtype, act):
     """Resident programs (several output tiles each) give the tile-per-program kernel's bytes: a float row
-    normalized and quantized inside, the gated product, a residual, an odd K and N."""
+    normalized and quantized inside, the gated product, a residual, an odd K and N (rows of 88 code words,
+    read as pieces of 64 and 32 with 8 lanes idle)."""
     g = torch.Generator().manual_seed(3)
-    n, k = (2 * 45, 1000) if act else (77, 1000)
+    n, k = (2 * 45, 1300) if act else (77, 1300)
     tw = _ternary(n, k, g, per_row=True)
     x = (torch.randn(1, k, generator=g) * 2).to(dtype).to(DEV)
     gain = _norm(k, dtype, g).weight.to(DEV)
