@@ -36,11 +36,16 @@
 #ifndef BN_CHUNKS_PER_THREAD
 #define BN_CHUNKS_PER_THREAD 2
 #endif
+/* The cache level those prefetches fill: into L1 by default; a build may set -DBN_GEMV_PREFETCH_HINT=_MM_HINT_T1
+ * (L2), whose requests do not hold the core's few L1 miss buffers, to compare. */
+#ifndef BN_GEMV_PREFETCH_HINT
+#define BN_GEMV_PREFETCH_HINT _MM_HINT_T0
+#endif
 /* The x86 decode GEMVs' prefetch of the 128-byte block BN_GEMV_PREFETCH bytes past p (two cache lines); for the
  * files that include immintrin.h. */
 #define BN_PREFETCH_AHEAD(p)                                                                                 \
-    (_mm_prefetch((const char *)(p) + BN_GEMV_PREFETCH, _MM_HINT_T0),                                        \
-     _mm_prefetch((const char *)(p) + BN_GEMV_PREFETCH + 64, _MM_HINT_T0))
+    (_mm_prefetch((const char *)(p) + BN_GEMV_PREFETCH, BN_GEMV_PREFETCH_HINT),                              \
+     _mm_prefetch((const char *)(p) + BN_GEMV_PREFETCH + 64, BN_GEMV_PREFETCH_HINT))
 
 /* Quantized activations: M rows of k_pad int8 values (zero past the true K), their dequantization
  * factors a (x ~= xq / a) and integer row sums. */
