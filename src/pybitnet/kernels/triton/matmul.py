@@ -553,12 +553,13 @@ class MMConfig:
 # one-row tiles are checked in the whole decode step too (benchmarks/gpu_decode_timeline.py), where the
 # fastest shape alone is not always the fastest between its neighbours.
 _GEMV = functools.partial(MMConfig, num_warps=8, num_stages=1, gemv=True)
-_H200_2B4T = {  # the one-row projections: resident programs (all but gate/up one tile each), step at 384
-    (1, 3840, 2560, False): _GEMV(bn=64, resident=1, num_warps=16),  # step: 847 vs 860 µs (64 x 2048 tiles)
-    (1, 2560, 2560, False): _GEMV(bn=32, resident=1),  # step: 851 vs 860 µs (32 x 4096 tiles)
-    (1, 6912, 2560, True): _GEMV(bn=64, resident=1),  # step: 855 vs 873 µs (64 x 1024 tiles)
-    (1, 13824, 2560, False): _GEMV(bn=8, resident=16, num_warps=1),  # alone: 4.26 µs
-    (1, 2560, 6912, False): _GEMV(bn=32, resident=1, num_warps=16),  # step: 855 vs 860 µs (32 x 4096 tiles)
+_H200_2B4T = {
+    # the decode step's one-row projections (fused norm): resident programs, one tile each; the step at
+    # context 384 against the tile-a-program shapes before (rows x bk): 860 µs
+    (1, 3840, 2560, False): _GEMV(bn=64, resident=1, num_warps=16),  # 847 µs (was 64 x 2048)
+    (1, 2560, 2560, False): _GEMV(bn=32, resident=1),  # 851 µs (was 32 x 4096)
+    (1, 6912, 2560, True): _GEMV(bn=64, resident=1),  # 855 µs (was 64 x 1024); all four: 835-840 µs
+    (1, 2560, 6912, False): _GEMV(bn=32, resident=1, num_warps=16),  # 855 µs (was 32 x 4096)
     (1, 128256, 2560, False): MMConfig(bm=16, bn=256, bk=128, num_warps=8, num_stages=4),
     (64, 3840, 2560, False): MMConfig(bn=32, num_stages=4, swap=True),
     (64, 2560, 2560, False): MMConfig(bn=32, num_stages=4, swap=True),
