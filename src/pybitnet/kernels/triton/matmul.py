@@ -554,11 +554,12 @@ class MMConfig:
 # fastest shape alone is not always the fastest between its neighbours.
 _GEMV = functools.partial(MMConfig, num_warps=8, num_stages=1, gemv=True)
 _H200_2B4T = {
-    # the decode step's one-row projections (fused norm): resident programs, one tile each; the step at
-    # context 384 against the tile-a-program shapes before (rows x bk): 860 µs
+    # the decode step's one-row projections (fused norm): resident programs, one tile each. The step at
+    # context 384: 870-878 µs on tile-a-program shapes (rows x bk, below), 860 with gate/up resident (32
+    # rows, 3 a multiprocessor), then each projection changed alone as here (µs below), all four 835-840
     (1, 3840, 2560, False): _GEMV(bn=64, resident=1, num_warps=16),  # 847 µs (was 64 x 2048)
     (1, 2560, 2560, False): _GEMV(bn=32, resident=1),  # 851 µs (was 32 x 4096)
-    (1, 6912, 2560, True): _GEMV(bn=64, resident=1),  # 855 µs (was 64 x 1024); all four: 835-840 µs
+    (1, 6912, 2560, True): _GEMV(bn=64, resident=1),  # 855 µs (was 64 x 1024)
     (1, 2560, 6912, False): _GEMV(bn=32, resident=1, num_warps=16),  # 855 µs (was 32 x 4096)
     (1, 128256, 2560, False): MMConfig(bm=16, bn=256, bk=128, num_warps=8, num_stages=4),
     (64, 3840, 2560, False): MMConfig(bn=32, num_stages=4, swap=True),
