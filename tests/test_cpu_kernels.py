@@ -94,14 +94,15 @@ def test_saturating_activations(isa):
 
 
 @pytest.mark.parametrize("isa", PATHS)
-def test_integer_core_with_minus_128(isa):
+@pytest.mark.parametrize("rows", [3, 6])  # the GEMV and the tiled GEMM (int16 lanes reach -32768 in it)
+def test_integer_core_with_minus_128(isa, rows):
     cols, out = 2560, 12
     tw = TernaryWeight(torch.ones((out, cols), dtype=torch.int8), torch.tensor(1.0))
     w = pack(tw, "cpu_i2")
     for value in (-128, 127):
-        xq = torch.full((3, cols), value, dtype=torch.int8)
-        y = cpu.linear_quantized(isa, xq, torch.ones(3), w)
-        assert torch.equal(y, torch.full((3, out), float(value * cols)))
+        xq = torch.full((rows, cols), value, dtype=torch.int8)
+        y = cpu.linear_quantized(isa, xq, torch.ones(rows), w)
+        assert torch.equal(y, torch.full((rows, out), float(value * cols)))
 
 
 @pytest.mark.parametrize("isa", PATHS)
