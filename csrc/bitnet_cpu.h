@@ -36,6 +36,16 @@
 #ifndef BN_CHUNKS_PER_THREAD
 #define BN_CHUNKS_PER_THREAD 2
 #endif
+/* From this many activation rows a ternary product runs as the tiled GEMM (prefill) on every ISA. Its chunks
+ * need not be long streams (it is compute-bound, its weights reused from cache), and finer ones let a thread
+ * whose core is shared with other work leave more of them to the others: on the 2-core VM with a busy process
+ * on one core, pp128 55 -> 62-64 t/s with 16 chunks a thread instead of 2 (quiet: 99-102 -> 104-106), decode
+ * unchanged; decode's GEMVs keep BN_CHUNKS_PER_THREAD (16 there cost it 7 %). A build may set it
+ * (-DBN_GEMM_CHUNKS_PER_THREAD=...). */
+#define BN_GEMM_MIN_ROWS 4
+#ifndef BN_GEMM_CHUNKS_PER_THREAD
+#define BN_GEMM_CHUNKS_PER_THREAD 16
+#endif
 /* The cache level those prefetches fill: into L1 by default; a build may set -DBN_GEMV_PREFETCH_HINT=_MM_HINT_T1
  * (L2), whose requests do not hold the core's few L1 miss buffers, to compare. */
 #ifndef BN_GEMV_PREFETCH_HINT

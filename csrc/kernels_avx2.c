@@ -14,7 +14,6 @@
 #define BN_WIDEN_K 2048 /* 64 vpmaddubsw results of 32 k each per int16 lane */
 #define GEMV_WIDEN_KB 8  /* blocks per int16 accumulation in the GEMV (see gemv_tile) */
 _Static_assert(BN_WIDEN_K == 2048, "the GEMM micro-kernel's assembly puts unpacked rows 2048 bytes apart");
-#define GEMM_MIN_M 4    /* from this many activation rows, unpack weights once and run the tiled GEMM */
 #define GEMM_MC 64      /* activation rows per GEMM block */
 
 static inline int32_t hsum_i32(__m256i v) {
@@ -192,7 +191,7 @@ static void gemm_tiles(const bn_act *x, const bn_tmat *w, int64_t t0, int64_t t1
 }
 
 static void ternary_avx2(const bn_act *x, const bn_tmat *w, int64_t t0, int64_t t1) {
-    if (x->m >= GEMM_MIN_M) {
+    if (x->m >= BN_GEMM_MIN_ROWS) {
         gemm_tiles(x, w, t0, t1);
         return;
     }

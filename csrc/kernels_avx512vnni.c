@@ -8,7 +8,6 @@
 
 #include "bitnet_cpu.h"
 
-#define GEMM_MIN_M 4
 #define GEMM_MC 64
 #define GEMM_KC 2048 /* k values unpacked per tile at a time */
 
@@ -118,7 +117,7 @@ static void gemm_tiles(const bn_act *x, const bn_tmat *w, int64_t t0, int64_t t1
 }
 
 static void ternary_avx512vnni(const bn_act *x, const bn_tmat *w, int64_t t0, int64_t t1) {
-    if (x->m >= GEMM_MIN_M) {
+    if (x->m >= BN_GEMM_MIN_ROWS) {
         gemm_tiles(x, w, t0, t1);
         return;
     }

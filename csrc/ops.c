@@ -120,7 +120,8 @@ static void ternary_task(void *p, int tid, int64_t t0, int64_t t1) {
 void bn_run_ternary(const bn_isa_ops *ops, const bn_act *x, const bn_tmat *mats, int nmats) {
     ternary_job job = {ops, x, mats, nmats, 0};
     for (int i = 0; i < nmats; i++) job.tiles += (mats[i].n + BN_ROWS - 1) / BN_ROWS;
-    int64_t grain = job.tiles / (BN_CHUNKS_PER_THREAD * (int64_t)bn_pool_threads());
+    int64_t chunks = x->m >= BN_GEMM_MIN_ROWS ? BN_GEMM_CHUNKS_PER_THREAD : BN_CHUNKS_PER_THREAD;
+    int64_t grain = job.tiles / (chunks * (int64_t)bn_pool_threads());
     bn_pool_run(ternary_task, &job, job.tiles, grain > 4 ? grain : 4);
 }
 
