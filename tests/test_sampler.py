@@ -191,3 +191,77 @@ def test_out_of_range_seed_is_rejected_and_huge_top_k_means_all_tokens():
     SamplingParams(seed=2**64 - 1, top_k=2**70).validate()
     batch = SamplingBatch.from_params([SamplingParams(top_k=2**70, temperature=1.0)], [None], vocab_size=16)
     assert batch.top_k.tolist() == [16]
+
+
+def _full_sort_filter(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """top-k then top-p by sorting the whole vocabulary: the definition the candidate search must match."""
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    keep = torch.arange(probs.shape[-1])[None, :] < top_k[:, None]
+    sorted_p = sorted_p * keep
+    mass_before = sorted_p.cumsum(dim=-1) - sorted_p
+    keep &= (mass_before < top_p[:, None] * sorted_p.sum(dim=-1, keepdim=True)) | (top_p[:, None] >= 1)
+    return torch.zeros_like(probs).scatter_(-1, order, sorted_p * keep)
+
+
+@pytest.mark.parametrize("candidates", [8, 64, 4096])
+def test_top_k_top_p_on_few_candidates_equals_a_full_sort(monkeypatch, candidates):
+    """Rows whose filters end among the first candidates, beyond them (the search widens), top-k wider than
+    the candidates, and a row with no filter; flat and peaked distributions over 3,000 tokens."""
+    from pybitnet.engine import sampler
+
+    monkeypatch.setattr(sampler, "CANDIDATES", candidates)
+    g = torch.Generator().manual_seed(5)
+    vocab = 3000
+    logits = torch.randn(6, vocab, generator=g) * torch.tensor([[0.1], [4.0], [1.0], [0.5], [3.0], [1.0]])
+    params = [
+        SamplingParams(top_p=0.9),  # flat: the nucleus spans ~2,700 tokens
+        SamplingParams(top_p=0.5),  # peaked: a few tokens
+        SamplingParams(top_k=20, top_p=0.8),
+        SamplingParams(top_k=2000, top_p=0.95),  # top-k wider than the first candidates
+        SamplingParams(top_k=7),
+        SamplingParams(),  # unfiltered, next to filtered rows
+    ]
+    batch = SamplingBatch.from_params(params, [None] * 6, vocab)
+    probs = torch.softmax(logits, dim=-1)
+    want = torch.where(
+        ((batch.top_k < vocab) | (batch.top_p < 1))[:, None],
+        _full_sort_filter(probs, batch.top_k, batch.top_p),
+        probs,
+    )
+    got = filtered_probs(logits, batch)
+    assert torch.equal(got > 0, want > 0)
+    assert torch.allclose(got, want, rtol=0, atol=1e-7)
+    assert (got[0] > 0).sum() > 2000 and (got[1] > 0).sum() < 50 and (got[4] > 0).sum() == 7
+
+
+def test_inverse_cdf_never_draws_a_filtered_token():
+    from pybitnet.engine.sampler import inverse_cdf
+
+    probs = torch.tensor([[0.0, 0.3, 0.0, 0.7, 0.0], [0.5, 0.0, 0.0, 0.0, 0.5]])
+    # u = 1: a product u * total that rounds up to the total lands past the last token of probability > 0
+    for u, want in [
+        (0.0, [1, 0]),
+        (0.29, [1, 0]),
+        (0.31, [3, 0]),
+        (0.5, [3, 4]),
+        (1 - 2**-53, [3, 4]),
+        (1.0, [3, 4]),
+    ]:
+        assert inverse_cdf(probs, torch.full((2,), u, dtype=torch.float64)).tolist() == want
+
+
+@pytest.mark.parametrize("scale", [0.5, 1.5, 2.5, 4.0])
+@pytest.mark.parametrize("top_p", [0.6, 0.9])
+def test_top_p_alone_on_few_candidates_equals_a_full_sort(monkeypatch, scale, top_p):
+    """One row, top-p only: prefixes ending among the first 8 candidates, among 64 (the search widens once)
+    or beyond (the full sort)."""
+    from pybitnet.engine import sampler
+
+    monkeypatch.setattr(sampler, "CANDIDATES", 8)
+    logits = torch.randn(1, 3000, generator=torch.Generator().manual_seed(int(10 * scale))) * scale
+    batch = SamplingBatch.from_params([SamplingParams(top_p=top_p)], [None], 3000)
+    probs = torch.softmax(logits, dim=-1)
+    want = _full_sort_filter(probs, batch.top_k, batch.top_p)
+    got = filtered_probs(logits, batch)
+    assert torch.equal(got > 0, want > 0)
+    assert torch.allclose(got, want, rtol=0, atol=1e-7)
