@@ -197,3 +197,28 @@ def test_token_healing_backs_over_the_prompts_last_token():
     assert plain.token_ids[0] not in allowed  # this model, unhealed, leaves the code it was trained on
     with pytest.raises(InvalidRequestError, match="token_healing"):
         SamplingParams(token_healing="yes")
+
+
+@pytest.fixture
+def restore_threads():
+    import torch
+
+    from pybitnet.kernels import cpu
+
+    before = torch.get_num_threads(), cpu.get_num_threads()
+    yield
+    torch.set_num_threads(before[0])
+    cpu.set_num_threads(before[1])
+
+
+def test_threads_go_to_the_c_kernels_and_torch_keeps_one_beside_them(restore_threads):
+    """With the C kernels running the model, `threads` sizes their pool and torch drops to one intra-op thread
+    (its spinning threads would take the cores from the kernels); on the reference kernel they are torch's."""
+    import torch
+
+    from pybitnet.kernels import cpu
+
+    LLM(model_dir(), device="cpu", kernel="cpu", threads=3)
+    assert (cpu.get_num_threads(), torch.get_num_threads()) == (3, 1)
+    LLM(model_dir(), device="cpu", kernel="reference", threads=2)
+    assert torch.get_num_threads() == 2
