@@ -61,7 +61,10 @@ TokenHealing = Annotated[
     ),
 ]
 CtxSize = Annotated[int, typer.Option("-c", "--ctx-size", help="Context size in tokens; 0: the model's.")]
-Threads = Annotated[int, typer.Option("-t", "--threads", help="CPU threads; 0: torch's default.")]
+Threads = Annotated[
+    int,
+    typer.Option("-t", "--threads", help="CPU threads (the C kernels' if they run the model); 0: the cores."),
+]
 Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
 KernelOpt = Annotated[
     str | None,
