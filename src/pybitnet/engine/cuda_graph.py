@@ -36,6 +36,7 @@ from ..models import KVCache, Transformer
 from ..models.transformer import apply_rope
 from ..quant import PackedWeight, TernaryWeight, pack
 from .runner import ModelRunner
+from .sampler import keep_prefix
 
 Weight = PackedWeight | torch.Tensor  # ternary ("triton_i2") or a dense [out, in] matrix
 
@@ -255,7 +256,7 @@ class GpuForward:
         a = torch.empty((1,), dtype=torch.float32, device=x.device)
         cfg = self.configs.get((name, 1)) or default_config(1, n, w.shape[1], gated=kw.get("act") is not None)
         # the arrival count covers one program per output tile, of the tile-per-program kernel
-        cfg = replace(cfg, split_k=1, resident=0, bk=cfg.bk if not cfg.resident else 2048)
+        cfg = replace(cfg, split_k=1, resident=0, bk=2048 if cfg.resident else cfg.bk)
         y = ternary_gemv(x, w, eps=self.eps, config=cfg, then_quant=(next_gain, q, a), **kw)
         return y, q, a
 
@@ -320,13 +321,7 @@ def sample_tokens(
     without host synchronization (so it can be captured in a CUDA graph): argmax(p / E), E ~ Exp(1)."""
     greedy = argmax_rows(logits)
     probs = torch.softmax(logits / temperature.clamp(min=1e-5)[:, None], dim=-1)
-    sorted_p, order = probs.sort(dim=-1, descending=True)
-    rank = torch.arange(probs.shape[-1], device=probs.device)
-    keep = rank[None, :] < top_k[:, None]
-    sorted_p = sorted_p * keep
-    mass_before = sorted_p.cumsum(dim=-1) - sorted_p
-    keep &= mass_before < top_p[:, None] * sorted_p.sum(dim=-1, keepdim=True)
-    probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p * keep)
+    probs = keep_prefix(probs, *probs.sort(dim=-1, descending=True), top_k, top_p)
     sampled = argmax_rows(probs / torch.empty_like(probs).exponential_())
     return torch.where(temperature <= 0, greedy, sampled)
 

@@ -16,6 +16,7 @@ import torch
 
 from ..errors import InvalidRequestError
 from ..models import Transformer
+from ..models.transformer import runs_native_cpu_kernels
 from .chat_template import Message
 from .default_model import model_or_default
 from .engine import Engine
@@ -84,14 +85,11 @@ class TextStream:
                 self._llm._cancel(self._request_id)
 
 
-def set_threads(model: Transformer, threads: int | None) -> None:
+def _set_threads(model: Transformer, threads: int | None) -> None:
     """Threads for running `model` (see LLM): the C kernels' pool and one torch thread when they run it,
     torch's threads otherwise; None keeps the defaults, except that torch drops to one thread beside the
     kernels."""
-    from ..nn.bitlinear import PackedBitLinear
-
-    layer = next((m for m in model.modules() if isinstance(m, PackedBitLinear)), None)
-    if layer is not None and layer.kernel.name.startswith("cpu"):
+    if runs_native_cpu_kernels(model):
         from ..kernels import cpu
 
         cpu.set_num_threads(threads)
@@ -136,7 +134,7 @@ class LLM:
         dev = pick_device(device)
         path = resolve_model(model_or_default(model), revision=revision)
         loaded = load_model(path, device=dev, dtype=pick_dtype(dtype, dev), kernel=kernel)
-        set_threads(loaded, threads)
+        _set_threads(loaded, threads)
         if tokenizer is None and path.is_file() and path.suffix == ".gguf":
             from .gguf_tokenizer import tokenizer_from_gguf  # the gguf package is needed for GGUF only
 

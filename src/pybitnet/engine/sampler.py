@@ -83,14 +83,31 @@ def filtered_probs(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
 CANDIDATES = 1024
 
 
-def _top_k_top_p(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """probs with only the filters' prefix of the tokens sorted by probability kept: the top_k most likely,
-    then of those the smallest prefix whose mass reaches top_p of theirs (always >= 1 token).
+def keep_prefix(
+    probs: torch.Tensor,
+    sorted_p: torch.Tensor,
+    order: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    total: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """probs [n, V] with only the filters' prefix kept, from each row's c most likely tokens (sorted_p
+    descending, order their ids): the first top_k, then of those the smallest prefix whose mass reaches top_p
+    of `total` [n, 1] (default: the top-k tokens' mass among the candidates); always >= 1 token. No host
+    synchronization, so a CUDA graph can capture it."""
+    keep = torch.arange(sorted_p.shape[-1], device=probs.device)[None, :] < top_k[:, None]
+    sorted_p = sorted_p * keep
+    total = sorted_p.sum(dim=-1, keepdim=True) if total is None else total
+    mass_before = sorted_p.cumsum(dim=-1) - sorted_p
+    keep &= (mass_before < top_p[:, None] * total) | (top_p[:, None] >= 1)
+    return torch.zeros_like(probs).scatter_(-1, order, sorted_p * keep)
 
-    Only the c most likely tokens are sorted, c at least every row's top-k; a row whose top-p prefix might
-    not end among them (their mass below top_p of its total) makes c eight times larger, and the whole
-    vocabulary is sorted once c would pass a quarter of it (where torch.topk is slower than a sort) or eight
-    times c cannot hold the prefix either.
+
+def _top_k_top_p(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """`keep_prefix` of probs with only the c most likely tokens sorted, c at least every row's top-k; a row
+    whose top-p prefix might not end among them (their mass below top_p of its total) makes c eight times
+    larger, and the whole vocabulary is sorted once c would pass a quarter of it (where torch.topk is slower
+    than a sort) or eight times c cannot hold the prefix either.
     """
     vocab = probs.shape[-1]
     active_k = top_k[top_k < vocab]
@@ -99,21 +116,18 @@ def _top_k_top_p(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) 
     row_total = probs.sum(dim=-1, keepdim=True)
     while True:
         sorted_p, order = probs.sort(dim=-1, descending=True) if c == vocab else probs.topk(c, dim=-1)
-        rank = torch.arange(c, device=probs.device)
-        keep = rank[None, :] < top_k[:, None]
-        sorted_p = sorted_p * keep
+        in_k = torch.arange(c, device=probs.device)[None, :] < top_k[:, None]
+        mass = (sorted_p * in_k).sum(dim=-1, keepdim=True)
         # the top-k set's mass: among the candidates when it fits in them, else (top-k off) the whole row's
-        total = torch.where(top_k[:, None] <= c, sorted_p.sum(dim=-1, keepdim=True), row_total)
-        mass, need = sorted_p.sum(dim=-1), top_p * total[:, 0]
-        if c == vocab or bool(((mass >= need) | (top_k <= c)).all()):
+        total = torch.where(top_k[:, None] <= c, mass, row_total)
+        need = top_p[:, None] * total
+        if c == vocab or bool(((mass >= need)[:, 0] | (top_k <= c)).all()):
             break
         # the 8c most likely hold at most 8 times the c most likely's mass: when even that falls short (a
         # flat row), go straight to the full sort
-        reachable = bool(((8 * mass >= need) | (top_k <= c)).all())
+        reachable = bool(((8 * mass >= need)[:, 0] | (top_k <= c)).all())
         c = 8 * c if reachable and 32 * c <= vocab else vocab
-    mass_before = sorted_p.cumsum(dim=-1) - sorted_p
-    keep &= (mass_before < top_p[:, None] * total) | (top_p[:, None] >= 1)
-    return torch.zeros_like(probs).scatter_(-1, order, sorted_p * keep)
+    return keep_prefix(probs, sorted_p, order, top_k, top_p, total)
 
 
 def uniform_draws(n: int, generators: Sequence[torch.Generator | None], default: torch.Generator | None,

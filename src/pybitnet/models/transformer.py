@@ -34,7 +34,8 @@ HEAD_MODES = ("auto", "int8", "int4", "float")
 CHECKPOINTING = ("none", "mlp", "block")
 
 
-def _runs_native_cpu_kernels(model: nn.Module) -> bool:
+def runs_native_cpu_kernels(model: nn.Module) -> bool:
+    """Whether the C kernels (the "cpu_i2" layout) run `model`'s ternary layers."""
     layer = next((m for m in model.modules() if isinstance(m, PackedBitLinear)), None)
     return layer is not None and layer.kernel.layout == "cpu_i2"
 
@@ -318,7 +319,7 @@ class Transformer(nn.Module):
             self.lm_head_int8 = None
             return None
         if native_linears is None:
-            native_linears = _runs_native_cpu_kernels(self)
+            native_linears = runs_native_cpu_kernels(self)
         if mode == "auto" and not native_linears:
             return None
         head_type = Int4Head if mode == "int4" else Int8Head  # int4: opt-in, half the bytes, less exact
