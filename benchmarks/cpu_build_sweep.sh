@@ -18,6 +18,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 cpus=$(lscpu -p=CPU,CORE | grep -v '^#' | sort -t, -k2,2n -u | head -n "$THREADS" | cut -d, -f1 | paste -sd,)
 echo "pinned to CPUs $cpus" | tee "$OUT/sweep.log"
+trap 'rm -rf build-sweep' EXIT
 i=0
 for flags in "$@"; do
   rm -rf "/tmp/sweep-$i" build-sweep
@@ -25,11 +26,11 @@ for flags in "$@"; do
   if ! CMAKE_ARGS="-DCMAKE_C_FLAGS=$flags" python3 -m pip install -q --no-build-isolation --no-deps --no-compile \
     --config-settings=build-dir=build-sweep --target "/tmp/sweep-$i" . >"$OUT/build-$i.log" 2>&1; then
     tail -20 "$OUT/build-$i.log"
+    echo "building with flags '$flags' failed; the whole log: $OUT/build-$i.log" >&2
     exit 1
   fi
   i=$((i + 1))
 done
-rm -rf build-sweep
 for round in 1 2; do
   i=0
   for flags in "$@"; do

@@ -55,6 +55,8 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=128256)
     ap.add_argument("--reps", type=int, default=30)
     args = ap.parse_args()
+    if args.vocab < 2 or args.reps < 1:
+        ap.error("--vocab must be at least 2 and --reps at least 1")
     torch.manual_seed(0)
     print(f"torch threads {torch.get_num_threads()}, vocabulary {args.vocab}")
     for name, scale in [("peaked", 3.0), ("flat", 0.3)]:

@@ -51,6 +51,20 @@ TILES = {  # alternatives to the committed tiles (matmul.TUNED) of the engine's 
 }
 
 
+def resident_spec(text: str) -> tuple[str, list[tuple[int, int, int]]]:
+    """NAME=ROWS/PROGRAMS/WARPS,... -> (projection, [(rows, programs a multiprocessor, warps), ...])."""
+    name, _, shapes = text.partition("=")
+    try:
+        parsed = [tuple(int(v) for v in s.split("/")) for s in shapes.split(",")]
+    except ValueError:
+        parsed = []
+    if name not in TILES or not parsed or any(len(p) != 3 or min(p) < 1 for p in parsed):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected NAME=ROWS/PROGRAMS/WARPS[,...] with NAME one of {', '.join(TILES)}"
+        )
+    return name, parsed
+
+
 def in_step(eng: CudaGraphEngine, context: int) -> float:
     """ms a step of the engine's batch-1 decode graph, captured again (after a change of launch shapes)."""
     eng._loops.clear()
@@ -105,6 +119,7 @@ def main() -> None:
     ap.add_argument("--tiles", type=int, default=None, help="only the last N alternatives of each projection")
     ap.add_argument(
         "--resident",
+        type=resident_spec,
         action="append",
         default=[],
         metavar="NAME=ROWS/PROGRAMS/WARPS,...",
@@ -112,12 +127,8 @@ def main() -> None:
     )
     ap.add_argument("--no-attention", action="store_true", help="skip the attention shapes in the sweep")
     args = ap.parse_args()
-    for spec in args.resident:
-        name, shapes = spec.split("=")
-        TILES[name] = [
-            GEMV(bn=bn, resident=res, num_warps=nw)
-            for bn, res, nw in (map(int, s.split("/")) for s in shapes.split(","))
-        ]
+    for name, shapes in args.resident:
+        TILES[name] = [GEMV(bn=bn, resident=res, num_warps=nw) for bn, res, nw in shapes]
     torch.manual_seed(0)
     model = random_model(preset("bitnet-2b-4t"), seed=0, dtype=torch.bfloat16, kernel="reference").cuda()
     results: dict = {"context": args.context}
