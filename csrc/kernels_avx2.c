@@ -10,6 +10,7 @@
 #include <string.h>
 
 #include "bitnet_cpu.h"
+#include "x86_tile.h"
 
 #define BN_WIDEN_K 2048 /* 64 vpmaddubsw results of 32 k each per int16 lane */
 #define GEMV_WIDEN_KB 8  /* blocks per int16 accumulation in the GEMV (see gemv_tile) */
@@ -144,29 +145,6 @@ static inline void micro_1(const uint8_t *wb, const int8_t *x0p, int64_t kc, __m
     for (int i = 0; i < 4; i++) acc32[i] = _mm256_add_epi32(acc32[i], _mm256_madd_epi16(a[i], ones));
 }
 
-_Static_assert(BN_ROWS == 4, "hsum4_i32 and store_tile handle a tile's rows four at a time");
-
-/* The four int32 sums of acc[0..3] (vectors of partial sums), as [sum 0, sum 1, sum 2, sum 3]. */
-static inline __m128i hsum4_i32(const __m256i *acc) {
-    __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(acc[0], acc[1]), _mm256_hadd_epi32(acc[2], acc[3]));
-    return _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
-}
-
-/* bn_store for the BN_ROWS outputs of tile t in row m at once: the same int32 difference, conversion, scale
- * quotient and product, each rounded as bn_store rounds it. */
-static inline void store_tile(const bn_act *x, const bn_tmat *w, int64_t m, int64_t t, __m128i sums) {
-    int64_t n = t * BN_ROWS;
-    if (n + BN_ROWS > w->n) { /* the matrix's last, partial tile */
-        int32_t s[BN_ROWS];
-        _mm_storeu_si128((__m128i *)s, sums);
-        for (int r = 0; n + r < w->n; r++) bn_store(x, w, m, n + r, s[r]);
-        return;
-    }
-    __m128 scale = w->scale_stride ? _mm_loadu_ps(w->scale + n) : _mm_set1_ps(w->scale[0]);
-    __m128 v = _mm_cvtepi32_ps(_mm_sub_epi32(sums, _mm_set1_epi32(x->rowsum[m])));
-    _mm_storeu_ps(w->y + m * w->ldy + n, _mm_mul_ps(v, _mm_div_ps(scale, _mm_set1_ps(x->a[m]))));
-}
-
 static void gemm_tiles(const bn_act *x, const bn_tmat *w, int64_t t0, int64_t t1) {
     _Alignas(BN_ALIGN) uint8_t wbuf[BN_ROWS * BN_WIDEN_K];
     _Alignas(BN_ALIGN) __m256i acc[GEMM_MC * BN_ROWS];
@@ -185,7 +163,7 @@ static void gemm_tiles(const bn_act *x, const bn_tmat *w, int64_t t0, int64_t t1
                     micro_2(wbuf, xk + m * x->ldx, xk + (m + 1) * x->ldx, kc, acc + m * BN_ROWS);
                 if (m < mc) micro_1(wbuf, xk + m * x->ldx, kc, acc + m * BN_ROWS);
             }
-            for (int64_t m = 0; m < mc; m++) store_tile(x, w, m0 + m, t, hsum4_i32(acc + m * BN_ROWS));
+            for (int64_t m = 0; m < mc; m++) bn_store_tile(x, w, m0 + m, t, bn_hsum4_i32(acc + m * BN_ROWS));
         }
     }
 }

@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "bitnet_cpu.h"
+#include "x86_tile.h"
 
 #define GEMM_MC 64
 #define GEMM_KC 2048 /* k values unpacked per tile at a time */
@@ -109,9 +110,14 @@ static void gemm_tiles(const bn_act *x, const bn_tmat *w, int64_t t0, int64_t t1
                 for (; m + 4 <= mc; m += 4) micro_4(wbuf, xk + m * x->ldx, x->ldx, kc, acc + m * BN_ROWS);
                 for (; m < mc; m++) micro_1(wbuf, xk + m * x->ldx, x->ldx, kc, acc + m * BN_ROWS);
             }
-            for (int64_t m = 0; m < mc; m++)
-                for (int r = 0; r < BN_ROWS && t * BN_ROWS + r < w->n; r++)
-                    bn_store(x, w, m0 + m, t * BN_ROWS + r, _mm512_reduce_add_epi32(acc[m * BN_ROWS + r]));
+            for (int64_t m = 0; m < mc; m++) { /* each zmm's halves added, then the four reduced and stored together */
+                __m256i h[BN_ROWS];
+                for (int r = 0; r < BN_ROWS; r++) {
+                    __m512i a = acc[m * BN_ROWS + r];
+                    h[r] = _mm256_add_epi32(_mm512_castsi512_si256(a), _mm512_extracti64x4_epi64(a, 1));
+                }
+                bn_store_tile(x, w, m0 + m, t, bn_hsum4_i32(h));
+            }
         }
     }
 }
