@@ -107,6 +107,8 @@ typedef struct {
     void (*int4)(const bn_act *x, const bn_qmat *w, int64_t n0, int64_t n1);
     /* One row: xq = round_half_even(x * a) with a = (1 / max(max|x|, 1e-5)) * 127, zero padding to k_pad. */
     void (*quantize)(const float *x, int64_t k, int64_t k_pad, int8_t *xq, float *a, int32_t *rowsum);
+    /* torch.argmax of x[0..n): the first NaN if there is one, else the first maximum (n >= 1) */
+    int64_t (*argmax)(const float *x, int64_t n);
 } bn_isa_ops;
 
 enum { BN_ISA_SCALAR = 0, BN_ISA_AVX2 = 1, BN_ISA_AVX512VNNI = 2, BN_ISA_NEONDOT = 3, BN_ISA_COUNT = 4 };
@@ -180,6 +182,10 @@ static inline float bn_f32_from_bf16(uint16_t h) {
 /* One element of a float32 or bfloat16 row as float32: the loads the dot/axpy bodies for both row types take */
 static inline float bn_load_f32(const float *p) { return *p; }
 static inline float bn_load_bf16(const uint16_t *p) { return bn_f32_from_bf16(*p); }
+
+/* argmax: portable, and AVX2 (which the AVX-512 table shares, as NEON shares the portable one) */
+int64_t bn_argmax_f32_scalar(const float *x, int64_t n);
+int64_t bn_argmax_f32_avx2(const float *x, int64_t n);
 
 /* Portable quantization of one row; every ISA's vector version must give the same bytes. */
 void bn_quantize_row_scalar(const float *x, int64_t k, int64_t k_pad, int8_t *xq, float *a, int32_t *rowsum);

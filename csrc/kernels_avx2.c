@@ -320,4 +320,36 @@ void bn_quantize_row_avx2(const float *x, int64_t k, int64_t k_pad, int8_t *xq, 
     *rowsum = total;
 }
 
-const bn_isa_ops bn_ops_avx2 = {"avx2", ternary_avx2, int8_avx2, bn_int4_avx2, bn_quantize_row_avx2};
+/* Two passes over the row (it stays in cache): the maximum and whether a NaN occurs (vmaxps skips NaNs, an
+ * unordered compare flags them), then the first element equal to that maximum. A row with a NaN goes to the
+ * portable loop, which stops at the first one. */
+int64_t bn_argmax_f32_avx2(const float *x, int64_t n) {
+    int64_t n8 = n & ~(int64_t)7;
+    if (n8 == 0) return bn_argmax_f32_scalar(x, n);
+    __m256 mx = _mm256_loadu_ps(x), nan = _mm256_setzero_ps();
+    for (int64_t i = 0; i < n8; i += 8) {
+        __m256 v = _mm256_loadu_ps(x + i);
+        mx = _mm256_max_ps(v, mx);
+        nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    }
+    float lanes[8], best;
+    _mm256_storeu_ps(lanes, mx);
+    best = lanes[0];
+    for (int i = 1; i < 8; i++) best = lanes[i] > best ? lanes[i] : best;
+    int has_nan = _mm256_movemask_ps(nan) != 0;
+    for (int64_t i = n8; i < n; i++) {
+        has_nan |= x[i] != x[i];
+        best = x[i] > best ? x[i] : best;
+    }
+    if (has_nan) return bn_argmax_f32_scalar(x, n);
+    const __m256 b = _mm256_set1_ps(best);
+    for (int64_t i = 0; i < n8; i += 8) {
+        int hit = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + i), b, _CMP_EQ_OQ));
+        if (hit) return i + __builtin_ctz((unsigned)hit);
+    }
+    for (int64_t i = n8;; i++)
+        if (x[i] == best) return i;
+}
+
+const bn_isa_ops bn_ops_avx2 = {"avx2", ternary_avx2, int8_avx2, bn_int4_avx2, bn_quantize_row_avx2,
+                                bn_argmax_f32_avx2};

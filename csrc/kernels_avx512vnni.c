@@ -167,4 +167,4 @@ static void int8_avx512vnni(const bn_act *x, const bn_qmat *w, int64_t n0, int64
 
 /* AVX-512 machines run AVX2, whose quantization gives the same bytes as the portable one */
 const bn_isa_ops bn_ops_avx512vnni = {"avx512vnni", ternary_avx512vnni, int8_avx512vnni, bn_int4_avx2,
-                                      bn_quantize_row_avx2};
+                                      bn_quantize_row_avx2, bn_argmax_f32_avx2};

@@ -168,4 +168,5 @@ static void quantize_neon(const float *x, int64_t k, int64_t k_pad, int8_t *xq, 
     *rowsum = total;
 }
 
-const bn_isa_ops bn_ops_neondot = {"neondot", ternary_neondot, int8_neondot, bn_int4_scalar, quantize_neon};
+const bn_isa_ops bn_ops_neondot = {"neondot", ternary_neondot, int8_neondot, bn_int4_scalar, quantize_neon,
+                                   bn_argmax_f32_scalar};

@@ -80,4 +80,12 @@ void bn_int4_scalar(const bn_act *x, const bn_qmat *w, int64_t n0, int64_t n1) {
     }
 }
 
-const bn_isa_ops bn_ops_scalar = {"scalar", ternary_scalar, int8_scalar, bn_int4_scalar, bn_quantize_row_scalar};
+int64_t bn_argmax_f32_scalar(const float *x, int64_t n) {
+    int64_t best = 0;
+    for (int64_t i = 1; i < n && x[best] == x[best]; i++) /* stops at the first NaN: nothing ranks above it */
+        if (x[i] > x[best] || x[i] != x[i]) best = i;
+    return best;
+}
+
+const bn_isa_ops bn_ops_scalar = {"scalar", ternary_scalar, int8_scalar, bn_int4_scalar, bn_quantize_row_scalar,
+                                  bn_argmax_f32_scalar};

@@ -146,6 +146,21 @@ static PyObject *py_quantize(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+static PyObject *py_argmax(PyObject *self, PyObject *args) {
+    (void)self;
+    int isa;
+    unsigned long long x, out;
+    Py_ssize_t m, n, ldx;
+    if (!PyArg_ParseTuple(args, "iKnnnK", &isa, &x, &m, &n, &ldx, &out)) return NULL;
+    const bn_isa_ops *ops = isa_or_raise(isa);
+    if (!ops || check_input(m, n, ldx)) return NULL;
+    Py_BEGIN_ALLOW_THREADS;
+    for (Py_ssize_t i = 0; i < m; i++)
+        ((int64_t *)(uintptr_t)out)[i] = ops->argmax((const float *)(uintptr_t)x + i * ldx, n);
+    Py_END_ALLOW_THREADS;
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_read_bandwidth(PyObject *self, PyObject *args) {
     (void)self;
     unsigned long long p;
@@ -356,6 +371,8 @@ static PyMethodDef methods[] = {
     {"decoder_run", py_decoder_run, METH_VARARGS,
      "decoder_run(decoder, isa, x, batch, queries, positions, cos, sin, k_cache, v_cache, layer_stride, "
      "batch_stride, head_stride, keys, kv_type): every layer over new tokens, x updated in place"},
+    {"argmax", py_argmax, METH_VARARGS,
+     "argmax(isa, x, m, n, ldx, out): out[i] (int64) = torch.argmax of float32 row i of x"},
     {"read_bandwidth", py_read_bandwidth, METH_VARARGS,
      "read_bandwidth(ptr, nbytes, reps) -> (best GB/s, checksum) of parallel reads"},
     {"isa_available", py_isa_available, METH_O, "isa_available(isa) -> bool"},

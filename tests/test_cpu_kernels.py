@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pybitnet.errors import KernelError, LayoutError
 from pybitnet.kernels import cpu, get_kernel, select_kernel
@@ -114,6 +116,42 @@ def test_quantization_matches_torch(isa):
     ref_q, ref_a = quantize_activations(x)
     assert torch.equal(xq, ref_q)
     assert torch.equal(a, ref_a)
+
+
+@pytest.mark.parametrize("isa", PATHS)
+def test_argmax_matches_torch(isa):
+    """The first NaN, else the first maximum, as torch.argmax: ties, infinities, signed zeros, strides."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randint(-3, 4, (6, 1003), generator=g).float()  # many ties
+    x[1, 500] = float("nan")
+    x[2, :] = float("-inf")
+    x[3, 7], x[3, 900] = float("inf"), float("inf")
+    x[4] = 0.0
+    x[4, 3] = -0.0
+    x[5, 1002] = 9.0  # the maximum in the last, partial vector
+    assert torch.equal(cpu.argmax(x, isa), x.argmax(-1))
+    logits = torch.randn(2, 3, 128256, generator=g)
+    assert torch.equal(cpu.argmax(logits, isa), logits.argmax(-1))
+    assert torch.equal(cpu.argmax(logits[:, -1], isa), logits[:, -1].argmax(-1))  # rows 3 * V apart
+    assert torch.equal(cpu.argmax(logits[0, :, ::2], isa), logits[0, :, ::2].argmax(-1))
+    short = torch.tensor([[float("nan"), 1.0], [2.0, float("nan")], [1.0, 1.0]])
+    assert torch.equal(cpu.argmax(short, isa), short.argmax(-1))
+    half = x.half()  # not float32: torch's own
+    assert torch.equal(cpu.argmax(half), half.argmax(-1))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.floats(width=32, allow_nan=True, allow_infinity=True) | st.sampled_from([0.0, -0.0, 1.0]),
+        min_size=1,
+        max_size=40,
+    )
+)
+def test_argmax_any_row(values):
+    x = torch.tensor([values], dtype=torch.float32)
+    for isa in PATHS:
+        assert torch.equal(cpu.argmax(x, isa), x.argmax(-1)), isa
 
 
 def test_fused_projections_share_one_quantization():

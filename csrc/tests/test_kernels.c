@@ -224,6 +224,35 @@ static int check_float_loops(void) {
     return bad;
 }
 
+/* Each table's argmax against a plain loop (the first NaN, else the first maximum): random rows of every length
+ * up to 70, with repeated maxima, a NaN or infinities planted. */
+static int check_argmax(int isa) {
+    const bn_isa_ops *ops = bn_isa_get(isa);
+    float x[70];
+    int bad = 0;
+    for (int n = 1; n <= 70; n++)
+        for (int variant = 0; variant < 5; variant++) {
+            for (int i = 0; i < n; i++) x[i] = (float)(next_u32() % 9) - 4.0f; /* few values: ties */
+            int at = (int)(next_u32() % (unsigned)n);
+            if (variant == 1) x[at] = NAN;
+            if (variant == 2) x[at] = -INFINITY, x[(at + 1) % n] = NAN;
+            if (variant == 3)
+                for (int i = 0; i < n; i++) x[i] = -INFINITY;
+            if (variant == 4) x[at] = INFINITY, x[n - 1] = INFINITY;
+            int64_t want = 0;
+            for (int64_t i = 0; i < n; i++) {
+                if (x[i] != x[i]) {
+                    want = i;
+                    break;
+                }
+                if (x[i] > x[want]) want = i;
+            }
+            bad |= ops->argmax(x, n) != want;
+        }
+    printf("%-11s argmax %s\n", ops->name, bad ? "FAIL" : "ok");
+    return bad;
+}
+
 int main(void) {
     static const int64_t shapes[][3] = {{1, 2560, 2560}, {1, 6912, 2560}, {1, 2560, 6912}, {3, 3200, 8640},
                                         {5, 8640, 3200}, {1, 7, 130},     {2, 37, 1000},    {9, 41, 3200},
@@ -243,8 +272,9 @@ int main(void) {
         fails += check_head(isa, 4, 3, 17, 300);
         fails += check_decoder(isa, BN_KV_F32);
         fails += check_decoder(isa, BN_KV_BF16);
+        fails += check_argmax(isa);
     }
     fails += check_float_loops();
-    printf("%d kernel tables tested\n%d passed, %d failed\n", ran, ran * 19 + 1 - fails, fails);
+    printf("%d kernel tables tested\n%d passed, %d failed\n", ran, ran * 20 + 1 - fails, fails);
     return fails != 0;
 }

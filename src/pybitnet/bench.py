@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from .kernels import cpu
 from .kernels.cpu_head import Int8Head
 from .models.kv_cache import KVCache
 from .nn import PackedBitLinear
@@ -128,7 +129,7 @@ def run_tg(model: nn.Module, n: int, cache: KVCache | None = None) -> float:
     t = time.perf_counter()
     for pos in range(n):
         logits = model(token, torch.tensor([[pos]]), cache, last_only=True)
-        token = logits[:, -1].argmax(-1, keepdim=True)
+        token = cpu.argmax(logits[:, -1])[:, None]
     return time.perf_counter() - t
 
 
@@ -143,7 +144,6 @@ def bench(
 ) -> list[BenchResult]:
     """Run each (kind, n) test, kind "pp" or "tg", with the kernels and torch set to `threads` threads.
     `runtime_rss`: current_rss_bytes() before the model was made, reported with the results."""
-    from .kernels import cpu
 
     if cpu.native_available():
         cpu.set_num_threads(threads)
@@ -183,15 +183,11 @@ def backend_name(model: nn.Module) -> str:
     layer = next((m for m in model.modules() if isinstance(m, PackedBitLinear)), None)
     kernel = "none" if layer is None else layer.kernel.name
     if kernel == "cpu":
-        from .kernels import cpu
-
         kernel = f"cpu ({cpu.best_isa()})"
     head = model.int8_head() if hasattr(model, "int8_head") else None
     return f"{kernel}, {f'int{head.bits}' if head is not None else 'float'} head"
 
 
 def default_threads() -> int:
-    from .kernels import cpu
-
     env = os.environ.get(cpu.THREADS_ENV)
     return int(env) if env else cpu.physical_cores()
