@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from pathlib import Path
@@ -94,6 +95,67 @@ def _resident_bytes_of_mapping(path: Path) -> int:
         elif inside and line.startswith("Rss:"):
             total += int(line.split()[1]) * 1024
     return total
+
+
+def _smaps_field(address: int, field: str) -> str | None:
+    """`field` of the mapping of this process that holds `address` (/proc/self/smaps), None if absent."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split(" ", 1)[0]
+        if "-" in head and len(line.split()) >= 5:
+            lo, hi = (int(v, 16) for v in head.split("-"))
+            inside = lo <= address < hi
+        elif inside and line.startswith(field + ":"):
+            return line.split(":", 1)[1].strip()
+    return None
+
+
+def _thp_mode() -> str | None:
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return None
+    return text.split("[", 1)[1].split("]", 1)[0]
+
+
+def test_streamed_copies_are_exact_aligned_and_disjoint(monkeypatch):
+    from pybitnet.formats.memory import HUGEPAGES_ENV, streamed_copy
+
+    g = torch.Generator().manual_seed(0)
+    for env in ("1", "0"):
+        monkeypatch.setenv(HUGEPAGES_ENV, env)
+        big = torch.randint(0, 256, (20 << 20,), generator=g, dtype=torch.uint8)  # a mapping of its own
+        sources = [torch.randn(7, 9, generator=g).t(), torch.randint(-9, 9, (3, 1000), dtype=torch.int8), big]
+        copies = [streamed_copy(t) for t in sources]
+        for t, c in zip(sources, copies, strict=True):
+            assert c.is_contiguous() and c.dtype == t.dtype and torch.equal(c, t)
+            assert c.data_ptr() % 64 == 0
+        spans = sorted((c.data_ptr(), c.data_ptr() + c.numel() * c.element_size()) for c in copies)
+        assert all(a[1] <= b[0] for a, b in itertools.pairwise(spans))
+        copies[1].fill_(0)  # writable, and only its own bytes
+        assert torch.equal(copies[0], sources[0]) and torch.equal(copies[2], big)
+
+
+@pytest.mark.skipif(_thp_mode() not in ("always", "madvise"), reason="needs Linux transparent huge pages")
+def test_cpu_kernel_weights_lie_in_huge_page_memory(dummy_dir, monkeypatch):
+    """Loaded for the C kernels, the packed ternary weights and the int8 head lie in memory advised for
+    transparent huge pages (the kernels stream them every token); with $PYBITNET_HUGEPAGES=0 they do not."""
+    from pybitnet.formats.memory import HUGEPAGES_ENV
+    from pybitnet.kernels import cpu
+
+    if not cpu.native_available():
+        pytest.skip("the C kernels are not built")
+    path = dummy_dir("tiny-bitnet")
+    for env, want in (("1", "1"), ("0", "0")):
+        monkeypatch.setenv(HUGEPAGES_ENV, env)
+        model = pybitnet.load_model(path, kernel="cpu")
+        weights = [m.packed.data for m in model.modules() if isinstance(m, PackedBitLinear)]
+        head = model.int8_head()
+        assert weights and head is not None
+        if _thp_mode() == "always" and want == "0":
+            continue  # every anonymous mapping is eligible then
+        for t in [*weights, head.q]:
+            assert _smaps_field(t.data_ptr(), "THPeligible") == want
 
 
 @pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs /proc (Linux)")

@@ -4,7 +4,10 @@ nothing), and row reads that leave no pages of a file mapped."""
 from __future__ import annotations
 
 import ctypes
+import mmap
+import os
 import sys
+import threading
 from typing import Protocol
 
 import torch
@@ -42,6 +45,57 @@ def release_freed_heap() -> None:
     blocks it keeps; glibc would keep those pages resident (hundreds of MB for a 2B model)."""
     if _MALLOC_TRIM is not None:
         _MALLOC_TRIM(0)
+
+
+HUGEPAGES_ENV = "PYBITNET_HUGEPAGES"  # "0": streamed weights in ordinary memory (for comparisons)
+_HUGE = 2 << 20  # a transparent huge page over 4 KB base pages (x86-64, arm64)
+_CHUNK = 64 << 20  # weights up to a quarter of this share chunks; larger ones get a mapping each
+_ALIGN = 64
+
+
+def _huge_mapping(nbytes: int) -> torch.Tensor:
+    """nbytes (uninitialized) at the start of an anonymous mapping whose whole huge pages are advised for
+    transparent huge pages. Views of the tensor keep the mapping alive."""
+    size = -(-nbytes // _HUGE) * _HUGE + _HUGE  # room to start on a huge-page boundary
+    mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)  # private: shared anonymous memory is shmem, no THP
+    base = torch.frombuffer(mm, dtype=torch.uint8)
+    skip = -base.data_ptr() % _HUGE
+    mm.madvise(mmap.MADV_HUGEPAGE, skip, size - skip)  # pages come at first touch, huge where possible
+    return base[skip : skip + nbytes]
+
+
+class _StreamedArena:
+    """Bump allocation out of huge-page chunks: the model's weights live as long as the model, so no reuse."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.chunk: torch.Tensor | None = None
+        self.used = 0
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        if nbytes > _CHUNK // 4:
+            return _huge_mapping(nbytes)
+        with self.lock:
+            if self.chunk is None or self.used + nbytes > _CHUNK:
+                self.chunk, self.used = _huge_mapping(_CHUNK), 0  # the old one lives on in its views
+            out = self.chunk[self.used : self.used + nbytes]
+            self.used += -(-nbytes // _ALIGN) * _ALIGN
+            return out
+
+
+_ARENA = _StreamedArena()
+
+
+def streamed_copy(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous CPU copy of `t` in memory backed by transparent huge pages where Linux offers them: for
+    weights the CPU kernels stream every token, which on 4 KB pages cross a page (a TLB miss, and a stop for
+    the hardware prefetchers) every 4 KB. Elsewhere, or with $PYBITNET_HUGEPAGES=0, an ordinary copy."""
+    nbytes = t.numel() * t.element_size()
+    if not hasattr(mmap, "MADV_HUGEPAGE") or os.environ.get(HUGEPAGES_ENV) == "0" or nbytes == 0:
+        out = torch.empty(t.shape, dtype=t.dtype)
+    else:
+        out = _ARENA.take(nbytes).view(t.dtype).view(t.shape)
+    return out.copy_(t)
 
 
 # With the C kernels the output head is a separate int8 copy (made from FileRows), so these float tensors are

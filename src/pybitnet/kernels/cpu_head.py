@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import KernelError
+from ..formats.memory import streamed_copy
 from ..quant.layouts.cpu_i2 import padded_cols
 from . import cpu
 
@@ -57,7 +58,7 @@ def quantize_rows_int8(weight: HeadRows) -> tuple[torch.Tensor, torch.Tensor]:
 def tile_rows(q: torch.Tensor) -> torch.Tensor:
     """int8 [4T, Kp] row-major -> tiles [T, Kp/32, 4, 32]."""
     rows, kp = q.shape
-    return q.view(rows // 4, 4, kp // 32, 32).transpose(1, 2).contiguous()
+    return streamed_copy(q.view(rows // 4, 4, kp // 32, 32).transpose(1, 2))  # streamed every token
 
 
 def untile_rows(tiles: torch.Tensor) -> torch.Tensor:
@@ -96,7 +97,7 @@ def quantize_rows_int4(weight: HeadRows) -> tuple[torch.Tensor, torch.Tensor]:
         q[r0 : r0 + w.shape[0], :cols], scale[r0 : r0 + w.shape[0]] = _int4_rows(w)
     u = (q + 8).to(torch.uint8).view(-1, kp // 64, 2, 32)
     nibbles = u[:, :, 0] | (u[:, :, 1] << 4)  # [4T, Kp/64, 32]
-    return nibbles.view(-1, 4, kp // 64, 32).transpose(1, 2).contiguous(), scale
+    return streamed_copy(nibbles.view(-1, 4, kp // 64, 32).transpose(1, 2)), scale
 
 
 def untile_int4(tiles: torch.Tensor) -> torch.Tensor:

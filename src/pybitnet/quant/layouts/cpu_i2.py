@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from ...errors import LayoutError
+from ...formats.memory import streamed_copy
 from ..ternary import TernaryWeight
 from .registry import Layout, PackedWeight, check_codes, register_layout
 
@@ -37,7 +38,7 @@ def pack_tiles(codes: torch.Tensor) -> torch.Tensor:
     c[:out, :cols] = (codes + 1).to(torch.uint8)
     c = c.view(tiles, ROWS, blocks, 4, 32)
     packed = c[:, :, :, 0] | (c[:, :, :, 1] << 2) | (c[:, :, :, 2] << 4) | (c[:, :, :, 3] << 6)
-    return packed.transpose(1, 2).contiguous()
+    return streamed_copy(packed.transpose(1, 2))  # the kernels stream it every token
 
 
 def unpack_tiles(packed: torch.Tensor, out: int, cols: int) -> torch.Tensor:
