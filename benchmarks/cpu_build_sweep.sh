@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Build-time settings of the C kernels, compared on one machine: each argument is a set of C flags (an empty
 # string: the defaults); each is built into its own folder, then the decode GEMV's ceiling and a decode step are
-# timed for every build in turn, twice (alternating, so a drift of a shared machine shows), pinned to THREADS
-# distinct physical cores. Wheels the machine lacks may be placed in .whl/ (see cpu_run.sh).
+# timed for every build in turn, ROUNDS times (default 2; alternating, so a drift of a shared machine shows),
+# pinned to THREADS distinct physical cores; PROFILE=0 times the GEMV ceiling only. Wheels the machine lacks
+# may be placed in .whl/ (see cpu_run.sh).
 #
 #     OUT=sweep THREADS=2 bash benchmarks/cpu_build_sweep.sh "" "-DBN_GEMV_PREFETCH_HINT=_MM_HINT_T1" \
 #         "-DBN_GEMV_PREFETCH=4096 -DBN_GEMV_PREFETCH_HINT=_MM_HINT_T1"
@@ -10,6 +11,8 @@ set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-sweep}
 THREADS=${THREADS:-2}
+ROUNDS=${ROUNDS:-2}
+PROFILE=${PROFILE:-1}
 mkdir -p "$OUT"
 [ $# -gt 0 ] || set -- ""
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -31,15 +34,17 @@ for flags in "$@"; do
   fi
   i=$((i + 1))
 done
-for round in 1 2; do
+for round in $(seq "$ROUNDS"); do
   i=0
   for flags in "$@"; do
     echo "== round $round, flags '${flags:-defaults}'" | tee -a "$OUT/sweep.log"
     export PYTHONPATH="/tmp/sweep-$i:/tmp/sweep-deps"
     timeout 150 taskset -c "$cpus" python3 benchmarks/cpu_gemv_ceiling.py --threads "$THREADS" 2>&1 \
       | grep "thread(s)" | tee -a "$OUT/sweep.log"
-    timeout 150 taskset -c "$cpus" python3 benchmarks/cpu_decode_profile.py --threads "$THREADS" --tokens 48 2>&1 \
-      | sed -n 2,5p | tee -a "$OUT/sweep.log"
+    if [ "$PROFILE" != 0 ]; then
+      timeout 150 taskset -c "$cpus" python3 benchmarks/cpu_decode_profile.py --threads "$THREADS" --tokens 48 \
+        2>&1 | sed -n 2,5p | tee -a "$OUT/sweep.log"
+    fi
     i=$((i + 1))
   done
 done

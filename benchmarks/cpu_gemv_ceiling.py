@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from pybitnet.bench import read_bandwidth
+from pybitnet.formats.memory import streamed_copy
 from pybitnet.kernels import cpu
 from pybitnet.quant import TernaryWeight, pack
 
@@ -74,16 +76,15 @@ def main() -> None:
     # copies of one layer's matrices, at least 3x the last-level cache (a 300 MB L3 holds several layers)
     layer = [packed(n, k, g) for n, k in SHAPES]
     copies = max(6, -(-3 * last_level_cache_bytes() // sum(w.data.numel() for w in layer)))
-    streamed = [dataclasses.replace(w, data=w.data.clone()) for _ in range(copies) for w in layer]
+    streamed = [dataclasses.replace(w, data=streamed_copy(w.data)) for _ in range(copies) for w in layer]
     xs = {k: torch.randn(1, k, generator=g) for k in (2560, 6912)}
-    buf = torch.ones(1 << 30, dtype=torch.uint8)
     print(f"kernel {isa_name}")
     for threads in args.threads:
         cpu.set_num_threads(threads)
         rate(isa, cached, xs, 20)  # warm-up: thread pool, caches
         in_cache = rate(isa, cached, xs, 200)
         from_dram = rate(isa, streamed, xs, 2)
-        bandwidth, _ = cpu._native.read_bandwidth(buf.data_ptr(), buf.numel(), 5)
+        bandwidth = read_bandwidth(threads)
         print(
             f"{threads} thread(s): GEMV from cache {in_cache:.1f} GB/s, from DRAM {from_dram:.1f} GB/s; "
             f"read bandwidth {bandwidth:.1f} GB/s; DRAM GEMV = {from_dram / bandwidth:.0%} of bandwidth, "

@@ -21,20 +21,13 @@ from pathlib import Path
 import torch
 
 import pybitnet
-from pybitnet.bench import bench, weight_bytes_and_params
+from pybitnet.bench import bench, read_bandwidth, weight_bytes_and_params
 from pybitnet.formats.gguf_export import save_gguf
 from pybitnet.kernels import cpu
 from pybitnet.models.dummy import create_dummy
 from pybitnet.models.presets import preset
 
 CONFIG = preset("bitnet-2b-4t", family="llama", hidden_act="silu", max_position_embeddings=2048)
-
-
-def read_bandwidth(threads: int) -> float:
-    cpu.set_num_threads(threads)
-    buf = torch.ones(1 << 30, dtype=torch.uint8)  # 1 GiB: far past the caches
-    gbps, _ = cpu._native.read_bandwidth(buf.data_ptr(), buf.numel(), 5)
-    return gbps
 
 
 def time_llama_cpp(path: Path, threads: int, n_prompt: int, n_gen: int, reps: int) -> dict[str, float]:

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from .formats.memory import streamed_empty
 from .kernels import cpu
 from .kernels.cpu_head import Int8Head
 from .models.kv_cache import KVCache
@@ -177,6 +178,19 @@ def bench(
                 )
             )
     return results
+
+
+def read_bandwidth(threads: int, nbytes: int = 1 << 30) -> float:
+    """The machine's read bandwidth in GB/s with `threads` threads of the C kernels: the best of a read loop
+    (with and without software prefetch) over nbytes of ordinary memory and of the huge-page memory the
+    weights live in (`streamed_empty`). Decode's bandwidth efficiency divides by it, so the larger is kept."""
+    cpu.set_num_threads(threads)
+    best = 0.0
+    for make in (torch.empty, streamed_empty):
+        buf = make(nbytes).view(torch.uint8).fill_(1)
+        best = max(best, cpu._native.read_bandwidth(buf.data_ptr(), buf.numel(), 5)[0])
+        del buf
+    return best
 
 
 def backend_name(model: nn.Module) -> str:

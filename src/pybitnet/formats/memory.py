@@ -86,16 +86,19 @@ class _StreamedArena:
 _ARENA = _StreamedArena()
 
 
-def streamed_copy(t: torch.Tensor) -> torch.Tensor:
-    """A contiguous CPU copy of `t` in memory backed by transparent huge pages where Linux offers them: for
-    weights the CPU kernels stream every token, which on 4 KB pages cross a page (a TLB miss, and a stop for
-    the hardware prefetchers) every 4 KB. Elsewhere, or with $PYBITNET_HUGEPAGES=0, an ordinary copy."""
-    nbytes = t.numel() * t.element_size()
+def streamed_empty(nbytes: int) -> torch.Tensor:
+    """nbytes uninitialized bytes (uint8, 64-byte aligned) in memory backed by transparent huge pages where
+    Linux offers them: for weights the CPU kernels stream every token, which on 4 KB pages cross a page (a
+    TLB miss, and a stop for the hardware prefetchers) every 4 KB. Elsewhere, or with $PYBITNET_HUGEPAGES=0,
+    ordinary memory."""
     if not hasattr(mmap, "MADV_HUGEPAGE") or os.environ.get(HUGEPAGES_ENV) == "0" or nbytes == 0:
-        out = torch.empty(t.shape, dtype=t.dtype)
-    else:
-        out = _ARENA.take(nbytes).view(t.dtype).view(t.shape)
-    return out.copy_(t)
+        return torch.empty(nbytes, dtype=torch.uint8)
+    return _ARENA.take(nbytes)
+
+
+def streamed_copy(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous CPU copy of `t` in `streamed_empty` memory."""
+    return streamed_empty(t.numel() * t.element_size()).view(t.dtype).view(t.shape).copy_(t)
 
 
 # With the C kernels the output head is a separate int8 copy (made from FileRows), so these float tensors are
