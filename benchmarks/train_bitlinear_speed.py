@@ -4,7 +4,7 @@ loss curves of the reference and each int8 variant on the same synthetic task.
 
     python benchmarks/train_bitlinear_speed.py [--kinds linear,reference,int8,int8-gx8]
         [--modes eager,compiled] [--batch 4] [--seq 2048] [--layers 4] [--steps 20] [--curve-steps 200]
-        [--checkpointing none|mlp|block] [--memory] [--profile] [--out results.json]
+        [--checkpointing none|mlp|block] [--memory-budgets 1,0.5] [--memory] [--profile] [--out results.json]
 
 `--memory` lists what is allocated at each kind's peak (size, count, the code that allocated it).
 
@@ -24,6 +24,7 @@ import json
 import time
 
 import torch
+import torch._functorch.config
 from torch import nn
 
 from pybitnet.models.presets import preset
@@ -248,6 +249,13 @@ def main() -> None:
         help="activation checkpointing of the BitLinear kinds: none, mlp or block (nn.Linear keeps all)",
     )
     ap.add_argument(
+        "--memory-budgets",
+        default="1",
+        help="torch.compile's activation memory budgets for the BitLinear kinds, e.g. 1,0.5: each a row "
+        "(1: keep what the partitioner keeps by default; below 1 it recomputes cheap ops to stay under that "
+        "share of the saved activations); nn.Linear keeps 1",
+    )
+    ap.add_argument(
         "--bf16-grads",
         action="store_true",
         help="int8 kinds: gradients rounded to bf16, then cast, as the reference (not float32 GEMM output)",
@@ -271,21 +279,22 @@ def main() -> None:
     x = torch.randn(args.batch, args.seq, 2560, device="cuda", generator=g)
     target = torch.randn(args.batch, args.seq, 2560, device="cuda", generator=g) * 0.5
     steps = {}
+    budgets = [float(b) for b in args.memory_budgets.split(",")]
     for kind in kinds:
         for mode in args.modes.split(","):
-            t0 = time.perf_counter()
-            model = build(kind, args.layers, checkpointing=args.checkpointing)
-            ms, gib, saved = time_steps(model, x, target, args.steps, mode == "compiled")
-            # saved_gib: what the forward keeps for the backward (allocated after it, less its output)
-            steps[f"{kind}/{mode}"] = {
-                "ms": round(ms, 2),
-                "peak_gib": round(gib, 3),
-                "saved_gib": round(saved, 3),
-            }
-            print(json.dumps({f"{kind}/{mode}": steps[f"{kind}/{mode}"],
-                              "wall_s": round(time.perf_counter() - t0, 1)}), flush=True)  # fmt: skip
-            del model
-            torch.cuda.empty_cache()
+            for budget in budgets if kind != "linear" else [1.0]:
+                torch._functorch.config.activation_memory_budget = budget
+                name = f"{kind}/{mode}" + (f"@{budget:g}" if budget != 1 else "")
+                t0 = time.perf_counter()
+                model = build(kind, args.layers, checkpointing=args.checkpointing)
+                ms, gib, saved = time_steps(model, x, target, args.steps, mode == "compiled")
+                # saved_gib: what the forward keeps for the backward (allocated after it, less its output)
+                steps[name] = {"ms": round(ms, 2), "peak_gib": round(gib, 3), "saved_gib": round(saved, 3)}
+                wall = round(time.perf_counter() - t0, 1)
+                print(json.dumps({name: steps[name], "wall_s": wall}), flush=True)
+                del model
+                torch.cuda.empty_cache()
+    torch._functorch.config.activation_memory_budget = 1.0
     for peer in ("linear/compiled", "reference/compiled"):
         if peer in steps:
             for r in steps.values():
