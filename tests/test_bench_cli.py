@@ -55,3 +55,25 @@ def test_bad_head_mode_and_missing_model_are_user_errors():
     missing = runner.invoke(app, ["bench", "/nonexistent/model", "-p", "8", "-n", "0", "-r", "1"])
     assert missing.exit_code == 1 and "neither an existing path" in missing.output
     assert missing.exception is None or isinstance(missing.exception, SystemExit)
+
+
+def test_read_bandwidth_reads_both_kinds_of_memory(monkeypatch):
+    """The efficiency denominator: the best of the read loop over ordinary and huge-page buffers of nbytes."""
+    from pybitnet import bench as bench_module
+    from pybitnet.kernels import cpu
+
+    if not cpu.native_available():
+        pytest.skip("the C kernels are not built")
+    native, seen = cpu._native, []
+
+    class Recording:
+        def __getattr__(self, name):
+            return getattr(native, name)
+
+        def read_bandwidth(self, ptr, nbytes, reps):
+            seen.append(nbytes)
+            return native.read_bandwidth(ptr, nbytes, reps)
+
+    monkeypatch.setattr(cpu, "_native", Recording())
+    gbps = bench_module.read_bandwidth(1, nbytes=1 << 22)
+    assert seen == [1 << 22, 1 << 22] and 0 < gbps < 1e4
