@@ -137,6 +137,30 @@ def test_streamed_copies_are_exact_aligned_and_disjoint(monkeypatch):
 
 
 @pytest.mark.skipif(_thp_mode() not in ("always", "madvise"), reason="needs Linux transparent huge pages")
+def test_streamed_memory_is_returned_when_its_tensors_are_gone(monkeypatch):
+    """The arena forgets its current chunk once nothing carved from it is alive, so a deleted model's
+    weights leave no mapping behind."""
+    import gc
+
+    from pybitnet.formats import memory
+
+    monkeypatch.setenv(memory.HUGEPAGES_ENV, "1")
+    monkeypatch.setattr(memory, "_ARENA", memory._StreamedArena())
+    copies = [memory.streamed_copy(torch.full((1000,), i, dtype=torch.int16)) for i in range(3)]
+    chunk = memory._ARENA.chunk.data_ptr()
+    assert _smaps_field(copies[0].data_ptr(), "THPeligible") == "1"
+    view = copies[1][10:20]  # a view keeps its storage, not the arena's hold on the chunk
+    del copies
+    gc.collect()
+    assert memory._ARENA.chunk is None
+    assert torch.equal(view, torch.ones(10, dtype=torch.int16))
+    del view
+    gc.collect()
+    if _thp_mode() == "madvise":  # then only advised mappings are eligible: none is left at the chunk
+        assert _smaps_field(chunk, "THPeligible") != "1"
+
+
+@pytest.mark.skipif(_thp_mode() not in ("always", "madvise"), reason="needs Linux transparent huge pages")
 def test_cpu_kernel_weights_lie_in_huge_page_memory(dummy_dir, monkeypatch):
     """Loaded for the C kernels, the packed ternary weights and the int8 head lie in memory advised for
     transparent huge pages (the kernels stream them every token); with $PYBITNET_HUGEPAGES=0 they do not."""

@@ -186,8 +186,8 @@ def read_bandwidth(threads: int, nbytes: int = 1 << 30) -> float:
     weights live in (`streamed_empty`). Decode's bandwidth efficiency divides by it, so the larger is kept."""
     cpu.set_num_threads(threads)
     best = 0.0
-    for make in (lambda n: torch.empty(n, dtype=torch.uint8), streamed_empty):
-        buf = make(nbytes).fill_(1)
+    for make in (torch.empty, streamed_empty):
+        buf = make((nbytes,), dtype=torch.uint8).fill_(1)
         best = max(best, cpu._native.read_bandwidth(buf.data_ptr(), buf.numel(), 5)[0])
         del buf
     return best

@@ -4,10 +4,12 @@ nothing), and row reads that leave no pages of a file mapped."""
 from __future__ import annotations
 
 import ctypes
+import math
 import mmap
 import os
 import sys
 import threading
+import weakref
 from typing import Protocol
 
 import torch
@@ -65,40 +67,53 @@ def _huge_mapping(nbytes: int) -> torch.Tensor:
 
 
 class _StreamedArena:
-    """Bump allocation out of huge-page chunks: the model's weights live as long as the model, so no reuse."""
+    """Bump allocation out of huge-page chunks: a model's weights live as long as the model, so no reuse. The
+    arena lets go of its current chunk once every tensor carved from it is gone (a deleted model returns
+    all its memory); a chunk lives on in its tensors' views either way."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.chunk: torch.Tensor | None = None
-        self.used = 0
+        self.used = self.live = 0
 
-    def take(self, nbytes: int) -> torch.Tensor:
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        nbytes = math.prod(shape) * dtype.itemsize
         if nbytes > _CHUNK // 4:
-            return _huge_mapping(nbytes)
+            return _huge_mapping(nbytes).view(dtype).view(shape)
         with self.lock:
             if self.chunk is None or self.used + nbytes > _CHUNK:
-                self.chunk, self.used = _huge_mapping(_CHUNK), 0  # the old one lives on in its views
-            out = self.chunk[self.used : self.used + nbytes]
+                self.chunk, self.used, self.live = _huge_mapping(_CHUNK), 0, 0
+            out = self.chunk[self.used : self.used + nbytes].view(dtype).view(shape)
             self.used += -(-nbytes // _ALIGN) * _ALIGN
+            self.live += 1
+            weakref.finalize(out, self._release, self.chunk.data_ptr())
             return out
+
+    def _release(self, chunk_ptr: int) -> None:
+        with self.lock:
+            if self.chunk is not None and self.chunk.data_ptr() == chunk_ptr:
+                self.live -= 1
+                if self.live == 0:
+                    self.chunk = None
 
 
 _ARENA = _StreamedArena()
 
 
-def streamed_empty(nbytes: int) -> torch.Tensor:
-    """nbytes uninitialized bytes (uint8, 64-byte aligned) in memory backed by transparent huge pages where
-    Linux offers them: for weights the CPU kernels stream every token, which on 4 KB pages cross a page (a
-    TLB miss, and a stop for the hardware prefetchers) every 4 KB. Elsewhere, or with $PYBITNET_HUGEPAGES=0,
-    ordinary memory."""
-    if not hasattr(mmap, "MADV_HUGEPAGE") or os.environ.get(HUGEPAGES_ENV) == "0" or nbytes == 0:
-        return torch.empty(nbytes, dtype=torch.uint8)
-    return _ARENA.take(nbytes)
+def streamed_empty(shape: tuple[int, ...], dtype: torch.dtype = torch.uint8) -> torch.Tensor:
+    """An uninitialized contiguous CPU tensor (64-byte aligned) in memory backed by transparent huge pages
+    where Linux offers them: for weights the CPU kernels stream every token, which on 4 KB pages cross a page
+    (a TLB miss, and a stop for the hardware prefetchers) every 4 KB. Elsewhere, or with
+    $PYBITNET_HUGEPAGES=0, ordinary memory."""
+    shape = tuple(shape)
+    if not hasattr(mmap, "MADV_HUGEPAGE") or os.environ.get(HUGEPAGES_ENV) == "0" or math.prod(shape) == 0:
+        return torch.empty(shape, dtype=dtype)
+    return _ARENA.take(shape, dtype)
 
 
 def streamed_copy(t: torch.Tensor) -> torch.Tensor:
     """A contiguous CPU copy of `t` in `streamed_empty` memory."""
-    return streamed_empty(t.numel() * t.element_size()).view(t.dtype).view(t.shape).copy_(t)
+    return streamed_empty(t.shape, t.dtype).copy_(t)
 
 
 # With the C kernels the output head is a separate int8 copy (made from FileRows), so these float tensors are
