@@ -80,21 +80,25 @@ class _StreamedArena:
         nbytes = math.prod(shape) * dtype.itemsize
         if nbytes > _CHUNK // 4:
             return _huge_mapping(nbytes).view(dtype).view(shape)
-        with self.lock:
-            if self.chunk is None or self.used + nbytes > _CHUNK:
-                self.chunk, self.used, self.live = _huge_mapping(_CHUNK), 0, 0
-            out = self.chunk[self.used : self.used + nbytes].view(dtype).view(shape)
-            self.used += -(-nbytes // _ALIGN) * _ALIGN
+        with self.lock:  # serializes takers; _release never takes it (see there)
+            chunk = self.chunk
+            if chunk is None or self.used + nbytes > _CHUNK:
+                chunk = _huge_mapping(_CHUNK)
+                self.chunk, self.used, self.live = chunk, 0, 0
+            start, self.used = self.used, self.used + -(-nbytes // _ALIGN) * _ALIGN
             self.live += 1
-            weakref.finalize(out, self._release, self.chunk.data_ptr())
-            return out
+        out = chunk[start : start + nbytes].view(dtype).view(shape)
+        weakref.finalize(out, self._release, chunk.data_ptr())
+        return out
 
     def _release(self, chunk_ptr: int) -> None:
-        with self.lock:
-            if self.chunk is not None and self.chunk.data_ptr() == chunk_ptr:
-                self.live -= 1
-                if self.live == 0:
-                    self.chunk = None
+        # Runs when a carved tensor dies, which a garbage collection inside take() can cause: no lock, and
+        # take() works on its own reference to the chunk, so forgetting it here at any point is harmless.
+        chunk = self.chunk
+        if chunk is not None and chunk.data_ptr() == chunk_ptr:
+            self.live -= 1
+            if self.live == 0:
+                self.chunk = None
 
 
 _ARENA = _StreamedArena()
