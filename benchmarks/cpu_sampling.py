@@ -16,7 +16,7 @@ import time
 import torch
 
 from pybitnet import SamplingParams
-from pybitnet.engine.sampler import SamplingBatch, sample
+from pybitnet.engine.sampler import SamplingBatch, keep_prefix, sample
 
 SETTINGS = [
     SamplingParams(temperature=0.8),
@@ -31,13 +31,7 @@ def full_sort_sample(logits: torch.Tensor, batch: SamplingBatch, g: torch.Genera
     probs = torch.softmax(logits / batch.temperature[:, None], dim=-1)
     if bool((batch.top_k >= probs.shape[-1]).all() and (batch.top_p >= 1).all()):  # no filter: no sort
         return (probs / torch.empty_like(probs).exponential_(generator=g)).argmax(dim=-1)
-    sorted_p, order = probs.sort(dim=-1, descending=True)
-    keep = torch.arange(probs.shape[-1])[None, :] < batch.top_k[:, None]
-    sorted_p = sorted_p * keep
-    mass_before = sorted_p.cumsum(dim=-1) - sorted_p
-    top_p = batch.top_p[:, None]
-    keep &= (mass_before < top_p * sorted_p.sum(dim=-1, keepdim=True)) | (top_p >= 1)
-    probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p * keep)
+    probs = keep_prefix(probs, *probs.sort(dim=-1, descending=True), batch.top_k, batch.top_p)
     return (probs / torch.empty_like(probs).exponential_(generator=g)).argmax(dim=-1)
 
 

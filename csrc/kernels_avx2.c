@@ -326,8 +326,8 @@ void bn_quantize_row_avx2(const float *x, int64_t k, int64_t k_pad, int8_t *xq, 
 int64_t bn_argmax_f32_avx2(const float *x, int64_t n) {
     int64_t n8 = n & ~(int64_t)7;
     if (n8 == 0) return bn_argmax_f32_scalar(x, n);
-    __m256 mx = _mm256_loadu_ps(x), nan = _mm256_setzero_ps();
-    for (int64_t i = 0; i < n8; i += 8) {
+    __m256 mx = _mm256_loadu_ps(x), nan = _mm256_cmp_ps(mx, mx, _CMP_UNORD_Q);
+    for (int64_t i = 8; i < n8; i += 8) {
         __m256 v = _mm256_loadu_ps(x + i);
         mx = _mm256_max_ps(v, mx);
         nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));

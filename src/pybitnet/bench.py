@@ -145,7 +145,6 @@ def bench(
 ) -> list[BenchResult]:
     """Run each (kind, n) test, kind "pp" or "tg", with the kernels and torch set to `threads` threads.
     `runtime_rss`: current_rss_bytes() before the model was made, reported with the results."""
-
     if cpu.native_available():
         cpu.set_num_threads(threads)
     results = []

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from ..errors import InvalidRequestError
+from ..kernels import cpu
 from ..models import Transformer
 from ..models.transformer import runs_native_cpu_kernels
 from .chat_template import Message
@@ -90,8 +91,6 @@ def _set_threads(model: Transformer, threads: int | None) -> None:
     torch's threads otherwise; None keeps the defaults, except that torch drops to one thread beside the
     kernels."""
     if runs_native_cpu_kernels(model):
-        from ..kernels import cpu
-
         cpu.set_num_threads(threads)
         torch.set_num_threads(1)
     elif threads is not None:
