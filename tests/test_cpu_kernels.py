@@ -138,6 +138,8 @@ def test_argmax_matches_torch(isa):
     assert torch.equal(cpu.argmax(short, isa), short.argmax(-1))
     half = x.half()  # not float32: torch's own
     assert torch.equal(cpu.argmax(half), half.argmax(-1))
+    with pytest.raises(KernelError, match="unknown instruction set 'avx9'; one of scalar, avx2"):
+        cpu.argmax(x, "avx9")
 
 
 @settings(max_examples=200, deadline=None)

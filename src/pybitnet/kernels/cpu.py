@@ -37,8 +37,15 @@ def native_available() -> bool:
     return _native is not None
 
 
+def isa_id(isa: str) -> int:
+    """The C kernels' number of an instruction set named as in ISAS."""
+    if isa not in ISAS:
+        raise KernelError(f"unknown instruction set {isa!r}; one of {', '.join(ISAS)}")
+    return ISAS[isa]
+
+
 def isa_available(isa: str) -> bool:
-    return _native is not None and _native.isa_available(ISAS[isa])
+    return _native is not None and _native.isa_available(isa_id(isa))
 
 
 @functools.cache
@@ -328,7 +335,7 @@ def linear_quantized(isa: str, xq: torch.Tensor, a: torch.Tensor, w: PackedWeigh
     a = a.reshape(m).to(torch.float32).contiguous()
     y = torch.empty((m, out), dtype=torch.float32)
     mats = [(w.data.data_ptr(), out, w.scale.data_ptr(), int(w.scale.numel() > 1), y.data_ptr(), out)]
-    _native.ternary_q(ISAS[isa], buf.data_ptr(), ldq, a.data_ptr(), rowsum.data_ptr(), m, kp, mats)
+    _native.ternary_q(isa_id(isa), buf.data_ptr(), ldq, a.data_ptr(), rowsum.data_ptr(), m, kp, mats)
     return y
 
 
@@ -346,8 +353,8 @@ def argmax(x: torch.Tensor, isa: str | None = None) -> torch.Tensor:
         x2 = x2.contiguous()
     out = torch.empty(x2.shape[0], dtype=torch.int64)
     if x2.shape[0]:
-        isa_id = _best_isa_id() if isa is None else ISAS[isa]
-        _native.argmax(isa_id, x2.data_ptr(), x2.shape[0], n, x2.stride(0), out.data_ptr())
+        isa_number = _best_isa_id() if isa is None else isa_id(isa)
+        _native.argmax(isa_number, x2.data_ptr(), x2.shape[0], n, x2.stride(0), out.data_ptr())
     return out.view(x.shape[:-1])
 
 
@@ -360,7 +367,7 @@ def quantize(isa: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     a = torch.empty(m, dtype=torch.float32)
     rowsum = torch.empty(m, dtype=torch.int32)
     _native.quantize(
-        ISAS[isa], x2.data_ptr(), m, k, k, xq.data_ptr(), kp, kp, a.data_ptr(), rowsum.data_ptr()
+        isa_id(isa), x2.data_ptr(), m, k, k, xq.data_ptr(), kp, kp, a.data_ptr(), rowsum.data_ptr()
     )
     return xq[:, :k], a[:, None]
 
@@ -376,8 +383,8 @@ def _register(name: str, isa: str | None, priority: int, description: str) -> Ke
 
         available = native_available
     else:
-        run = functools.partial(linear, ISAS[isa])
-        run_many = functools.partial(linear_many, ISAS[isa])
+        run = functools.partial(linear, isa_id(isa))
+        run_many = functools.partial(linear_many, isa_id(isa))
 
         def available() -> bool:
             return isa_available(isa)
