@@ -20,13 +20,15 @@ import triton
 
 from pybitnet.train import int8_gemm
 
-SHAPES = {  # product: (N, K) with M = rows; 2B-4T: hidden 2560, KV 640, intermediate 6912
-    "fwd q/o": (2560, 2560),
-    "fwd k/v": (640, 2560),
-    "fwd gate/up": (6912, 2560),
+SHAPES = {  # product: (N, K) with M = rows; 2B-4T: hidden 2560, KV 640, intermediate 6912, q/k/v and
+    # gate/up each one stacked product
+    "fwd o": (2560, 2560),
+    "fwd q/k/v": (3840, 2560),
+    "fwd gate/up": (13824, 2560),
     "fwd down": (2560, 6912),
-    "grad_x k/v": (2560, 640),
-    "grad_x gate/up": (2560, 6912),
+    "grad_x o": (2560, 2560),
+    "grad_x q/k/v": (2560, 3840),
+    "grad_x gate/up": (2560, 13824),
     "grad_x down": (6912, 2560),
 }
 # (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps). Triton 3.6's warp-specialized loop (tl.range(...,
@@ -45,8 +47,8 @@ def tops(m: int, n: int, k: int, ms: float) -> float:
 def bench_shape(m: int, n: int, k: int) -> dict:
     a = torch.randint(-127, 128, (m, k), dtype=torch.int8, device="cuda")
     b = torch.randint(-1, 2, (n, k), dtype=torch.int8, device="cuda")
-    f = torch.rand(m, device="cuda") * 1e-3
-    ref = (torch._int_mm(a, b.t()).float() * f[:, None]).to(torch.bfloat16)
+    ra, cs = torch.rand(m, device="cuda") + 0.5, torch.rand(n, device="cuda")
+    ref = (torch._int_mm(a, b.t()).float() * (cs[None, :] / ra[:, None])).to(torch.bfloat16)
     ab, bb = a.to(torch.bfloat16), b.to(torch.bfloat16)
     row: dict = {
         "bf16_ms": triton.testing.do_bench(lambda: torch.matmul(ab, bb.t())),
@@ -59,7 +61,7 @@ def bench_shape(m: int, n: int, k: int) -> dict:
         grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
 
         def run(bm=bm, bn=bn, bk=bk, st=st, wp=wp, grid=grid):
-            kernel[grid](a, b, out, f, m, n, k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
+            kernel[grid](a, b, out, ra, cs, m, n, k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
                          num_stages=st, num_warps=wp)  # fmt: skip
 
         entry = {"config": [bm, bn, bk, st, wp]}

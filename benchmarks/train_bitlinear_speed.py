@@ -13,8 +13,6 @@ Kinds (the linear layers of every block):
 - reference: BitLinear, fake quantization with straight-through estimators in torch.
 - int8 (alias fused): `pybitnet.train.fused`, int8 GEMM forward, float backward (grad_x_mode "bf16").
 - int8-gx8: the same with grad_x on the int8 GEMM too (grad_x_mode "int8": output gradient rounded to int8).
-- int8-gx8-gw8: and grad_w on the block-scaled int8 GEMM (grad_w_mode "int8": g / a rounded to int8 per
-  weight row and block of 128 tokens).
 
 Step = forward + backward + fused AdamW step, bf16 autocast over float32 master weights.
 """
@@ -53,13 +51,8 @@ class Stack(nn.Module):
         return x
 
 
-# kind -> (grad_x_mode, grad_w_mode) of the int8 path
-INT8_KINDS = {
-    "int8": ("bf16", "bf16"),
-    "fused": ("bf16", "bf16"),
-    "int8-gx8": ("int8", "bf16"),
-    "int8-gx8-gw8": ("int8", "int8"),
-}
+# kind -> grad_x_mode of the int8 path (None: not the int8 path)
+INT8_KINDS = {"int8": "bf16", "fused": "bf16", "int8-gx8": "int8"}
 KINDS = ("linear", "reference", *INT8_KINDS)
 
 
@@ -73,7 +66,7 @@ def build(kind: str, layers: int, seed: int = 0, checkpointing: str = "none") ->
         model = Stack(layers, lambda i, o: BitLinear(i, o))
         set_activation_checkpointing(model, checkpointing)
         if kind in INT8_KINDS:
-            if use_fused_kernels(model, *INT8_KINDS[kind]) == 0:
+            if use_fused_kernels(model, INT8_KINDS[kind]) == 0:
                 raise SystemExit("the int8 kinds need Triton")
             set_fused(model, True)
     with torch.no_grad():
@@ -207,8 +200,7 @@ def check_fused_on_gpu(int8_kinds: list[str]) -> dict:
     gx, gw = x.grad.clone(), layer.weight.grad.clone()
     for kind in int8_kinds:
         x.grad = layer.weight.grad = None
-        grad_x_mode, grad_w_mode = INT8_KINDS[kind]
-        y = fused_bitlinear(x, layer.weight, grad_x_mode=grad_x_mode, grad_w_mode=grad_w_mode)
+        y = fused_bitlinear(x, layer.weight, grad_x_mode=INT8_KINDS[kind])
         y.square().sum().backward()
         out[kind] = {"y_rel": rel(y, y_ref), "gx_rel": rel(x.grad, gx), "gw_rel": rel(layer.weight.grad, gw)}
     torch.backends.cuda.matmul.allow_tf32 = True

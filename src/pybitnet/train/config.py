@@ -20,7 +20,6 @@ OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULES = ("constant", "cosine", "linear", "exponential", "wsd", "two_stage")
 PRECISIONS = ("fp32", "bf16")
 GRAD_X_MODES = ("bf16", "int8")  # how the int8 BitLinear computes grad_x (pybitnet.train.fused)
-GRAD_W_MODES = ("bf16", "int8")  # and grad_w
 DISTRIBUTED = ("auto", "none", "ddp", "fsdp")
 LOGGERS = ("console", "csv", "jsonl", "tensorboard")
 DATA_FORMATS = ("auto", "text", "jsonl", "json", "csv", "parquet")
@@ -72,7 +71,6 @@ class TrainConfig:
     activation_checkpointing: str = "none"  # "mlp" / "block": recompute those activations in the backward
     fused_kernels: bool = True  # Triton BitLinear kernels on CUDA when available
     fused_grad_x: str = "bf16"  # "int8": grad_x on the int8 GEMM too (faster, g rounded to 8 bits per row)
-    fused_grad_w: str = "bf16"  # "int8": grad_w on the block-scaled int8 GEMM (g / a rounded per 128 tokens)
     seed: int = 1337
     deterministic: bool = False
     device: str = "auto"
@@ -96,7 +94,6 @@ class TrainConfig:
         _one_of("schedule", self.schedule, SCHEDULES)
         _one_of("precision", self.precision, PRECISIONS)
         _one_of("fused_grad_x", self.fused_grad_x, GRAD_X_MODES)
-        _one_of("fused_grad_w", self.fused_grad_w, GRAD_W_MODES)
         _one_of("activation_checkpointing", self.activation_checkpointing, CHECKPOINTING)
         _one_of("distributed", self.distributed, DISTRIBUTED)
         _one_of("data_format", self.data_format, DATA_FORMATS)

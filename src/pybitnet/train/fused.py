@@ -9,14 +9,9 @@ its epilogue, like the integer reference kernel.
 Backward (straight-through), from the saved int8 activations, their scales and the latent weight (a parameter,
 alive anyway, so the ternary codes are recomputed rather than kept: a quarter of the weights' size less memory
 between forward and backward):
-- grad_w, by `grad_w_mode`:
-  - "bf16": g^T @ bf16(xq / a): the reference's fake-quantized input, bit for bit. On CUDA the GEMMs write
-    float32 gradients (the weights', and a float32 input's) straight from their accumulators, where the
-    reference rounds them to bf16 first.
-  - "int8": g / a (the activations' scale, which runs along the tokens this product sums over, moved into g)
-    quantized to int8 per weight row and block of 128 tokens, times the saved int8 xq exactly, each block's
-    sum scaled in float32 (the block-scaled int8 GEMM): about twice the tensor-core rate of bf16, at the
-    price of rounding g to 8 bits within each block (xq is used exactly).
+- grad_w = g^T @ bf16(xq / a): the reference's fake-quantized input, bit for bit. On CUDA the GEMMs write
+  float32 gradients (the weights', and a float32 input's) straight from their accumulators, where the
+  reference rounds them to bf16 first.
 - grad_x, by `grad_x_mode`:
   - "bf16": g @ bf16(codes * s), the reference's fake-quantized weight, bit for bit (a float GEMM);
   - "int8": g times each weight row's scale s, quantized per row to int8 (absmax, like activations), then the
@@ -45,8 +40,8 @@ from ..errors import ConfigError
 from ..nn import BitLinear
 from ..quant.activations import quantize_activations
 from ..quant.ternary import absmean_scale, ternarize
-from .config import GRAD_W_MODES, GRAD_X_MODES
-from .int8_gemm import SCALE_GROUP, int8_matmul, int8_mm_block_scaled, triton_available
+from .config import GRAD_X_MODES
+from .int8_gemm import int8_matmul, triton_available
 
 
 @torch.library.custom_op("pybitnet::bitlinear_int8", mutates_args=())
@@ -59,7 +54,6 @@ def _bitlinear_int8(
     s: torch.Tensor,
     out_dtype: torch.dtype,
     grad_x_mode: str,
-    grad_w_mode: str,
 ) -> torch.Tensor:
     """y [M, N] = (xq @ wq^T) * s / a, wq the stacked codes of the weights `ws`. `x` and `ws` (the latent
     inputs) only route the straight-through gradients; the forward reads the int8 tensors and their scales
@@ -68,15 +62,15 @@ def _bitlinear_int8(
 
 
 @_bitlinear_int8.register_fake
-def _(x, ws, xq, a, wq, s, out_dtype, grad_x_mode, grad_w_mode):
+def _(x, ws, xq, a, wq, s, out_dtype, grad_x_mode):
     return x.new_empty((x.shape[0], sum(w.shape[0] for w in ws)), dtype=out_dtype)
 
 
 def _setup_context(ctx, inputs, output):
-    x, ws, xq, a, _, s, _, grad_x_mode, grad_w_mode = inputs
+    x, ws, xq, a, _, s, _, grad_x_mode = inputs
     # int8 activations, not float ones; the weights are the parameters themselves (no stacked copy is kept)
     ctx.save_for_backward(xq, a, s, *ws)
-    ctx.x_dtype, ctx.grad_x_mode, ctx.grad_w_mode = x.dtype, grad_x_mode, grad_w_mode
+    ctx.x_dtype, ctx.grad_x_mode = x.dtype, grad_x_mode
 
 
 # Float32 gradients straight from the GEMM's accumulator where torch has the op (module switch: the training
@@ -102,65 +96,34 @@ def _grad_input(g: torch.Tensor, w: torch.Tensor, s: torch.Tensor, mode: str, dt
     return _mm(g, (ternarize(w, s[:, None]) * s[:, None]).to(g.dtype), dtype)
 
 
-def quantize_token_blocks(g: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """For g [T, N] and the activations' scales a [T]: (q [N, T] int8, scales [N, ceil(T / 128)] float32) with
-    g[t, n] / a[t] ~= q[n, t] * scales[n, t // 128], absmax per column and block of 128 tokens. Transposed, so
-    the tokens (the weight gradient's contraction) are contiguous, as the int8 GEMM reads both operands."""
-    t, n = g.shape
-    gs = g.float() / a[:, None]
-    pad = -t % SCALE_GROUP
-    blocks = torch.nn.functional.pad(gs, (0, 0, 0, pad)).view(-1, SCALE_GROUP, n)
-    scale = blocks.abs().amax(dim=1).clamp(min=1e-30) / 127  # [T / 128, N]; an all-zero block gives q = 0
-    q = (blocks / scale[:, None, :]).round().to(torch.int8).view(-1, n)[:t]
-    return q.t().contiguous(), scale.t().contiguous()
-
-
-def _grad_weight(g: torch.Tensor, xq: torch.Tensor, a: torch.Tensor, mode: str, dtype: torch.dtype):
-    """g^T @ (xq / a) as `dtype`: in bf16 from the reference's fake-quantized input, or block-scaled int8."""
-    if mode == "int8":
-        gq, scale = quantize_token_blocks(g, a)
-        return int8_mm_block_scaled(gq, xq.t().contiguous(), scale).to(dtype)
-    x_deq = (xq.float() / a[:, None]).to(g.dtype)  # the fake-quantized input, as the reference path has it
-    return _mm(g.t(), x_deq, dtype)
-
-
 def _backward(ctx, g):
     xq, a, s, *ws = ctx.saved_tensors
     w = torch.cat(ws) if len(ws) > 1 else ws[0]
     grad_x = _grad_input(g, w, s, ctx.grad_x_mode, ctx.x_dtype)
-    grad_w = _grad_weight(g, xq, a, ctx.grad_w_mode, w.dtype).split([wi.shape[0] for wi in ws])
-    return grad_x, list(grad_w), None, None, None, None, None, None, None
+    x_deq = (xq.float() / a[:, None]).to(g.dtype)  # the fake-quantized input, as the reference path has it
+    grad_w = _mm(g.t(), x_deq, w.dtype).split([wi.shape[0] for wi in ws])
+    return grad_x, list(grad_w), None, None, None, None, None, None
 
 
 _bitlinear_int8.register_autograd(_backward, setup_context=_setup_context)
 
 
 def fused_bitlinear(
-    x: torch.Tensor,
-    w: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    grad_x_mode: str = "bf16",
-    grad_w_mode: str = "bf16",
+    x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, grad_x_mode: str = "bf16"
 ) -> torch.Tensor:
     """y = BitLinear(x) at λ = 1 with the int8 GEMM. x [..., K], w [N, K] (latent float weights)."""
-    y = fused_bitlinear_many(x, [w], grad_x_mode, grad_w_mode)[0]
+    y = fused_bitlinear_many(x, [w], grad_x_mode)[0]
     return y if bias is None else y + bias.to(y.dtype)
 
 
-def _check_modes(grad_x_mode: str, grad_w_mode: str) -> None:
-    if grad_x_mode not in GRAD_X_MODES:
-        raise ConfigError(f"grad_x_mode: {grad_x_mode!r} is not one of {', '.join(GRAD_X_MODES)}")
-    if grad_w_mode not in GRAD_W_MODES:
-        raise ConfigError(f"grad_w_mode: {grad_w_mode!r} is not one of {', '.join(GRAD_W_MODES)}")
-
-
 def fused_bitlinear_many(
-    x: torch.Tensor, weights: list[torch.Tensor], grad_x_mode: str, grad_w_mode: str = "bf16"
+    x: torch.Tensor, weights: list[torch.Tensor], grad_x_mode: str
 ) -> list[torch.Tensor]:
     """[BitLinear_i(x)] at λ = 1 for bias-free layers reading the same x, as one int8 GEMM on their stacked
     codes, each row keeping its layer's scale: x is quantized once and the backward is one grad_x and one
     grad_w product."""
-    _check_modes(grad_x_mode, grad_w_mode)
+    if grad_x_mode not in GRAD_X_MODES:
+        raise ConfigError(f"grad_x_mode: {grad_x_mode!r} is not one of {', '.join(GRAD_X_MODES)}")
     if not weights or any(w.dim() != 2 or w.shape[1] != x.shape[-1] for w in weights):
         shapes = [tuple(w.shape) for w in weights]
         raise ValueError(f"weights must be one or more [N, {x.shape[-1]}] matrices for x, got {shapes}")
@@ -172,7 +135,7 @@ def fused_bitlinear_many(
     s = torch.cat([si.reshape(1).expand(wi.shape[0]) for wi, si in zip(weights, scales, strict=True)])
     codes = [ternarize(wi.detach(), si).to(torch.int8) for wi, si in zip(weights, scales, strict=True)]
     wq = torch.cat(codes) if len(codes) > 1 else codes[0]
-    y = _bitlinear_int8(x2, list(weights), xq, a.reshape(-1), wq, s, dtype, grad_x_mode, grad_w_mode)
+    y = _bitlinear_int8(x2, list(weights), xq, a.reshape(-1), wq, s, dtype, grad_x_mode)
     return [yi.reshape(*x.shape[:-1], yi.shape[-1]) for yi in y.split([wi.shape[0] for wi in weights], -1)]
 
 
@@ -182,14 +145,13 @@ class FusedBitLinear(BitLinear):
 
     fused: bool = True
     grad_x_mode: str = "bf16"
-    grad_w_mode: str = "bf16"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.fused:
             return super().forward(x)
         if self.input_norm is not None:
             x = self.input_norm(x)
-        return fused_bitlinear(x, self.weight, self.bias, self.grad_x_mode, self.grad_w_mode)
+        return fused_bitlinear(x, self.weight, self.bias, self.grad_x_mode)
 
     @staticmethod
     def forward_many(x: torch.Tensor, layers: Sequence[nn.Module]) -> list[torch.Tensor]:
@@ -205,16 +167,17 @@ class FusedBitLinear(BitLinear):
             and m.fused
             and m.bias is None
             and m.input_norm is None
-            and (m.grad_x_mode, m.grad_w_mode) == (first.grad_x_mode, first.grad_w_mode)
+            and m.grad_x_mode == first.grad_x_mode
             for m in layers
         ):
-            return fused_bitlinear_many(x, [m.weight for m in layers], first.grad_x_mode, first.grad_w_mode)
+            return fused_bitlinear_many(x, [m.weight for m in layers], first.grad_x_mode)
         return [m(x) for m in layers]
 
 
-def use_fused_kernels(model: nn.Module, grad_x_mode: str = "bf16", grad_w_mode: str = "bf16") -> int:
+def use_fused_kernels(model: nn.Module, grad_x_mode: str = "bf16") -> int:
     """Turn every BitLinear of `model` into a FusedBitLinear (same parameters, buffers); return the count."""
-    _check_modes(grad_x_mode, grad_w_mode)
+    if grad_x_mode not in GRAD_X_MODES:
+        raise ConfigError(f"grad_x_mode: {grad_x_mode!r} is not one of {', '.join(GRAD_X_MODES)}")
     if not triton_available():
         return 0
     count = 0
@@ -223,7 +186,7 @@ def use_fused_kernels(model: nn.Module, grad_x_mode: str = "bf16", grad_w_mode: 
             m.__class__ = FusedBitLinear
             count += 1
         if isinstance(m, FusedBitLinear):
-            m.grad_x_mode, m.grad_w_mode = grad_x_mode, grad_w_mode
+            m.grad_x_mode = grad_x_mode
     return count
 
 
@@ -234,13 +197,11 @@ def set_fused(model: nn.Module, enabled: bool) -> None:
 
 
 __all__ = [
-    "GRAD_W_MODES",
     "GRAD_X_MODES",
     "FusedBitLinear",
     "fused_bitlinear",
     "fused_bitlinear_many",
     "int8_matmul",
-    "quantize_token_blocks",
     "set_fused",
     "triton_available",
     "use_fused_kernels",

@@ -1,6 +1,5 @@
 """The int8 GEMM of BitLinear training: C[M, N] = (A[M, K] int8 @ B[N, K]^T int8, exact in int32) * s / a,
-with a [M] a per-row and s [N] a per-column scale; and its block-scaled form, for weight gradients: C[m, n] =
-sum over groups of G values of k of sa[m, group] * (A[m, group] . B[n, group]), each group's sum exact.
+with a [M] a per-row and s [N] a per-column scale.
 
 One Triton kernel (grouped tile order, int32 accumulation, the s / a rescale in the epilogue), exposed as
 the custom op `pybitnet::int8_mm` so torch.compile captures it without a graph break, in forward and backward
@@ -35,12 +34,9 @@ if triton_available():
     import triton.language as tl
 
     def _int8_matmul_kernel(
-        a_ptr, b_ptr, c_ptr, ra_ptr, cs_ptr, sa_ptr, M, N, K, SA_COLS,
+        a_ptr, b_ptr, c_ptr, ra_ptr, cs_ptr, M, N, K,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-        SCALE_GROUP: tl.constexpr,
     ):  # fmt: skip
-        """SCALE_GROUP 0: the s / a product. Else block-scaled, BLOCK_K = SCALE_GROUP: each k-step's product
-        (one group, exact in int32) times sa[m, group], summed in float32; ra, cs unused."""
         pid = tl.program_id(0)
         num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
         group = pid // (GROUP_M * num_n)  # grouped ordering keeps a band of A in L2
@@ -58,26 +54,17 @@ if triton_available():
         a_ptrs = a_ptr + rm_load.to(tl.int64)[:, None] * K + rk[None, :]
         b_ptrs = b_ptr + rn_load.to(tl.int64)[None, :] * K + rk[:, None]
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-        acc_f = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        sa_rows = sa_ptr + rm_load.to(tl.int64) * SA_COLS
         for k in range(0, tl.cdiv(K, BLOCK_K)):
             a = tl.load(a_ptrs, mask=rk[None, :] < K - k * BLOCK_K, other=0)
             b = tl.load(b_ptrs, mask=rk[:, None] < K - k * BLOCK_K, other=0)
-            if SCALE_GROUP == 0:
-                acc = tl.dot(a, b, acc, out_dtype=tl.int32)
-            else:  # |step| <= 128 * 128 * BLOCK_K < 2**24: exact in float32 before the scale
-                step = tl.dot(a, b, out_dtype=tl.int32).to(tl.float32)
-                acc_f += step * tl.load(sa_rows + k)[:, None]
+            acc = tl.dot(a, b, acc, out_dtype=tl.int32)
             a_ptrs += BLOCK_K
             b_ptrs += BLOCK_K
-        if SCALE_GROUP == 0:
-            # the reference's epilogue acc * (s / a): a rounded quotient per element, then a rounded product
-            ra = tl.load(ra_ptr + rm, mask=rm < M, other=1.0)
-            cs = tl.load(cs_ptr + rn, mask=rn < N, other=0.0)
-            s2, a2 = tl.broadcast(cs[None, :], ra[:, None])
-            c = acc.to(tl.float32) * tl.math.div_rn(s2, a2)
-        else:
-            c = acc_f
+        # the reference's epilogue acc * (s / a): one rounded quotient per element, then one rounded product
+        ra = tl.load(ra_ptr + rm, mask=rm < M, other=1.0)
+        cs = tl.load(cs_ptr + rn, mask=rn < N, other=0.0)
+        s2, a2 = tl.broadcast(cs[None, :], ra[:, None])
+        c = acc.to(tl.float32) * tl.math.div_rn(s2, a2)
         mask = (rm[:, None] < M) & (rn[None, :] < N)
         tl.store(c_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :], c.to(c_ptr.dtype.element_ty), mask=mask)
 
@@ -98,31 +85,22 @@ if triton_available():
 
 
 @functools.cache
-def _jitted(autotuned: bool, scaled: bool):
-    """The kernel, jitted at first use; `autotuned`: picking its tiles from _GPU_CONFIGS per shape (for the
-    block-scaled product, those whose k-step is the scale group)."""
+def _jitted(autotuned: bool):
+    """The kernel, jitted at first use; `autotuned`: picking its tiles from _GPU_CONFIGS per shape."""
     kernel = triton.jit(_int8_matmul_kernel)
-    if not autotuned:
-        return kernel
-    configs = [c for c in _GPU_CONFIGS if not scaled or c.kwargs["BLOCK_K"] == SCALE_GROUP]
-    return triton.autotune(configs, key=["M", "N", "K"])(kernel)
+    return triton.autotune(_GPU_CONFIGS, key=["M", "N", "K"])(kernel) if autotuned else kernel
 
 
-def _launch(a, b, ra, cs, out, sa=None, group: int = 0) -> None:
-    """One launch: the s / a product, or (sa [M, ceil(K / group)] given) the block-scaled one."""
+def _launch(a: torch.Tensor, b: torch.Tensor, ra: torch.Tensor, cs: torch.Tensor, out: torch.Tensor) -> None:
     m, k = a.shape
     n = b.shape[0]
-    sa_cols = 0 if sa is None else sa.shape[1]
-    sa = ra if sa is None else sa
     if _interpret():
-        bm = bn = 32
-        bk = group or 32
+        bm = bn = bk = 32
         grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
-        tiles = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 4}
-        _jitted(False, False)[grid](a, b, out, ra, cs, sa, m, n, k, sa_cols, SCALE_GROUP=group, **tiles)
+        _jitted(False)[grid](a, b, out, ra, cs, m, n, k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=4)
     else:
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-        _jitted(True, group > 0)[grid](a, b, out, ra, cs, sa, m, n, k, sa_cols, SCALE_GROUP=group)
+        _jitted(True)[grid](a, b, out, ra, cs, m, n, k)
 
 
 @torch.library.custom_op("pybitnet::int8_mm", mutates_args=())
@@ -146,34 +124,6 @@ def int8_mm(
 @int8_mm.register_fake
 def _(a, b, row_div, col_mul, out_dtype):
     return a.new_empty((a.shape[0], b.shape[0]), dtype=out_dtype)
-
-
-SCALE_GROUP = 128  # values of k that share a scale in the block-scaled product
-
-
-@torch.library.custom_op("pybitnet::int8_mm_block_scaled", mutates_args=())
-def int8_mm_block_scaled(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor) -> torch.Tensor:
-    """Float32 [M, N]: the sum over groups g of SCALE_GROUP values of k of a_scale[m, g] * (a[m, g] . b[n, g])
-    for a [M, K] and b [N, K] int8, a_scale [M, ceil(K / SCALE_GROUP)] float32; each group's dot is exact."""
-    a, b, sa = a.contiguous(), b.contiguous(), a_scale.float().contiguous()
-    m, n = a.shape[0], b.shape[0]
-    if m == 0 or n == 0:
-        return a.new_empty((m, n), dtype=torch.float32)
-    if not triton_available() or (a.device.type == "cpu" and not _interpret()):
-        out = a.new_zeros((m, n), dtype=torch.float32)
-        for g, k0 in enumerate(range(0, a.shape[1], SCALE_GROUP)):
-            part = torch._int_mm(a[:, k0 : k0 + SCALE_GROUP].contiguous(), b[:, k0 : k0 + SCALE_GROUP].t())
-            out += part.float() * sa[:, g, None]
-        return out
-    out = torch.empty((m, n), dtype=torch.float32, device=a.device)
-    ones = sa.new_ones(1)
-    _launch(a, b, ones, ones, out, sa, SCALE_GROUP)
-    return out
-
-
-@int8_mm_block_scaled.register_fake
-def _(a, b, a_scale):
-    return a.new_empty((a.shape[0], b.shape[0]), dtype=torch.float32)
 
 
 def int8_matmul(

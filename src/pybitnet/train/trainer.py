@@ -244,7 +244,7 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, device: torch.device) -
     set_activation_checkpointing(model, cfg.activation_checkpointing)
     model.to(device)
     fused = cfg.quantize and cfg.fused_kernels and device.type == "cuda"
-    fused = fused and use_fused_kernels(model, cfg.fused_grad_x, cfg.fused_grad_w) > 0
+    fused = fused and use_fused_kernels(model, cfg.fused_grad_x) > 0
     skeleton = copy.deepcopy(model).to("meta") if info.mode == "fsdp" else None
     raw_model = model
     model = distributed.wrap(model, info, device)
