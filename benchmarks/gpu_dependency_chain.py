@@ -1,0 +1,114 @@
+"""What one link of a chain of dependent kernels costs on the GPU: each kernel reads the previous one's output
+row and writes its own (like the ~150 launches of a batch-1 decode step), captured in a CUDA graph, timed
+with CUDA events. Three ways for a kernel to wait for its input:
+
+- "stream": plain launches, each starts when the previous one has ended;
+- "pdl": programmatic dependent launch as the engine's kernels use it (`common.pdl_gate`: wait for the
+  previous grid to complete and flush, then let the next one launch);
+- "flag": launched as "pdl", but instead of waiting for the previous grid's completion a program polls a
+  counter the previous kernel's programs raise (release) after their stores, then lets the next one launch:
+  the wait ends at the last producer's store, not at its grid's teardown.
+
+    PYTHONPATH=src python benchmarks/gpu_dependency_chain.py [--links 100] [--programs 132] [--row 2560]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+import triton
+import triton.language as tl
+
+from pybitnet.kernels.triton.common import pdl_gate
+
+MODES = {"stream": 0, "pdl": 1, "flag": 2}
+
+
+@triton.jit
+def _link(src, dst, counters, epoch_ptr, idx, ROW: tl.constexpr, MODE: tl.constexpr, SIGNAL: tl.constexpr):
+    """Program p: dst[p * ROW + i] = (sum of the row another program of the previous kernel wrote) + i."""
+    pid = tl.program_id(0)
+    n_prog = tl.num_programs(0)
+    if MODE == 1:
+        pdl_gate(True)
+    elif MODE == 2:
+        target = (tl.load(epoch_ptr) + 1) * n_prog  # the previous link's programs arrive once a replay
+        seen = tl.atomic_add(counters + idx - 1, 0, sem="acquire")
+        while seen < target:
+            seen = tl.atomic_add(counters + idx - 1, 0, sem="acquire")
+        tl.debug_barrier()
+        tl.extra.cuda.gdc_launch_dependents()
+    cols = tl.arange(0, ROW)
+    total = tl.sum(tl.load(src + ((pid + 1) % n_prog) * ROW + cols), axis=0)
+    tl.store(dst + pid * ROW + cols, total * 1e-6 + cols.to(tl.float32))
+    if SIGNAL:
+        tl.debug_barrier()
+        tl.atomic_add(counters + idx, 1, sem="release")
+
+
+@triton.jit
+def _next_epoch(epoch_ptr):
+    tl.store(epoch_ptr, tl.load(epoch_ptr) + 1)
+
+
+def chain_us(mode: str, links: int, programs: int, row: int, warps: int, replays: int = 50) -> float:
+    bufs = [torch.zeros(programs * row, device="cuda") for _ in range(2)]
+    counters = torch.zeros(links + 1, dtype=torch.int64, device="cuda")
+    epoch = torch.zeros(1, dtype=torch.int64, device="cuda")
+
+    def step() -> None:
+        for i in range(links):
+            m = MODES[mode] if i else 0  # the first link follows the previous replay: a plain launch
+            opts = {"launch_pdl": True} if m else {}
+            src, dst = bufs[i % 2], bufs[(i + 1) % 2]
+            sig = mode == "flag"
+            _link[(programs,)](
+                src, dst, counters, epoch, i, ROW=row, MODE=m, SIGNAL=sig, num_warps=warps, **opts
+            )
+        if mode == "flag":
+            _next_epoch[(1,)](epoch)
+
+    step()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1e3 / replays / links
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--links", type=int, default=100)
+    ap.add_argument("--programs", default="132,396", help="programs a kernel (comma-separated)")
+    ap.add_argument("--row", type=int, default=2048, help="floats each program reads (a power of two)")
+    ap.add_argument("--warps", type=int, default=4)
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    results = {
+        "device": torch.cuda.get_device_name(),
+        "links": args.links,
+        "row": args.row,
+        "us_per_link": {},
+    }
+    for programs in (int(p) for p in args.programs.split(",")):
+        for mode in MODES:
+            us = min(chain_us(mode, args.links, programs, args.row, args.warps) for _ in range(3))
+            results["us_per_link"][f"{mode} {programs}"] = us
+            print(f"{mode:6s} {programs:4d} programs: {us:.2f} us a link", flush=True)
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump(results, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
