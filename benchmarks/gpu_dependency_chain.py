@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import types
 
 import torch
 import triton
 import triton.language as tl
+from gpu_bench import replay_ms  # this script's folder is on the path when it runs
 
 from pybitnet.kernels.triton.common import pdl_gate
 
@@ -93,14 +95,7 @@ def chain_us(
     with torch.cuda.graph(graph):
         step()
     graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) * 1e3 / replays / links
+    return replay_ms(types.SimpleNamespace(run=graph.replay), replays) * 1e3 / links
 
 
 def main() -> None:
