@@ -195,10 +195,10 @@ static inline __m256i dot8(__m256i acc, __m256i ax, __m256i xv, const int8_t *w)
 
 static void int8_avx2(const bn_act *x, const bn_qmat *w, int64_t n0, int64_t n1) {
     int64_t chunks = x->k_pad / 32;
-    for (int64_t m = 0; m < x->m; m++) {
-        const int8_t *xr = x->xq + m * x->ldx;
-        for (int64_t n = n0; n < n1; n += BN_ROWS) {
-            const int8_t *tile = w->w + n / BN_ROWS * chunks * BN_ROWS * 32;
+    for (int64_t n = n0; n < n1; n += BN_ROWS) { /* tiles outside: a tile is read once for all rows of x */
+        const int8_t *tile = w->w + n / BN_ROWS * chunks * BN_ROWS * 32;
+        for (int64_t m = 0; m < x->m; m++) {
+            const int8_t *xr = x->xq + m * x->ldx;
             __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
             for (int64_t c = 0; c < chunks; c++) {
                 __m256i xv = _mm256_loadu_si256((const __m256i *)(xr + c * 32));
@@ -222,10 +222,10 @@ static void int8_avx2(const bn_act *x, const bn_qmat *w, int64_t n0, int64_t n1)
 void bn_int4_avx2(const bn_act *x, const bn_qmat *w, int64_t n0, int64_t n1) {
     const __m256i low = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
     int64_t chunks = x->k_pad / BN_INT4_CHUNK;
-    for (int64_t m = 0; m < x->m; m++) {
-        const int8_t *xr = x->xq + m * x->ldx;
-        for (int64_t n = n0; n < n1; n += BN_ROWS) {
-            const uint8_t *tile = (const uint8_t *)w->w + n / BN_ROWS * chunks * BN_ROWS * 32;
+    for (int64_t n = n0; n < n1; n += BN_ROWS) { /* tiles outside: a tile is read once for all rows of x */
+        const uint8_t *tile = (const uint8_t *)w->w + n / BN_ROWS * chunks * BN_ROWS * 32;
+        for (int64_t m = 0; m < x->m; m++) {
+            const int8_t *xr = x->xq + m * x->ldx;
             __m256i acc[BN_ROWS];
             for (int r = 0; r < BN_ROWS; r++) acc[r] = _mm256_setzero_si256();
             for (int64_t c = 0; c < chunks; c++) {

@@ -143,10 +143,10 @@ static void ternary_avx512vnni(const bn_act *x, const bn_tmat *w, int64_t t0, in
 static void int8_avx512vnni(const bn_act *x, const bn_qmat *w, int64_t n0, int64_t n1) {
     const __m512i flip = _mm512_set1_epi8((char)0x80);
     int64_t chunks = x->k_pad / 32;
-    for (int64_t m = 0; m < x->m; m++) {
-        const int8_t *xr = x->xq + m * x->ldx;
-        for (int64_t n = n0; n < n1; n += BN_ROWS) {
-            const int8_t *tile = w->w + n / BN_ROWS * chunks * BN_ROWS * 32;
+    for (int64_t n = n0; n < n1; n += BN_ROWS) { /* tiles outside: a tile is read once for all rows of x */
+        const int8_t *tile = w->w + n / BN_ROWS * chunks * BN_ROWS * 32;
+        for (int64_t m = 0; m < x->m; m++) {
+            const int8_t *xr = x->xq + m * x->ldx;
             __m512i a01 = _mm512_setzero_si512(), a23 = a01;
             for (int64_t c = 0; c < chunks; c++) {
                 __m512i xv = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(xr + c * 32)));

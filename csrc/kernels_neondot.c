@@ -118,10 +118,10 @@ static void ternary_neondot(const bn_act *x, const bn_tmat *w, int64_t t0, int64
 
 static void int8_neondot(const bn_act *x, const bn_qmat *w, int64_t n0, int64_t n1) {
     int64_t chunks = x->k_pad / 32;
-    for (int64_t m = 0; m < x->m; m++) {
-        const int8_t *xr = x->xq + m * x->ldx;
-        for (int64_t n = n0; n < n1; n += BN_ROWS) {
-            const int8_t *tile = w->w + n / BN_ROWS * chunks * BN_ROWS * 32;
+    for (int64_t n = n0; n < n1; n += BN_ROWS) { /* tiles outside: a tile is read once for all rows of x */
+        const int8_t *tile = w->w + n / BN_ROWS * chunks * BN_ROWS * 32;
+        for (int64_t m = 0; m < x->m; m++) {
+            const int8_t *xr = x->xq + m * x->ldx;
             int32x4_t acc[BN_ROWS] = {vdupq_n_s32(0), vdupq_n_s32(0), vdupq_n_s32(0), vdupq_n_s32(0)};
             for (int64_t c = 0; c < chunks; c++) {
                 int8x16_t x0 = vld1q_s8(xr + c * 32), x1 = vld1q_s8(xr + c * 32 + 16);
