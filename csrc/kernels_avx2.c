@@ -64,6 +64,44 @@ static void gemv_tile(const uint8_t *tile, int64_t nkb, const int8_t *x, int32_t
     for (int r = 0; r < BN_ROWS; r++) out[r] = hsum_i32(acc[r]) / 4; /* exact: a multiple of 4 */
 }
 
+/* GEMV for ROWS (2 or 3) activation rows: each 32-byte run is decoded once, as in gemv_tile, and multiplied by
+ * every activation row (the decode is 5 of gemv_tile's 13 operations a run). The tile's rows are taken one at
+ * a time, so the accumulators — a1 and a4 per activation row, with gemv_tile's bounds and widening every
+ * GEMV_WIDEN_KB blocks — stay in registers; passes after the first read the tile from L1. */
+_Static_assert(BN_GEMM_MIN_ROWS <= 4, "the GEMV below takes at most three activation rows");
+static inline __attribute__((always_inline)) void gemv_tile_rows(const uint8_t *tile, int64_t nkb,
+                                                                 const int8_t *x, int64_t ldx, const int rows,
+                                                                 int32_t out[][BN_ROWS]) {
+    const __m256i m03 = _mm256_set1_epi8(0x03), m0c = _mm256_set1_epi8(0x0c);
+    const __m256i ones = _mm256_set1_epi16(1), fours = _mm256_set1_epi16(4);
+    for (int r = 0; r < BN_ROWS; r++) {
+        __m256i acc[3] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
+        for (int64_t kb0 = 0; kb0 < nkb; kb0 += GEMV_WIDEN_KB) {
+            int64_t kb1 = kb0 + GEMV_WIDEN_KB < nkb ? kb0 + GEMV_WIDEN_KB : nkb;
+            __m256i a1[3], a4[3];
+            for (int m = 0; m < rows; m++) a1[m] = a4[m] = _mm256_setzero_si256();
+            for (int64_t kb = kb0; kb < kb1; kb++) {
+                const uint8_t *b = tile + kb * BN_TILE_KBLOCK_BYTES;
+                if (r == 0) BN_PREFETCH_AHEAD(b);
+                __m256i v = _mm256_loadu_si256((const __m256i *)(b + r * BN_RUN)), t = _mm256_srli_epi16(v, 4);
+                __m256i c0 = _mm256_and_si256(v, m03), c1 = _mm256_and_si256(v, m0c);
+                __m256i c2 = _mm256_and_si256(t, m03), c3 = _mm256_and_si256(t, m0c);
+                for (int m = 0; m < rows; m++) {
+                    const int8_t *xb = x + m * ldx + kb * BN_KBLOCK;
+                    a1[m] = _mm256_add_epi16(a1[m], _mm256_maddubs_epi16(c0, _mm256_loadu_si256((const __m256i *)xb)));
+                    a4[m] = _mm256_add_epi16(a4[m], _mm256_maddubs_epi16(c1, _mm256_loadu_si256((const __m256i *)(xb + 32))));
+                    a1[m] = _mm256_add_epi16(a1[m], _mm256_maddubs_epi16(c2, _mm256_loadu_si256((const __m256i *)(xb + 64))));
+                    a4[m] = _mm256_add_epi16(a4[m], _mm256_maddubs_epi16(c3, _mm256_loadu_si256((const __m256i *)(xb + 96))));
+                }
+            }
+            for (int m = 0; m < rows; m++)
+                acc[m] = _mm256_add_epi32(acc[m], _mm256_add_epi32(_mm256_madd_epi16(a1[m], fours),
+                                                                   _mm256_madd_epi16(a4[m], ones)));
+        }
+        for (int m = 0; m < rows; m++) out[m][r] = hsum_i32(acc[m]) / 4; /* exact: a multiple of 4 */
+    }
+}
+
 /* Codes of the tile's rows for k in [kb0 * 128, kb0 * 128 + kc) into dst[r * BN_WIDEN_K + k], natural order. */
 static void unpack_tile(const uint8_t *tile, int64_t kb0, int64_t kc, uint8_t *dst) {
     const __m256i m3 = _mm256_set1_epi8(3);
@@ -177,11 +215,15 @@ static void ternary_avx2(const bn_act *x, const bn_tmat *w, int64_t t0, int64_t 
     for (int64_t t = t0; t < t1; t++) {
         const uint8_t *tile = w->w + t * nkb * BN_TILE_KBLOCK_BYTES;
         if (t + 1 < t1) _mm_prefetch((const char *)(tile + nkb * BN_TILE_KBLOCK_BYTES), _MM_HINT_T0);
-        for (int64_t m = 0; m < x->m; m++) {
-            int32_t out[BN_ROWS];
-            gemv_tile(tile, nkb, x->xq + m * x->ldx, out);
-            for (int r = 0; r < BN_ROWS && t * BN_ROWS + r < w->n; r++) bn_store(x, w, m, t * BN_ROWS + r, out[r]);
-        }
+        int32_t out[3][BN_ROWS]; /* x->m < BN_GEMM_MIN_ROWS here */
+        if (x->m == 1)
+            gemv_tile(tile, nkb, x->xq, out[0]);
+        else if (x->m == 2)
+            gemv_tile_rows(tile, nkb, x->xq, x->ldx, 2, out);
+        else
+            gemv_tile_rows(tile, nkb, x->xq, x->ldx, 3, out);
+        for (int64_t m = 0; m < x->m; m++)
+            for (int r = 0; r < BN_ROWS && t * BN_ROWS + r < w->n; r++) bn_store(x, w, m, t * BN_ROWS + r, out[m][r]);
     }
 }
 
