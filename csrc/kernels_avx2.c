@@ -69,9 +69,8 @@ static void gemv_tile(const uint8_t *tile, int64_t nkb, const int8_t *x, int32_t
  * a time, so the accumulators — a1 and a4 per activation row, with gemv_tile's bounds and widening every
  * GEMV_WIDEN_KB blocks — stay in registers; passes after the first read the tile from L1. */
 _Static_assert(BN_GEMM_MIN_ROWS <= 4, "the GEMV below takes at most three activation rows");
-static inline __attribute__((always_inline)) void gemv_tile_rows(const uint8_t *tile, int64_t nkb,
-                                                                 const int8_t *x, int64_t ldx, const int rows,
-                                                                 int32_t out[][BN_ROWS]) {
+static BN_ALWAYS_INLINE void gemv_tile_rows(const uint8_t *tile, int64_t nkb, const int8_t *x, int64_t ldx,
+                                            const int rows, int32_t out[][BN_ROWS]) {
     const __m256i m03 = _mm256_set1_epi8(0x03), m0c = _mm256_set1_epi8(0x0c);
     const __m256i ones = _mm256_set1_epi16(1), fours = _mm256_set1_epi16(4);
     for (int r = 0; r < BN_ROWS; r++) {
@@ -121,11 +120,6 @@ static void unpack_tile(const uint8_t *tile, int64_t kb0, int64_t kc, uint8_t *d
 /* GEMM micro-kernels: the 4 unpacked rows against 2 (or 1) activation rows over kc <= BN_WIDEN_K values of k,
  * widened and added into acc32[c * 4 + r]: 8 accumulators, one weight vector, 2 activation vectors and 2
  * temporaries, 13 of the 16 ymm registers. Kept out of line so its register allocation is its own. */
-#if defined(__GNUC__)
-#define BN_NOINLINE __attribute__((noinline))
-#else
-#define BN_NOINLINE
-#endif
 #define MADD(acc, w, x) acc = _mm256_add_epi16(_mm256_maddubs_epi16(w, x), acc)
 static BN_NOINLINE void micro_2(const uint8_t *wb, const int8_t *x0p, const int8_t *x1p, int64_t kc,
                                 __m256i *acc32) {

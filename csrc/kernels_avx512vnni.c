@@ -25,6 +25,20 @@ static inline int32_t hsum256(__m256i v) {
  * arithmetic shift at the end divides exactly. Two loads, eight ands and eight vpdpbusd per block (the shifting
  * version had six more port-0 shifts, which made the loop too slow to keep DRAM busy). A lane of plane 3 grows by
  * at most 4 * 128 * 128 = 2^16 per block, so K below 2^22 cannot overflow. */
+/* A tile's four dot products from its per-plane sums (rows 0-1: p0..p3, rows 2-3: q0..q3): plane j's lanes
+ * are multiples of 4^j, so the shift divides exactly. */
+static inline void gemv_finish(__m512i p0, __m512i p1, __m512i p2, __m512i p3, __m512i q0, __m512i q1, __m512i q2,
+                               __m512i q3, int32_t out[BN_ROWS]) {
+    __m512i s01 = _mm512_add_epi32(_mm512_add_epi32(p0, _mm512_srai_epi32(p1, 2)),
+                                   _mm512_add_epi32(_mm512_srai_epi32(p2, 4), _mm512_srai_epi32(p3, 6)));
+    __m512i s23 = _mm512_add_epi32(_mm512_add_epi32(q0, _mm512_srai_epi32(q1, 2)),
+                                   _mm512_add_epi32(_mm512_srai_epi32(q2, 4), _mm512_srai_epi32(q3, 6)));
+    out[0] = hsum256(_mm512_castsi512_si256(s01));
+    out[1] = hsum256(_mm512_extracti64x4_epi64(s01, 1));
+    out[2] = hsum256(_mm512_castsi512_si256(s23));
+    out[3] = hsum256(_mm512_extracti64x4_epi64(s23, 1));
+}
+
 static void gemv_tile(const uint8_t *tile, int64_t nkb, const int8_t *x, int32_t out[BN_ROWS]) {
     const __m512i mask[4] = {_mm512_set1_epi8(0x03), _mm512_set1_epi8(0x0c), _mm512_set1_epi8(0x30),
                              _mm512_set1_epi8((char)0xc0)};
@@ -42,15 +56,36 @@ static void gemv_tile(const uint8_t *tile, int64_t nkb, const int8_t *x, int32_t
             r23[j] = _mm512_dpbusd_epi32(r23[j], _mm512_and_si512(v23, mask[j]), xj);
         }
     }
-    __m512i s01 = r01[0], s23 = r23[0];
-    for (int j = 1; j < 4; j++) {
-        s01 = _mm512_add_epi32(s01, _mm512_srai_epi32(r01[j], 2 * j));
-        s23 = _mm512_add_epi32(s23, _mm512_srai_epi32(r23[j], 2 * j));
+    gemv_finish(r01[0], r01[1], r01[2], r01[3], r23[0], r23[1], r23[2], r23[3], out);
+}
+
+/* gemv_tile for two activation rows (x and y, batched decode): each block's planes are masked once for both
+ * (eight of the 22 operations a block). The accumulators are named, not arrays, and the function is kept out
+ * of line: inlined into its caller, or with arrays, GCC spilled several of the 16 every block. */
+static BN_NOINLINE void gemv_tile_2rows(const uint8_t *tile, int64_t nkb, const int8_t *x, const int8_t *y,
+                                        int32_t out[2][BN_ROWS]) {
+    const __m512i m0 = _mm512_set1_epi8(0x03), m1 = _mm512_set1_epi8(0x0c), m2 = _mm512_set1_epi8(0x30),
+                  m3 = _mm512_set1_epi8((char)0xc0);
+    __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+    __m512i c0 = a0, c1 = a0, c2 = a0, c3 = a0, d0 = a0, d1 = a0, d2 = a0, d3 = a0;
+    for (int64_t kb = 0; kb < nkb; kb++) {
+        const int8_t *xb = x + kb * BN_KBLOCK, *yb = y + kb * BN_KBLOCK;
+        const uint8_t *p = tile + kb * BN_TILE_KBLOCK_BYTES;
+        BN_PREFETCH_AHEAD(p);
+        __m512i v01 = _mm512_loadu_si512((const void *)p), v23 = _mm512_loadu_si512((const void *)(p + 64));
+        __m512i w01, w23, xj, yj;
+#define PLANE(J, M, A, B, C, D)                                                                              \
+    w01 = _mm512_and_si512(v01, M), w23 = _mm512_and_si512(v23, M);                                           \
+    xj = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(xb + 32 * J)));                          \
+    yj = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(yb + 32 * J)));                          \
+    A = _mm512_dpbusd_epi32(A, w01, xj), B = _mm512_dpbusd_epi32(B, w23, xj);                                 \
+    C = _mm512_dpbusd_epi32(C, w01, yj), D = _mm512_dpbusd_epi32(D, w23, yj);
+        PLANE(0, m0, a0, b0, c0, d0) PLANE(1, m1, a1, b1, c1, d1) PLANE(2, m2, a2, b2, c2, d2)
+        PLANE(3, m3, a3, b3, c3, d3)
+#undef PLANE
     }
-    out[0] = hsum256(_mm512_castsi512_si256(s01));
-    out[1] = hsum256(_mm512_extracti64x4_epi64(s01, 1));
-    out[2] = hsum256(_mm512_castsi512_si256(s23));
-    out[3] = hsum256(_mm512_extracti64x4_epi64(s23, 1));
+    gemv_finish(a0, a1, a2, a3, b0, b1, b2, b3, out[0]);
+    gemv_finish(c0, c1, c2, c3, d0, d1, d2, d3, out[1]);
 }
 
 static void unpack_tile(const uint8_t *tile, int64_t kb0, int64_t kc, uint8_t *dst) {
@@ -130,10 +165,16 @@ static void ternary_avx512vnni(const bn_act *x, const bn_tmat *w, int64_t t0, in
     int64_t nkb = x->k_pad / BN_KBLOCK;
     for (int64_t t = t0; t < t1; t++) {
         const uint8_t *tile = w->w + t * nkb * BN_TILE_KBLOCK_BYTES;
-        for (int64_t m = 0; m < x->m; m++) {
-            int32_t out[BN_ROWS];
-            gemv_tile(tile, nkb, x->xq + m * x->ldx, out);
-            for (int r = 0; r < BN_ROWS && t * BN_ROWS + r < w->n; r++) bn_store(x, w, m, t * BN_ROWS + r, out[r]);
+        int32_t out[2][BN_ROWS];
+        for (int64_t m = 0; m < x->m; m += 2) { /* activation rows in pairs, the last one alone */
+            int pair = m + 1 < x->m;
+            if (pair)
+                gemv_tile_2rows(tile, nkb, x->xq + m * x->ldx, x->xq + (m + 1) * x->ldx, out);
+            else
+                gemv_tile(tile, nkb, x->xq + m * x->ldx, out[0]);
+            for (int i = 0; i <= pair; i++)
+                for (int r = 0; r < BN_ROWS && t * BN_ROWS + r < w->n; r++)
+                    bn_store(x, w, m + i, t * BN_ROWS + r, out[i][r]);
         }
     }
 }

@@ -7,6 +7,15 @@
 
 #include "bitnet_cpu.h"
 
+/* Inlining choices the kernels' register allocation depends on (GCC and Clang; others decide alone) */
+#if defined(__GNUC__)
+#define BN_NOINLINE __attribute__((noinline))
+#define BN_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define BN_NOINLINE
+#define BN_ALWAYS_INLINE inline
+#endif
+
 _Static_assert(BN_ROWS == 4, "bn_hsum4_i32 and bn_store_tile handle a tile's rows four at a time");
 
 /* The four int32 sums of acc[0..3] (vectors of partial sums), as [sum 0, sum 1, sum 2, sum 3]. */
