@@ -215,6 +215,31 @@ def test_c_kernels_under_sanitizers(tmp_path):
     assert " 0 failed" in run.stdout
 
 
+ARM_CC, QEMU = "aarch64-linux-gnu-gcc", "qemu-aarch64"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not all(shutil.which(t) for t in ("cmake", ARM_CC, QEMU)), reason=f"needs cmake, {ARM_CC} and {QEMU}"
+)
+def test_c_kernels_on_arm_under_qemu(tmp_path):
+    """The ARM NEON (dotprod) kernels, which no x86 machine runs: csrc/ cross-compiled for aarch64 and the
+    standalone C kernel test run under QEMU's user-mode emulation (a CPU with every extension)."""
+    cfg = ["cmake", "-S", str(ROOT), "-B", str(tmp_path), "-DCMAKE_BUILD_TYPE=Release"]
+    cfg += ["-DPYBITNET_KERNEL_TESTS=ON", "-DCMAKE_SYSTEM_NAME=Linux", "-DCMAKE_SYSTEM_PROCESSOR=aarch64"]
+    subprocess.run([*cfg, f"-DCMAKE_C_COMPILER={ARM_CC}"], check=True, capture_output=True)
+    subprocess.run(
+        ["cmake", "--build", str(tmp_path), "--target", "test_kernels"], check=True, capture_output=True
+    )
+    # QEMU loads the program's libraries from the prefix of the cross compiler's own libc (lib/libc.so.6)
+    libc = subprocess.run([ARM_CC, "-print-file-name=libc.so.6"], capture_output=True, text=True).stdout
+    env = {**os.environ, "QEMU_LD_PREFIX": str(Path(libc.strip()).resolve().parent.parent)}
+    prog = [QEMU, "-cpu", "max", str(tmp_path / "test_kernels")]
+    run = subprocess.run(prog, capture_output=True, text=True, timeout=600, env=env)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "neondot" in run.stdout and " 0 failed" in run.stdout, run.stdout
+
+
 def test_int8_head_matches_integer_reference():
     from pybitnet.kernels.cpu_head import Int8Head
 
