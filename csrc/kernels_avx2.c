@@ -64,10 +64,10 @@ static void gemv_tile(const uint8_t *tile, int64_t nkb, const int8_t *x, int32_t
     for (int r = 0; r < BN_ROWS; r++) out[r] = hsum_i32(acc[r]) / 4; /* exact: a multiple of 4 */
 }
 
-/* GEMV for ROWS (2 or 3) activation rows: each 32-byte run is decoded once, as in gemv_tile, and multiplied by
+/* GEMV for `rows` (2 or 3) activation rows: each 32-byte run is decoded once, as in gemv_tile, and multiplied by
  * every activation row (the decode is 5 of gemv_tile's 13 operations a run). The tile's rows are taken one at
- * a time, so the accumulators — a1 and a4 per activation row, with gemv_tile's bounds and widening every
- * GEMV_WIDEN_KB blocks — stay in registers; passes after the first read the tile from L1. */
+ * a time, so only a1 and a4 per activation row are live in the inner loop (gemv_tile's bounds, widened every
+ * GEMV_WIDEN_KB blocks); passes after the first read the tile from L1. */
 _Static_assert(BN_GEMM_MIN_ROWS <= 4, "the GEMV below takes at most three activation rows");
 static BN_ALWAYS_INLINE void gemv_tile_rows(const uint8_t *tile, int64_t nkb, const int8_t *x, int64_t ldx,
                                             const int rows, int32_t out[][BN_ROWS]) {
@@ -214,7 +214,7 @@ static void ternary_avx2(const bn_act *x, const bn_tmat *w, int64_t t0, int64_t 
             gemv_tile(tile, nkb, x->xq, out[0]);
         else if (x->m == 2)
             gemv_tile_rows(tile, nkb, x->xq, x->ldx, 2, out);
-        else
+        else if (x->m == 3)
             gemv_tile_rows(tile, nkb, x->xq, x->ldx, 3, out);
         for (int64_t m = 0; m < x->m; m++)
             for (int r = 0; r < BN_ROWS && t * BN_ROWS + r < w->n; r++) bn_store(x, w, m, t * BN_ROWS + r, out[m][r]);
