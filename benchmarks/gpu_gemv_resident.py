@@ -20,7 +20,7 @@ import functools
 import torch
 from gpu_bench import ISSUE_US, SHAPES, _clone, copies_for, exact_ref, graph_time_us, pdl, random_packed
 
-from pybitnet.kernels.triton.matmul import TUNED, MMConfig, default_config, ternary_gemv
+from pybitnet.kernels.triton.matmul import MMConfig, default_config, ternary_gemv
 from pybitnet.kernels.triton.quant import norm_quant
 from pybitnet.quant import quantize_activations
 
@@ -69,7 +69,7 @@ def main() -> None:
         rows = []
         tried, step = configs(args.bn, args.resident, args.warps), None
         if args.fused_norm:  # and the decode step's own tiles (gate/up's are those of its gated form)
-            step = TUNED.get((1, n // 2, k, True)) if name == "gate_up" else default_config(1, n, k)
+            step = default_config(1, n // 2, k, gated=True) if name == "gate_up" else default_config(1, n, k)
             tried += [step] if step and step not in tried else []
         for cfg in tried:
             ternary_gemv(xq, copies[0], a=a, out=out, config=cfg)

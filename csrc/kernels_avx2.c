@@ -216,8 +216,7 @@ static void ternary_avx2(const bn_act *x, const bn_tmat *w, int64_t t0, int64_t 
             gemv_tile_rows(tile, nkb, x->xq, x->ldx, 2, out);
         else if (x->m == 3)
             gemv_tile_rows(tile, nkb, x->xq, x->ldx, 3, out);
-        for (int64_t m = 0; m < x->m; m++)
-            for (int r = 0; r < BN_ROWS && t * BN_ROWS + r < w->n; r++) bn_store(x, w, m, t * BN_ROWS + r, out[m][r]);
+        for (int64_t m = 0; m < x->m; m++) bn_store_tile(x, w, m, t, _mm_loadu_si128((const __m128i *)out[m]));
     }
 }
 
@@ -381,7 +380,8 @@ int64_t bn_argmax_f32_avx2(const float *x, int64_t n) {
     const __m256 b = _mm256_set1_ps(best);
     for (int64_t i = 0; i < n8; i += 8) {
         int hit = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + i), b, _CMP_EQ_OQ));
-        if (hit) return i + __builtin_ctz((unsigned)hit);
+        for (int j = 0; hit; j++, hit >>= 1) /* the lowest set bit: the first match */
+            if (hit & 1) return i + j;
     }
     for (int64_t i = n8;; i++)
         if (x[i] == best) return i;

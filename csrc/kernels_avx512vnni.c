@@ -19,12 +19,6 @@ static inline int32_t hsum256(__m256i v) {
     return _mm_cvtsi128_si32(s);
 }
 
-/* GEMV: a zmm holds two rows' 32-byte runs of one k-block; the activation block is broadcast to both halves.
- * The four bit-pair planes are masked in place (0x03, 0x0c, 0x30, 0xc0), never shifted down: plane j's codes
- * enter the products times 4^j, into accumulators of its own, and every lane of those is a multiple of 4^j, so an
- * arithmetic shift at the end divides exactly. Two loads, eight ands and eight vpdpbusd per block (the shifting
- * version had six more port-0 shifts, which made the loop too slow to keep DRAM busy). A lane of plane 3 grows by
- * at most 4 * 128 * 128 = 2^16 per block, so K below 2^22 cannot overflow. */
 /* A tile's four dot products from its per-plane sums (rows 0-1: p0..p3, rows 2-3: q0..q3): plane j's lanes
  * are multiples of 4^j, so the shift divides exactly. */
 static inline void gemv_finish(__m512i p0, __m512i p1, __m512i p2, __m512i p3, __m512i q0, __m512i q1, __m512i q2,
@@ -39,6 +33,12 @@ static inline void gemv_finish(__m512i p0, __m512i p1, __m512i p2, __m512i p3, _
     out[3] = hsum256(_mm512_extracti64x4_epi64(s23, 1));
 }
 
+/* GEMV: a zmm holds two rows' 32-byte runs of one k-block; the activation block is broadcast to both halves.
+ * The four bit-pair planes are masked in place (0x03, 0x0c, 0x30, 0xc0), never shifted down: plane j's codes
+ * enter the products times 4^j, into accumulators of its own, and every lane of those is a multiple of 4^j, so an
+ * arithmetic shift at the end divides exactly. Two loads, eight ands and eight vpdpbusd per block (the shifting
+ * version had six more port-0 shifts, which made the loop too slow to keep DRAM busy). A lane of plane 3 grows by
+ * at most 4 * 128 * 128 = 2^16 per block, so K below 2^22 cannot overflow. */
 static void gemv_tile(const uint8_t *tile, int64_t nkb, const int8_t *x, int32_t out[BN_ROWS]) {
     const __m512i mask[4] = {_mm512_set1_epi8(0x03), _mm512_set1_epi8(0x0c), _mm512_set1_epi8(0x30),
                              _mm512_set1_epi8((char)0xc0)};
@@ -172,9 +172,7 @@ static void ternary_avx512vnni(const bn_act *x, const bn_tmat *w, int64_t t0, in
                 gemv_tile_2rows(tile, nkb, x->xq + m * x->ldx, x->xq + (m + 1) * x->ldx, out);
             else
                 gemv_tile(tile, nkb, x->xq + m * x->ldx, out[0]);
-            for (int i = 0; i <= pair; i++)
-                for (int r = 0; r < BN_ROWS && t * BN_ROWS + r < w->n; r++)
-                    bn_store(x, w, m + i, t * BN_ROWS + r, out[i][r]);
+            for (int i = 0; i <= pair; i++) bn_store_tile(x, w, m + i, t, _mm_loadu_si128((const __m128i *)out[i]));
         }
     }
 }

@@ -1,5 +1,6 @@
-/* The GEMMs' tile epilogue, shared by the AVX2 and AVX-512 VNNI kernels (both compiled with AVX2): a tile's
- * BN_ROWS int32 sums reduced together and stored as one vector, rounded exactly as bn_store rounds each. */
+/* Shared by the AVX2 and AVX-512 VNNI kernels (both compiled with AVX2): the tile epilogue of every ternary
+ * product — a tile's BN_ROWS int32 sums stored as one vector, rounded exactly as bn_store rounds each — and
+ * the inlining attributes their register allocation depends on. */
 #ifndef PYBITNET_X86_TILE_H
 #define PYBITNET_X86_TILE_H
 
