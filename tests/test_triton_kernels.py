@@ -273,20 +273,26 @@ def test_gemv_then_quant_equals_norm_quant_of_its_output(dtype, with_gain):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("act", [None, "relu2"])
 def test_resident_gemv_equals_the_tile_per_program_gemv(dtype, act):
-    """Resident programs (several output tiles each) give the tile-per-program kernel's bytes: a float row
-    normalized and quantized inside, the gated product, a residual, an odd K and N (rows of 88 code words,
-    read as pieces of 64 and 32 with 8 lanes idle)."""
+    """Resident programs (several output tiles each) give the tile-per-program kernel's bytes from an int8
+    row: the gated product, a residual (also read before the wait), an odd K and N (rows of 88 code words,
+    read as pieces of 64 and 32 with 8 lanes idle). From a float row, normalized and quantized in registers
+    (the sum of squares in another order), the same up to a rare one-step quantization difference."""
     g = torch.Generator().manual_seed(3)
     n, k = (2 * 45, 1300) if act else (77, 1300)
     tw = _ternary(n, k, g, per_row=True)
     x = (torch.randn(1, k, generator=g) * 2).to(dtype).to(DEV)
     gain = _norm(k, dtype, g).weight.to(DEV)
+    xq, a, _ = norm_quant(x, gain)
     resid = None if act else torch.randn(1, n, generator=g).to(dtype).to(DEV)
-    want = ternary_gemv(x, _packed(tw), gain=gain, act=act, residual=resid, config=MMConfig(bn=16, gemv=True))
-    for resident in (1, 3):
-        got = ternary_gemv(x, _packed(tw), gain=gain, act=act, residual=resid,
-                           config=MMConfig(bn=8, gemv=True, resident=resident))  # fmt: skip
-        assert torch.equal(got, want)
+    tile = MMConfig(bn=16, gemv=True)
+    want = ternary_gemv(xq, _packed(tw), a=a, out_dtype=dtype, act=act, residual=resid, config=tile)
+    want_f = ternary_gemv(x, _packed(tw), gain=gain, act=act, residual=resid, config=tile)
+    for resident, early in ((1, False), (3, False), (3, True)):  # early: the residual read before the wait
+        cfg = MMConfig(bn=8, gemv=True, resident=resident)
+        kw = dict(act=act, residual=resid, residual_early=early, config=cfg)
+        assert torch.equal(ternary_gemv(xq, _packed(tw), a=a, out_dtype=dtype, **kw), want)
+        got = ternary_gemv(x, _packed(tw), gain=gain, **kw)
+        assert torch.allclose(got, want_f, rtol=1e-2, atol=1e-3 * want_f.abs().max().item())
     with pytest.raises(ValueError, match="resident"):
         ternary_gemv(x, _packed(tw), config=MMConfig(bn=8, gemv=True, resident=1, split_k=2))
 

@@ -180,11 +180,14 @@ class GpuForward:
         w, codes = getattr(layer, name), layer.codes.get(name)
         rows = x.shape[0]
         cfg = self.configs.get((name, rows))
+        # a residual is the sub-block's input: the projection and attention (or gate/up) that turned it
+        # into x ran in between, so it was written two launches or more before the GEMV
+        gemv = dict(residual=residual, act=act, config=cfg, residual_early=True)
         if rows == 1 and self.decode_gemv and self.fuse_norm:
-            return ternary_gemv(x, w, gain=gain, eps=self.eps, residual=residual, act=act, config=cfg)
+            return ternary_gemv(x, w, gain=gain, eps=self.eps, **gemv)
         xq, a, _ = norm_quant(x, gain, self.eps)
         if rows == 1 and self.decode_gemv:
-            return ternary_gemv(xq, w, a=a, out_dtype=x.dtype, residual=residual, act=act, config=cfg)
+            return ternary_gemv(xq, w, a=a, out_dtype=x.dtype, **gemv)
         if codes is not None:  # `configs` holds 2-bit kernel tiles: the int8 product picks its own
             return ternary_mm(xq, a, w, x.dtype, residual=residual, act=act, codes=codes)
         return ternary_mm(xq, a, w, x.dtype, residual=residual, act=act, config=cfg)

@@ -35,6 +35,7 @@ import triton.language as tl
 from ...quant.layouts import PackedWeight
 from .common import (
     ACTIVATIONS,
+    absmax_scale,
     dependency_wait,
     gated_activation,
     interpreting,
@@ -42,10 +43,11 @@ from .common import (
     on_gpu,
     pdl_gate,
     pdl_launch,
+    quantize_i8,
     round_to,
     scratch_buffer,
 )
-from .quant import load_norm_quant
+from .quant import load_norm_quant, rms_apply, rms_inverse_of_sum
 
 
 @triton.jit
@@ -56,17 +58,33 @@ def _scale_rows(acc, s, a):
 
 
 @triton.jit
+def _output_scales(s_ptr, rn, n_ok, N, ACT: tl.constexpr, ROW_SCALE: tl.constexpr):
+    """(s, su): the weight scales of output columns rn (per output or per tensor), su those of the up rows."""
+    s = tl.load(s_ptr + rn, mask=n_ok, other=0.0) if ROW_SCALE else tl.load(s_ptr + rn * 0)
+    su = s
+    if ACT != 0 and ROW_SCALE:
+        su = tl.load(s_ptr + N + rn, mask=n_ok, other=0.0)
+    return s, su
+
+
+@triton.jit
+def _scaled_output(acc, acc_u, a, s, su, ODT: tl.constexpr, ACT: tl.constexpr, NATIVE: tl.constexpr):
+    """acc * (s / a) rounded to ODT (a [BM] per row, s [BN]); with ACT the gated act(gate) * up."""
+    y = round_to(_scale_rows(acc, s, a), ODT, NATIVE)
+    if ACT != 0:
+        y = gated_activation(y, round_to(_scale_rows(acc_u, su, a), ODT, NATIVE), ACT, ODT, NATIVE)
+    return y
+
+
+@triton.jit
 def _epilogue(
     acc, acc_u, rm, rn, m_ok, n_ok, a, s_ptr, o_ptr, r_ptr, N, stride_o, stride_r,
     ACT: tl.constexpr, RESIDUAL: tl.constexpr, ROW_SCALE: tl.constexpr, NATIVE: tl.constexpr,
 ):  # fmt: skip
     """Scale (a [BM] per row, s per output or per tensor), gated activation, residual; store."""
     odt = o_ptr.dtype.element_ty
-    s = tl.load(s_ptr + rn, mask=n_ok, other=0.0) if ROW_SCALE else tl.load(s_ptr + rn * 0)
-    y = round_to(_scale_rows(acc, s, a), odt, NATIVE)
-    if ACT != 0:
-        su = tl.load(s_ptr + N + rn, mask=n_ok, other=0.0) if ROW_SCALE else s
-        y = gated_activation(y, round_to(_scale_rows(acc_u, su, a), odt, NATIVE), ACT, odt, NATIVE)
+    s, su = _output_scales(s_ptr, rn, n_ok, N, ACT, ROW_SCALE)
+    y = _scaled_output(acc, acc_u, a, s, su, odt, ACT, NATIVE)
     mask = m_ok[:, None] & n_ok[None, :]
     if RESIDUAL:
         res = tl.load(r_ptr + rm.to(tl.int64)[:, None] * stride_r + rn[None, :], mask=mask, other=0.0)
@@ -442,51 +460,122 @@ def _weight_tile(w_ptr, t, N, KW, BN: tl.constexpr, c, ACT: tl.constexpr):
 
 
 @triton.jit
-def _tile_dot(wt, c, q_words, KXW, USE_ASM: tl.constexpr):
-    """[BN] sums over code words c of codes(wt) . x."""
-    x0, x1, x2, x3 = _slice_words(q_words, c, KXW)
+def _tile_dot(wt, x0, x1, x2, x3, USE_ASM: tl.constexpr):
+    """[BN] sums of codes(wt) . x over a tile's code words, x0..x3 their four slices' activation words."""
     return tl.sum(_dot_words(wt, x0, x1, x2, x3, tl.zeros(wt.shape, tl.int32), USE_ASM), axis=1)
+
+
+@triton.jit
+def _word_elements(c):
+    """Row indices [len(c), 4, 4] of the activation bytes code words c multiply: slice s, byte b of code
+    word c is element 128 (c // 8) + 32 s + 4 (c % 8) + b (the words `_slice_words` reads)."""
+    s = tl.arange(0, 4)
+    b = tl.arange(0, 4)
+    return ((c // 8) * 128 + (c % 8) * 4)[:, None, None] + (s * 32)[None, :, None] + b[None, None, :]
+
+
+@triton.jit
+def _all(t):
+    """t [BC, 4, 4] as one vector (for whole-row reductions, in any order)."""
+    return tl.reshape(t, (t.shape[0] * 16,), can_reorder=True)
+
+
+@triton.jit
+def _quantized_words(y, a, NATIVE: tl.constexpr):
+    """(x0, x1, x2, x3, sum of the int8 values): the activation words of slices 0-3 for the normalized
+    elements y [BC, 4, 4] (`_word_elements`) quantized with scale a, packed four bytes a word in registers."""
+    q = quantize_i8(y, a, NATIVE).to(tl.int32)
+    shift = 8 * tl.arange(0, 4)
+    words = tl.sum((q & 0xFF) << shift[None, None, :], axis=2)  # disjoint bytes: the sum is a bitwise or
+    even, odd = tl.split(tl.reshape(words, (words.shape[0], 2, 2)))  # slices 0, 2 and 1, 3
+    x0, x2 = tl.split(even)
+    x1, x3 = tl.split(odd)
+    return x0, x1, x2, x3, tl.sum(_all(q), axis=0)
 
 
 @triton.jit
 def _gemv_resident_kernel(
     x_ptr, g_ptr, a_ptr, q_ptr, w_ptr, s_ptr, o_ptr, r_ptr, N, K, KW, KXW, eps,
     BN: tl.constexpr, KB: tl.constexpr, BC1: tl.constexpr, BC2: tl.constexpr, X_FLOAT: tl.constexpr,
-    NORM: tl.constexpr, ACT: tl.constexpr, RESIDUAL: tl.constexpr, ROW_SCALE: tl.constexpr,
-    USE_ASM: tl.constexpr, NATIVE: tl.constexpr, PDL: tl.constexpr,
+    NORM: tl.constexpr, ACT: tl.constexpr, RESIDUAL: tl.constexpr, EARLY_RESIDUAL: tl.constexpr,
+    ROW_SCALE: tl.constexpr, USE_ASM: tl.constexpr, NATIVE: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """`_gemv_kernel` with programs that stay resident: program p computes output tiles p, p + P, ... each
     over all of K at once, and requests the next tile's weights before it multiplies the current one, so its
-    loads stay in flight from its first tile to its last; a float row is normalized and quantized once a
-    program. A row's code words are read as two power-of-two pieces (BC1, then BC2 from BC1 on), so few
-    lanes idle when the row is not a power of two long (2560 inputs: 128 + 32 words, not 256)."""
+    loads stay in flight from its first tile to its last. A row's code words are read as two power-of-two
+    pieces (BC1, then BC2 from BC1 on), so few lanes idle when the row is not a power of two long (2560
+    inputs: 128 + 32 words, not 256); the activation words of both pieces stay in registers for all tiles.
+
+    A float row is normalized and quantized by each program, loaded in the order of the words its threads
+    multiply and packed into them in registers: nothing goes through memory between the quantization and
+    the products (the sum of squares is thus added in another order than `norm_quant`'s). Before the wait
+    for the previous kernel (PDL) a program requests what no kernel of the step writes: its first tile's
+    weights and scales and the norm's gain; with EARLY_RESIDUAL also its first residual tile, which the
+    caller guarantees was written at least two launches before (complete when this kernel starts, see
+    `ternary_gemv`)."""
     pid = tl.program_id(0)
     n_prog = tl.num_programs(0)
     c1 = tl.arange(0, BC1)
     c2 = BC1 + tl.arange(0, BC2)
+    offs = tl.arange(0, KB)
     wt1, wu1 = _weight_tile(w_ptr, pid, N, KW, BN, c1, ACT)
     wt2, wu2 = _weight_tile(w_ptr, pid, N, KW, BN, c2, ACT)
+    rn = pid * BN + tl.arange(0, BN)
+    s, su = _output_scales(s_ptr, rn, rn < N, N, ACT, ROW_SCALE)
+    e1 = _word_elements(c1)
+    e2 = _word_elements(c2)
+    g1, g2 = e1, e2  # placeholders without a norm
+    if X_FLOAT and NORM:
+        g1 = tl.load(g_ptr + e1, mask=e1 < K, other=0.0).to(tl.float32)
+        g2 = tl.load(g_ptr + e2, mask=e2 < K, other=0.0).to(tl.float32)
+    res = tl.zeros((BN,), tl.float32)
+    if RESIDUAL and EARLY_RESIDUAL:  # past L1: written by an earlier kernel while this one may have started
+        res = tl.load(r_ptr + rn, mask=rn < N, other=0.0, cache_modifier=".cg").to(tl.float32)
     pdl_gate(PDL)
-    if X_FLOAT:  # this program's own row
-        q_ptr += pid.to(tl.int64) * KB
-    q, a = _activation_row(x_ptr, g_ptr, a_ptr, q_ptr, tl.arange(0, KB), K, KXW, eps, X_FLOAT, NORM, False,
-                           NATIVE)  # fmt: skip
-    total_x = tl.sum(q.to(tl.int32), axis=0)
-    q_words = q_ptr.to(tl.pointer_type(tl.int32))
-    rm = tl.arange(0, 1)
+    if RESIDUAL and not EARLY_RESIDUAL:
+        res = tl.load(r_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
+    if X_FLOAT:  # RMSNorm and quantization as `load_norm_quant`, on the elements in the words' order
+        raw1 = tl.load(x_ptr + e1, mask=e1 < K, other=0.0)
+        raw2 = tl.load(x_ptr + e2, mask=e2 < K, other=0.0)
+        y1 = raw1.to(tl.float32)
+        y2 = raw2.to(tl.float32)
+        if NORM:
+            r = rms_inverse_of_sum(tl.sum(_all(y1 * y1), axis=0) + tl.sum(_all(y2 * y2), axis=0), K, eps)
+            y1 = rms_apply(y1, r, g1, raw1.dtype, NATIVE)
+            y2 = rms_apply(y2, r, g2, raw2.dtype, NATIVE)
+        a = absmax_scale(tl.maximum(tl.max(_all(tl.abs(y1)), axis=0), tl.max(_all(tl.abs(y2)), axis=0)))
+        x10, x11, x12, x13, total1 = _quantized_words(y1, a, NATIVE)
+        x20, x21, x22, x23, total2 = _quantized_words(y2, a, NATIVE)
+        total_x = total1 + total2
+    else:
+        a = tl.load(a_ptr)
+        total_x = tl.sum(tl.load(x_ptr + offs, mask=offs < K, other=0).to(tl.int32), axis=0)
+        q_words = q_ptr.to(tl.pointer_type(tl.int32))
+        x10, x11, x12, x13 = _slice_words(q_words, c1, KXW)
+        x20, x21, x22, x23 = _slice_words(q_words, c2, KXW)
+    odt = o_ptr.dtype.element_ty
     a_row = tl.zeros((1,), tl.float32) + a
     for t in range(pid, tl.cdiv(N, BN), n_prog):
+        rn = t * BN + tl.arange(0, BN)
+        rn_next = rn + n_prog * BN
         wt1_next, wu1_next = _weight_tile(w_ptr, t + n_prog, N, KW, BN, c1, ACT)
         wt2_next, wu2_next = _weight_tile(w_ptr, t + n_prog, N, KW, BN, c2, ACT)
-        out = _tile_dot(wt1, c1, q_words, KXW, USE_ASM) + _tile_dot(wt2, c2, q_words, KXW, USE_ASM) - total_x
+        s_next, su_next = _output_scales(s_ptr, rn_next, rn_next < N, N, ACT, ROW_SCALE)
+        res_next = res
+        if RESIDUAL:
+            res_next = tl.load(r_ptr + rn_next, mask=rn_next < N, other=0.0).to(tl.float32)
+        out = _tile_dot(wt1, x10, x11, x12, x13, USE_ASM) + _tile_dot(wt2, x20, x21, x22, x23, USE_ASM)
+        out -= total_x
         out_u = out
         if ACT != 0:
-            out_u = _tile_dot(wu1, c1, q_words, KXW, USE_ASM) + _tile_dot(wu2, c2, q_words, KXW, USE_ASM)
+            out_u = _tile_dot(wu1, x10, x11, x12, x13, USE_ASM) + _tile_dot(wu2, x20, x21, x22, x23, USE_ASM)
             out_u -= total_x
-        rn = t * BN + tl.arange(0, BN)
-        _epilogue(out[None, :], out_u[None, :], rm, rn, rm < 1, rn < N, a_row, s_ptr, o_ptr, r_ptr, N, 0, 0,
-                  ACT, RESIDUAL, ROW_SCALE, NATIVE)  # fmt: skip
+        y = _scaled_output(out[None, :], out_u[None, :], a_row, s, su, odt, ACT, NATIVE)
+        if RESIDUAL:
+            y = round_to(res[None, :] + y, odt, NATIVE)
+        tl.store(o_ptr + rn[None, :], y.to(odt), mask=(rn < N)[None, :])
         wt1, wu1, wt2, wu2 = wt1_next, wu1_next, wt2_next, wu2_next
+        s, su, res = s_next, su_next, res_next
 
 
 def _gemv_rows(x: torch.Tensor, x_float: bool, kb: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -509,7 +598,7 @@ def multiprocessors(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _gemv_resident(x, w, a, gain, eps, residual, act_code, out, cfg, use_asm) -> torch.Tensor:
+def _gemv_resident(x, w, a, gain, eps, residual, early, act_code, out, cfg, use_asm) -> torch.Tensor:
     """ternary_gemv through `_gemv_resident_kernel`: cfg.resident programs a multiprocessor (at most one a
     tile), one K block over all of K."""
     n, k = out.shape[1], w.shape[1]
@@ -517,16 +606,15 @@ def _gemv_resident(x, w, a, gain, eps, residual, act_code, out, cfg, use_asm) ->
     # in the interpreter, two "multiprocessors": a few programs, each over several tiles
     sms = multiprocessors(x.device.index or 0) if on_gpu(x) else 2
     programs = min(triton.cdiv(n, cfg.bn), cfg.resident * sms)
-    x, q = _gemv_rows(x, a is None, kb, programs)  # a float row: each program quantizes into its own row
+    x, q = (x, x) if a is None else _gemv_rows(x, False, kb, 1)  # a float row is quantized in registers
     words = w.data.shape[1] // 4  # a row's code words: the largest power of two, then the rest
     bc1 = 1 << (words.bit_length() - 1)
     _gemv_resident_kernel[(programs,)](
         x, gain if gain is not None else x, a if a is not None else x, q, w.data, w.scale, out,
         residual if residual is not None else out, n, k, w.data.shape[1], kxw, eps,
         BN=cfg.bn, KB=kb, BC1=bc1, BC2=triton.next_power_of_2(max(words - bc1, 1)), X_FLOAT=a is None,
-        NORM=gain is not None, ACT=act_code,
-        RESIDUAL=residual is not None, ROW_SCALE=w.scale.numel() > 1,
-        USE_ASM=on_gpu(x) if use_asm is None else use_asm, NATIVE=on_gpu(x),
+        NORM=gain is not None, ACT=act_code, RESIDUAL=residual is not None, EARLY_RESIDUAL=early,
+        ROW_SCALE=w.scale.numel() > 1, USE_ASM=on_gpu(x) if use_asm is None else use_asm, NATIVE=on_gpu(x),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_kwargs(pdl_launch(x)),
     )  # fmt: skip
     return out
@@ -700,12 +788,16 @@ def ternary_gemv(
     config: MMConfig | None = None,
     use_asm: bool | None = None,
     then_quant: tuple[torch.Tensor | None, torch.Tensor, torch.Tensor] | None = None,
+    residual_early: bool = False,
 ) -> torch.Tensor:
     """epilogue(x [1, K] @ W.T) for one row on the integer ALUs (`act`, `residual`: see ternary_mm). With `a`,
     x is int8 already quantized with scale a [1]; without, x is float and is quantized here (after RMSNorm
     with `gain` when given). `use_asm=False` replaces the inline PTX by plain Triton (the interpreter's
     path). `then_quant` = (gain or None, q int8 [1, N], a float32 [1]): also write the output row normalized
-    (RMSNorm with gain, eps) and quantized into q and a, as norm_quant would (needs split_k 1)."""
+    (RMSNorm with gain, eps) and quantized into q and a, as norm_quant would (needs split_k 1).
+    `residual_early`: the residual was written at least two launches before this one, so with programmatic
+    dependent launch it is complete when this kernel starts (the launch before passed its own wait for the
+    one before it) and a resident-program GEMV reads it before its wait (other configs ignore it)."""
     if x.shape[0] != 1:
         raise ValueError(f"ternary_gemv takes one row, got {x.shape[0]}")
     if w.layout != "triton_i2":
@@ -720,7 +812,7 @@ def ternary_gemv(
     if cfg.resident:
         if cfg.split_k != 1 or then_quant is not None:
             raise ValueError("a resident-program GEMV config takes split_k 1 and no then_quant")
-        return _gemv_resident(x, w, a, gain, eps, residual, act_code, out, cfg, use_asm)
+        return _gemv_resident(x, w, a, gain, eps, residual, residual_early, act_code, out, cfg, use_asm)
     grid = (triton.cdiv(n, cfg.bn), cfg.split_k)
     ws, cnt = _split_buffers(x.device, 1, 2 * n if act_code else n, grid[0], cfg.split_k)
     private = x_float and cfg.private_row

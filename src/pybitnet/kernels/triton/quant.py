@@ -27,7 +27,13 @@ from .common import (
 @triton.jit
 def rms_inverse(x, k, eps):
     """1 / sqrt(mean(x²) + eps) of a float32 row x [KB] (zeros past its k values), each step IEEE-rounded."""
-    ms = tl.math.div_rn(tl.sum(x * x, axis=0), k.to(tl.float32))
+    return rms_inverse_of_sum(tl.sum(x * x, axis=0), k, eps)
+
+
+@triton.jit
+def rms_inverse_of_sum(sum_sq, k, eps):
+    """1 / sqrt(sum_sq / k + eps), each step IEEE-rounded."""
+    ms = tl.math.div_rn(sum_sq, k.to(tl.float32))
     return tl.math.div_rn(tl.zeros_like(ms) + 1.0, tl.sqrt_rn(ms + eps))
 
 
