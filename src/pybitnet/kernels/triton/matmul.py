@@ -466,39 +466,65 @@ def _tile_dot(wt, x0, x1, x2, x3, USE_ASM: tl.constexpr):
 
 
 @triton.jit
-def _word_elements(c):
-    """Row indices [len(c), 4, 4] of the activation bytes code words c multiply: slice s, byte b of code
-    word c is element 128 (c // 8) + 32 s + 4 (c % 8) + b (the words `_slice_words` reads)."""
-    s = tl.arange(0, 4)
-    b = tl.arange(0, 4)
-    return ((c // 8) * 128 + (c % 8) * 4)[:, None, None] + (s * 32)[None, :, None] + b[None, None, :]
+def _word_elements(c0, BC: tl.constexpr):
+    """Row indices [16 BC] of the activation bytes that code words c0 .. c0 + BC - 1 multiply, in the order of
+    the words: slice s, byte b of code word c (position 16 (c - c0) + 4 s + b) is element 128 (c // 8) +
+    32 s + 4 (c % 8) + b (the words `_slice_words` reads)."""
+    i = tl.arange(0, 16 * BC)
+    c = c0 + i // 16
+    return (c // 8) * 128 + ((i // 4) % 4) * 32 + (c % 8) * 4 + i % 4
 
 
 @triton.jit
-def _all(t):
-    """t [BC, 4, 4] as one vector (for whole-row reductions, in any order)."""
-    return tl.reshape(t, (t.shape[0] * 16,), can_reorder=True)
-
-
-@triton.jit
-def _quantized_words(y, a, NATIVE: tl.constexpr):
-    """(x0, x1, x2, x3, sum of the int8 values): the activation words of slices 0-3 for the normalized
-    elements y [BC, 4, 4] (`_word_elements`) quantized with scale a, packed four bytes a word in registers."""
+def _quantized_words(y, a, BC: tl.constexpr, NATIVE: tl.constexpr):
+    """(x0, x1, x2, x3, sum of the int8 values): the activation words [BC] of slices 0-3 from the normalized
+    elements y [16 BC] in the order of `_word_elements`, quantized with scale a and packed four bytes a word
+    in registers."""
     q = quantize_i8(y, a, NATIVE).to(tl.int32)
-    shift = 8 * tl.arange(0, 4)
-    words = tl.sum((q & 0xFF) << shift[None, None, :], axis=2)  # disjoint bytes: the sum is a bitwise or
-    even, odd = tl.split(tl.reshape(words, (words.shape[0], 2, 2)))  # slices 0, 2 and 1, 3
+    shifted = (q & 0xFF) << (8 * (tl.arange(0, 16 * BC) % 4))
+    words = tl.sum(tl.reshape(shifted, (BC, 4, 4)), axis=2)  # disjoint bytes: the sum is a bitwise or
+    even, odd = tl.split(tl.reshape(words, (BC, 2, 2)))  # slices 0, 2 and 1, 3
     x0, x2 = tl.split(even)
     x1, x3 = tl.split(odd)
-    return x0, x1, x2, x3, tl.sum(_all(q), axis=0)
+    return x0, x1, x2, x3, tl.sum(q, axis=0)
+
+
+# Where a resident GEMV program's time goes (benchmarks/gpu_gemv_probe.py): with PROBE set to an int64 buffer
+# [launches, programs, len(PROBE_POINTS)], each launch writes, per program, its multiprocessor's cycle counter
+# at each point (once the value computed there exists) into the next row (rows taken in launch order, so a
+# captured decode step's launches get consecutive rows), and the GPU's global timer (ns) at three of them.
+PROBE_POINTS = (
+    *("start", "waited", "sum of squares", "absmax", "quantized", "products", "stored"),
+    *("global start", "global waited", "global stored"),
+)
+_PROBE_STRIDE = tl.constexpr(len(PROBE_POINTS))
+PROBE: torch.Tensor | None = None
+_probe_row = [0]
+
+
+@triton.jit
+def _stamp(stamps, point: tl.constexpr, dep, PROBE: tl.constexpr):
+    """With PROBE: the cycle counter at `point` once the scalar `dep` is computed (the global timer as well
+    at points 0, 1 and 6)."""
+    if PROBE:
+        d = tl.zeros((1,), tl.int32) + dep.to(tl.int32)
+        one = tl.arange(0, 1)
+        clk = tl.inline_asm_elementwise("mov.u64 $0, %clock64;", "=l,r", [d], dtype=tl.int64, is_pure=False,
+                                        pack=1)  # fmt: skip
+        tl.store(stamps + point + one, clk)
+        if point == 0 or point == 1 or point == 6:
+            ns = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [d], dtype=tl.int64,
+                                           is_pure=False, pack=1)  # fmt: skip
+            tl.store(stamps + (7 + point if point < 2 else 9) + one, ns)
 
 
 @triton.jit
 def _gemv_resident_kernel(
-    x_ptr, g_ptr, a_ptr, q_ptr, w_ptr, s_ptr, o_ptr, r_ptr, N, K, KW, KXW, eps,
+    x_ptr, g_ptr, a_ptr, q_ptr, w_ptr, s_ptr, o_ptr, r_ptr, probe_ptr, N, K, KW, KXW, eps,
     BN: tl.constexpr, KB: tl.constexpr, BC1: tl.constexpr, BC2: tl.constexpr, X_FLOAT: tl.constexpr,
     NORM: tl.constexpr, ACT: tl.constexpr, RESIDUAL: tl.constexpr, EARLY_RESIDUAL: tl.constexpr,
     ROW_SCALE: tl.constexpr, USE_ASM: tl.constexpr, NATIVE: tl.constexpr, PDL: tl.constexpr,
+    PROBE: tl.constexpr,
 ):  # fmt: skip
     """`_gemv_kernel` with programs that stay resident: program p computes output tiles p, p + P, ... each
     over all of K at once, and requests the next tile's weights before it multiplies the current one, so its
@@ -512,9 +538,11 @@ def _gemv_resident_kernel(
     for the previous kernel (PDL) a program requests what no kernel of the step writes: its first tile's
     weights and scales and the norm's gain; with EARLY_RESIDUAL also its first residual tile, which the
     caller guarantees was written at least two launches before (complete when this kernel starts, see
-    `ternary_gemv`)."""
+    `ternary_gemv`). PROBE: timestamps of each program's steps into probe_ptr (see `PROBE_POINTS`)."""
     pid = tl.program_id(0)
     n_prog = tl.num_programs(0)
+    stamps = probe_ptr + pid * _PROBE_STRIDE
+    _stamp(stamps, 0, pid, PROBE)
     c1 = tl.arange(0, BC1)
     c2 = BC1 + tl.arange(0, BC2)
     offs = tl.arange(0, KB)
@@ -522,8 +550,8 @@ def _gemv_resident_kernel(
     wt2, wu2 = _weight_tile(w_ptr, pid, N, KW, BN, c2, ACT)
     rn = pid * BN + tl.arange(0, BN)
     s, su = _output_scales(s_ptr, rn, rn < N, N, ACT, ROW_SCALE)
-    e1 = _word_elements(c1)
-    e2 = _word_elements(c2)
+    e1 = _word_elements(0, BC1)
+    e2 = _word_elements(BC1, BC2)
     g1, g2 = e1, e2  # placeholders without a norm
     if X_FLOAT and NORM:
         g1 = tl.load(g_ptr + e1, mask=e1 < K, other=0.0).to(tl.float32)
@@ -532,6 +560,7 @@ def _gemv_resident_kernel(
     if RESIDUAL and EARLY_RESIDUAL:  # past L1: written by an earlier kernel while this one may have started
         res = tl.load(r_ptr + rn, mask=rn < N, other=0.0, cache_modifier=".cg").to(tl.float32)
     pdl_gate(PDL)
+    _stamp(stamps, 1, pid, PROBE)
     if RESIDUAL and not EARLY_RESIDUAL:
         res = tl.load(r_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
     if X_FLOAT:  # RMSNorm and quantization as `load_norm_quant`, on the elements in the words' order
@@ -540,12 +569,14 @@ def _gemv_resident_kernel(
         y1 = raw1.to(tl.float32)
         y2 = raw2.to(tl.float32)
         if NORM:
-            r = rms_inverse_of_sum(tl.sum(_all(y1 * y1), axis=0) + tl.sum(_all(y2 * y2), axis=0), K, eps)
+            r = rms_inverse_of_sum(tl.sum(y1 * y1, axis=0) + tl.sum(y2 * y2, axis=0), K, eps)
+            _stamp(stamps, 2, r.to(tl.int32, bitcast=True), PROBE)
             y1 = rms_apply(y1, r, g1, raw1.dtype, NATIVE)
             y2 = rms_apply(y2, r, g2, raw2.dtype, NATIVE)
-        a = absmax_scale(tl.maximum(tl.max(_all(tl.abs(y1)), axis=0), tl.max(_all(tl.abs(y2)), axis=0)))
-        x10, x11, x12, x13, total1 = _quantized_words(y1, a, NATIVE)
-        x20, x21, x22, x23, total2 = _quantized_words(y2, a, NATIVE)
+        a = absmax_scale(tl.maximum(tl.max(tl.abs(y1), axis=0), tl.max(tl.abs(y2), axis=0)))
+        _stamp(stamps, 3, a.to(tl.int32, bitcast=True), PROBE)
+        x10, x11, x12, x13, total1 = _quantized_words(y1, a, BC1, NATIVE)
+        x20, x21, x22, x23, total2 = _quantized_words(y2, a, BC2, NATIVE)
         total_x = total1 + total2
     else:
         a = tl.load(a_ptr)
@@ -553,6 +584,7 @@ def _gemv_resident_kernel(
         q_words = q_ptr.to(tl.pointer_type(tl.int32))
         x10, x11, x12, x13 = _slice_words(q_words, c1, KXW)
         x20, x21, x22, x23 = _slice_words(q_words, c2, KXW)
+    _stamp(stamps, 4, total_x, PROBE)
     odt = o_ptr.dtype.element_ty
     a_row = tl.zeros((1,), tl.float32) + a
     for t in range(pid, tl.cdiv(N, BN), n_prog):
@@ -570,10 +602,13 @@ def _gemv_resident_kernel(
         if ACT != 0:
             out_u = _tile_dot(wu1, x10, x11, x12, x13, USE_ASM) + _tile_dot(wu2, x20, x21, x22, x23, USE_ASM)
             out_u -= total_x
+        if PROBE:  # (the last tile's times remain)
+            _stamp(stamps, 5, tl.max(out + out_u, axis=0), PROBE)
         y = _scaled_output(out[None, :], out_u[None, :], a_row, s, su, odt, ACT, NATIVE)
         if RESIDUAL:
             y = round_to(res[None, :] + y, odt, NATIVE)
         tl.store(o_ptr + rn[None, :], y.to(odt), mask=(rn < N)[None, :])
+        _stamp(stamps, 6, t, PROBE)
         wt1, wu1, wt2, wu2 = wt1_next, wu1_next, wt2_next, wu2_next
         s, su, res = s_next, su_next, res_next
 
@@ -609,13 +644,18 @@ def _gemv_resident(x, w, a, gain, eps, residual, early, act_code, out, cfg, use_
     x, q = (x, x) if a is None else _gemv_rows(x, False, kb, 1)  # a float row is quantized in registers
     words = w.data.shape[1] // 4  # a row's code words: the largest power of two, then the rest
     bc1 = 1 << (words.bit_length() - 1)
+    probe = PROBE if PROBE is not None and on_gpu(x) else None
+    if probe is not None:  # this launch's row of stamps
+        probe, _probe_row[0] = probe[_probe_row[0] % probe.shape[0]], _probe_row[0] + 1
     _gemv_resident_kernel[(programs,)](
         x, gain if gain is not None else x, a if a is not None else x, q, w.data, w.scale, out,
-        residual if residual is not None else out, n, k, w.data.shape[1], kxw, eps,
+        residual if residual is not None else out, probe if probe is not None else out, n, k,
+        w.data.shape[1], kxw, eps,
         BN=cfg.bn, KB=kb, BC1=bc1, BC2=triton.next_power_of_2(max(words - bc1, 1)), X_FLOAT=a is None,
         NORM=gain is not None, ACT=act_code, RESIDUAL=residual is not None, EARLY_RESIDUAL=early,
         ROW_SCALE=w.scale.numel() > 1, USE_ASM=on_gpu(x) if use_asm is None else use_asm, NATIVE=on_gpu(x),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_kwargs(pdl_launch(x)),
+        PROBE=probe is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **launch_kwargs(pdl_launch(x)),
     )  # fmt: skip
     return out
 
@@ -643,12 +683,13 @@ class MMConfig:
 _GEMV = functools.partial(MMConfig, num_warps=8, num_stages=1, gemv=True)
 _H200_2B4T = {
     # the decode step's one-row projections (fused norm): resident programs, one tile each. The step at
-    # context 384: 870-878 µs on tile-a-program shapes (rows x bk, below), 860 with gate/up resident (32
-    # rows, 3 a multiprocessor), then each projection changed alone as here (µs below), all four 835-840
-    (1, 3840, 2560, False): _GEMV(bn=64, resident=1, num_warps=16),  # 847 µs (was 64 x 2048)
-    (1, 2560, 2560, False): _GEMV(bn=32, resident=1),  # 851 µs (was 32 x 4096)
-    (1, 6912, 2560, True): _GEMV(bn=64, resident=1),  # 855 µs (was 64 x 1024)
-    (1, 2560, 6912, False): _GEMV(bn=32, resident=1, num_warps=16),  # 855 µs (was 32 x 4096)
+    # context 384 (benchmarks/gpu_decode_timeline.py): 870-878 µs on tile-a-program shapes, 835-840 with the
+    # resident kernel, 772 once it quantized the row in registers, then 750 with these (the previous tiles:
+    # q/k/v 64 rows x 16 warps, gate/up 64 rows one program a multiprocessor, down 16 warps)
+    (1, 3840, 2560, False): _GEMV(bn=32, resident=1),
+    (1, 2560, 2560, False): _GEMV(bn=32, resident=1),
+    (1, 6912, 2560, True): _GEMV(bn=32, resident=2),  # 216 tiles: two programs on some multiprocessors
+    (1, 2560, 6912, False): _GEMV(bn=32, resident=1),
     (1, 128256, 2560, False): MMConfig(bm=16, bn=256, bk=128, num_warps=8, num_stages=4),
     (64, 3840, 2560, False): MMConfig(bn=32, num_stages=4, swap=True),
     (64, 2560, 2560, False): MMConfig(bn=32, num_stages=4, swap=True),
