@@ -12,8 +12,10 @@ Two kernels (and a variant of the second):
   program from the whole row, which sits in L2), so a norm + quantize launch disappears from the decode step.
   `_gemv_resident_kernel` (`MMConfig(resident=R)`) is the same product with at most R programs a
   multiprocessor, each over one or several output tiles and all of K (a row's code words in two power-of-two
-  pieces, so few lanes idle), the next tile's weights requested before the current one is multiplied: the
-  2B-4T decode step's projections run on it (benchmarks/gpu_gemv_resident.py, gpu_decode_timeline.py).
+  pieces, so few lanes idle), the next tile's weights requested before the current one is multiplied, and a
+  float row normalized and quantized straight into the words its threads multiply (in registers, not
+  through memory): the 2B-4T decode step's projections run on it (benchmarks/gpu_gemv_resident.py,
+  gpu_decode_timeline.py; gpu_gemv_probe.py times its steps inside the decode step).
 
 Both split K across programs where it pays: each program stores its partial int32 sums in its own plane of a
 workspace, and the last program of each output tile (an arrival counter decides) adds the planes up and
