@@ -1,19 +1,25 @@
-"""Instruction counts of the one-row GEMV kernel as compiled for the H200 (sm_90), on a machine without a GPU.
+"""Instruction counts of the one-row GEMV kernels as compiled for the H200 (sm_90), on a machine without a
+GPU.
 
     python benchmarks/gpu_sass.py [--bn 32] [--bk 1024] [--warps 8] [--stages 1] [--gated] [--fused-norm]
                                   [--private-row] [--out DIR]
+    python benchmarks/gpu_sass.py --step [--out DIR]
 
 Triton compiles `_gemv_kernel` for compute capability 9.0 with the argument specializations a real launch
 gets (pointers and N, K, KW, KXW divisible by 16), the `cuobjdump` that Triton's package carries
 disassembles it, and the script prints registers, instructions in all, and instructions in the K loop (the
-part that runs per weight tile) with its dp4a count. A tool for choosing what to time on the GPU, not a
-timing.
+part that runs per weight tile) with its dp4a count. `--step`: the resident-program kernel
+(`_gemv_resident_kernel`) of each projection of the 2B-4T decode step, in the tiles the engine uses
+(`default_config`), with its block barriers, shared-memory accesses and warp shuffles — where a program's
+time after its wait goes besides the loads (benchmarks/gpu_gemv_probe.py times that on the GPU). A tool for
+choosing what to time on the GPU, not a timing.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import re
 import subprocess
 from pathlib import Path
@@ -21,32 +27,33 @@ from pathlib import Path
 import triton
 from triton.backends.compiler import GPUTarget
 
-from pybitnet.kernels.triton.matmul import _gemv_kernel
+from pybitnet.kernels.triton.matmul import _gemv_kernel, _gemv_resident_kernel, default_config, gemv_row
 
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 POINTERS = {
     "x_ptr": "*i8", "g_ptr": "*bf16", "a_ptr": "*fp32", "q_ptr": "*i8", "w_ptr": "*u8", "s_ptr": "*fp32",
     "o_ptr": "*bf16", "r_ptr": "*bf16", "ws_ptr": "*i32", "cnt_ptr": "*i32", "g2_ptr": "*bf16",
-    "q2_ptr": "*i8", "a2_ptr": "*fp32", "tcnt_ptr": "*i32",
+    "q2_ptr": "*i8", "a2_ptr": "*fp32", "tcnt_ptr": "*i32", "probe_ptr": "*i64",
 }  # fmt: skip
 SCALARS = {"N": "i32", "K": "i32", "KW": "i32", "KXW": "i32", "eps": "fp32"}
 
 
-def compile_gemv(constexprs: dict, warps: int, stages: int, out: Path, name: str) -> tuple[str, str]:
-    """(SASS, resource usage) of `_gemv_kernel` for sm_90 with these compile-time arguments."""
-    types = {**POINTERS, **SCALARS, **{k: "constexpr" for k in constexprs}}
-    names = list(_gemv_kernel.arg_names)
+def compile_gemv(constexprs: dict, warps: int, stages: int, out: Path, name: str, fn=_gemv_kernel,
+                 pointers: dict | None = None) -> tuple[str, str]:  # fmt: skip
+    """(SASS, resource usage) of the GEMV kernel `fn` for sm_90 with these compile-time arguments."""
+    types = {**POINTERS, **(pointers or {}), **SCALARS, **{k: "constexpr" for k in constexprs}}
+    names = list(fn.arg_names)
     signature = {k: types[k] for k in names}
     divisible = [k for k in names if k in POINTERS or k in ("N", "K", "KW", "KXW")]
     src = triton.compiler.ASTSource(
-        fn=_gemv_kernel,
+        fn=fn,
         signature=signature,
         constexprs={(names.index(k),): v for k, v in constexprs.items()},
         attrs={(names.index(k),): [["tt.divisibility", 16]] for k in divisible},
     )
     kernel = triton.compile(
         src, target=GPUTarget("cuda", 90, 32),
-        options={"num_warps": warps, "num_stages": stages, "enable_fp_fusion": False},
+        options={"num_warps": warps, "num_stages": stages, "enable_fp_fusion": False, "launch_pdl": True},
     )  # fmt: skip
     cubin = out / f"{name}.cubin"
     cubin.write_bytes(kernel.asm["cubin"])
@@ -54,6 +61,44 @@ def compile_gemv(constexprs: dict, warps: int, stages: int, out: Path, name: str
     res = subprocess.run([CUOBJDUMP, "-res-usage", cubin], capture_output=True, text=True, check=True).stdout
     (out / f"{name}.sass").write_text(sass)
     return sass, res
+
+
+# the one-row projections of a 2B-4T decode step: (N, K, gated), each with a bfloat16 row in and its norm
+STEP = {"qkv": (3840, 2560, False), "o": (2560, 2560, False), "gate_up": (6912, 2560, True),
+        "down": (2560, 6912, False)}  # fmt: skip
+
+
+def _count(ops: collections.Counter, prefix: str) -> int:
+    return sum(c for o, c in ops.items() if o.startswith(prefix))
+
+
+def step_kernels(out: Path) -> None:
+    """Registers, instructions, block barriers, shared-memory accesses, shuffles and dp4a of the resident
+    GEMV of each projection of the decode step, in the engine's tiles."""
+    for name, (n, k, gated) in STEP.items():
+        cfg = default_config(1, n, k, gated=gated)
+        if not cfg.resident:
+            print(f"{name}: the engine's tile is not a resident-program one ({cfg})")
+            continue
+        kb, _ = gemv_row(k)
+        residual = name in ("o", "down")
+        words = -(-k // 128) * 8  # code words a row: 32 bytes a 128-value block
+        bc1 = 1 << (words.bit_length() - 1)
+        constexprs = dict(
+            BN=cfg.bn, KB=kb, BC1=bc1, BC2=triton.next_power_of_2(max(words - bc1, 1)), X_FLOAT=True,
+            NORM=True, ACT=1 if gated else 0, RESIDUAL=residual, EARLY_RESIDUAL=residual,
+            ROW_SCALE=name in ("qkv", "gate_up"), USE_ASM=True, NATIVE=True, PDL=True, PROBE=False,
+        )  # fmt: skip
+        sass, res = compile_gemv(constexprs, cfg.num_warps, cfg.num_stages, out, f"step_{name}",
+                                 _gemv_resident_kernel, {"x_ptr": "*bf16"})  # fmt: skip
+        ops = collections.Counter(opcode(t) for _, t in instructions(sass))
+        regs = re.search(r"REG:(\d+)", res)
+        count = functools.partial(_count, ops)
+        print(
+            f"{name}: {cfg.bn} rows x {cfg.num_warps} warps, {regs.group(1) if regs else '?'} registers, "
+            f"{sum(ops.values())} instructions: {count('BAR.SYNC')} block barriers, {count('STS')} shared "
+            f"stores, {count('LDS')} shared loads, {count('SHFL')} shuffles, {count('IDP.4A')} dp4a"
+        )
 
 
 def instructions(sass: str) -> list[tuple[int, str]]:
@@ -89,10 +134,14 @@ def main() -> None:
     p.add_argument("--gated", action="store_true", help="gate and up rows, relu²(gate) * up")
     p.add_argument("--fused-norm", action="store_true", help="float row in: RMSNorm + quantization inside")
     p.add_argument("--private-row", action="store_true")
+    p.add_argument("--step", action="store_true", help="the decode step's resident GEMVs instead")
     p.add_argument("--out", default="gpu_sass", help="where the cubin and SASS files go")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.step:
+        step_kernels(out)
+        return
     kb = max(triton.next_power_of_2(args.k), 16)
     constexprs = dict(
         BN=args.bn, BK=args.bk, KB=kb, SPLIT_K=1, X_FLOAT=args.fused_norm, NORM=args.fused_norm,
