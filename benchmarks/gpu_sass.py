@@ -63,6 +63,7 @@ def compile_gemv(constexprs: dict, warps: int, stages: int, out: Path, name: str
     return sass, res
 
 
+SMS = 132  # the H200's multiprocessors
 # the one-row projections of a 2B-4T decode step: (N, K, gated), each with a bfloat16 row in and its norm
 STEP = {"qkv": (3840, 2560, False), "o": (2560, 2560, False), "gate_up": (6912, 2560, True),
         "down": (2560, 6912, False)}  # fmt: skip
@@ -88,6 +89,7 @@ def step_kernels(out: Path) -> None:
             BN=cfg.bn, KB=kb, BC1=bc1, BC2=triton.next_power_of_2(max(words - bc1, 1)), X_FLOAT=True,
             NORM=True, ACT=1 if gated else 0, RESIDUAL=residual, EARLY_RESIDUAL=residual,
             ROW_SCALE=name in ("qkv", "gate_up"), USE_ASM=True, NATIVE=True, PDL=True, PROBE=False,
+            ONE_TILE=-(-n // cfg.bn) <= cfg.resident * SMS,
         )  # fmt: skip
         sass, res = compile_gemv(constexprs, cfg.num_warps, cfg.num_stages, out, f"step_{name}",
                                  _gemv_resident_kernel, {"x_ptr": "*bf16"})  # fmt: skip

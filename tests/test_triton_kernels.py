@@ -175,6 +175,7 @@ GEMV_CASES = [  # 32-bit word tiles; K not whole words or 128-blocks (partial la
     (70, 2560, MMConfig(bn=8, gemv=True, resident=1)),
     (6, 3, MMConfig(bn=8, gemv=True, resident=1)),
     (40, 700, MMConfig(bn=16, gemv=True, resident=2)),  # a row of 48 code words: pieces of 32 and 16
+    (24, 700, MMConfig(bn=8, gemv=True, resident=2)),  # as many programs as tiles: no next tile requested
 ]
 
 
@@ -287,7 +288,8 @@ def test_resident_gemv_equals_the_tile_per_program_gemv(dtype, act):
     tile = MMConfig(bn=16, gemv=True)
     want = ternary_gemv(xq, _packed(tw), a=a, out_dtype=dtype, act=act, residual=resid, config=tile)
     want_f = ternary_gemv(x, _packed(tw), gain=gain, act=act, residual=resid, config=tile)
-    for resident, early in ((1, False), (3, False), (3, True)):  # early: the residual read before the wait
+    # early: the residual read before the wait; resident 8: a program a tile (nothing requested for a next)
+    for resident, early in ((1, False), (3, False), (3, True), (8, True)):
         cfg = MMConfig(bn=8, gemv=True, resident=resident)
         kw = dict(act=act, residual=resid, residual_early=early, config=cfg)
         assert torch.equal(ternary_gemv(xq, _packed(tw), a=a, out_dtype=dtype, **kw), want)

@@ -526,7 +526,7 @@ def _gemv_resident_kernel(
     BN: tl.constexpr, KB: tl.constexpr, BC1: tl.constexpr, BC2: tl.constexpr, X_FLOAT: tl.constexpr,
     NORM: tl.constexpr, ACT: tl.constexpr, RESIDUAL: tl.constexpr, EARLY_RESIDUAL: tl.constexpr,
     ROW_SCALE: tl.constexpr, USE_ASM: tl.constexpr, NATIVE: tl.constexpr, PDL: tl.constexpr,
-    PROBE: tl.constexpr,
+    ONE_TILE: tl.constexpr, PROBE: tl.constexpr,
 ):  # fmt: skip
     """`_gemv_kernel` with programs that stay resident: program p computes output tiles p, p + P, ... each
     over all of K at once, and requests the next tile's weights before it multiplies the current one, so its
@@ -540,7 +540,9 @@ def _gemv_resident_kernel(
     for the previous kernel (PDL) a program requests what no kernel of the step writes: its first tile's
     weights and scales and the norm's gain; with EARLY_RESIDUAL also its first residual tile, which the
     caller guarantees was written at least two launches before (complete when this kernel starts, see
-    `ternary_gemv`). PROBE: timestamps of each program's steps into probe_ptr (see `PROBE_POINTS`)."""
+    `ternary_gemv`). ONE_TILE: as many programs as tiles, so nothing is requested for a next tile (whose
+    registers would keep two programs from sharing a multiprocessor). PROBE: timestamps of each program's
+    steps into probe_ptr (see `PROBE_POINTS`)."""
     pid = tl.program_id(0)
     n_prog = tl.num_programs(0)
     stamps = probe_ptr + pid * _PROBE_STRIDE
@@ -591,13 +593,14 @@ def _gemv_resident_kernel(
     a_row = tl.zeros((1,), tl.float32) + a
     for t in range(pid, tl.cdiv(N, BN), n_prog):
         rn = t * BN + tl.arange(0, BN)
-        rn_next = rn + n_prog * BN
-        wt1_next, wu1_next = _weight_tile(w_ptr, t + n_prog, N, KW, BN, c1, ACT)
-        wt2_next, wu2_next = _weight_tile(w_ptr, t + n_prog, N, KW, BN, c2, ACT)
-        s_next, su_next = _output_scales(s_ptr, rn_next, rn_next < N, N, ACT, ROW_SCALE)
-        res_next = res
-        if RESIDUAL:
-            res_next = tl.load(r_ptr + rn_next, mask=rn_next < N, other=0.0).to(tl.float32)
+        wt1_next, wu1_next, wt2_next, wu2_next, s_next, su_next, res_next = wt1, wu1, wt2, wu2, s, su, res
+        if not ONE_TILE:  # the next tile's weights, scales and residual, in flight during this one
+            rn_next = rn + n_prog * BN
+            wt1_next, wu1_next = _weight_tile(w_ptr, t + n_prog, N, KW, BN, c1, ACT)
+            wt2_next, wu2_next = _weight_tile(w_ptr, t + n_prog, N, KW, BN, c2, ACT)
+            s_next, su_next = _output_scales(s_ptr, rn_next, rn_next < N, N, ACT, ROW_SCALE)
+            if RESIDUAL:
+                res_next = tl.load(r_ptr + rn_next, mask=rn_next < N, other=0.0).to(tl.float32)
         out = _tile_dot(wt1, x10, x11, x12, x13, USE_ASM) + _tile_dot(wt2, x20, x21, x22, x23, USE_ASM)
         out -= total_x
         out_u = out
@@ -656,7 +659,8 @@ def _gemv_resident(x, w, a, gain, eps, residual, early, act_code, out, cfg, use_
         BN=cfg.bn, KB=kb, BC1=bc1, BC2=triton.next_power_of_2(max(words - bc1, 1)), X_FLOAT=a is None,
         NORM=gain is not None, ACT=act_code, RESIDUAL=residual is not None, EARLY_RESIDUAL=early,
         ROW_SCALE=w.scale.numel() > 1, USE_ASM=on_gpu(x) if use_asm is None else use_asm, NATIVE=on_gpu(x),
-        PROBE=probe is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        ONE_TILE=programs == triton.cdiv(n, cfg.bn), PROBE=probe is not None, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
         **launch_kwargs(pdl_launch(x)),
     )  # fmt: skip
     return out
