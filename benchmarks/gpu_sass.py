@@ -27,7 +27,7 @@ from pathlib import Path
 import triton
 from triton.backends.compiler import GPUTarget
 
-from pybitnet.kernels.triton.matmul import _gemv_kernel, _gemv_resident_kernel, default_config, gemv_row
+from pybitnet.kernels.triton.matmul import _gemv_kernel, _gemv_resident_kernel, default_config, resident_shape
 
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 POINTERS = {
@@ -81,15 +81,12 @@ def step_kernels(out: Path) -> None:
         if not cfg.resident:
             print(f"{name}: the engine's tile is not a resident-program one ({cfg})")
             continue
-        kb, _ = gemv_row(k)
         residual = name in ("o", "down")
-        words = -(-k // 128) * 8  # code words a row: 32 bytes a 128-value block
-        bc1 = 1 << (words.bit_length() - 1)
+        _, shape = resident_shape(n, k, cfg, SMS)
         constexprs = dict(
-            BN=cfg.bn, KB=kb, BC1=bc1, BC2=triton.next_power_of_2(max(words - bc1, 1)), X_FLOAT=True,
-            NORM=True, ACT=1 if gated else 0, RESIDUAL=residual, EARLY_RESIDUAL=residual,
-            ROW_SCALE=name in ("qkv", "gate_up"), USE_ASM=True, NATIVE=True, PDL=True, PROBE=False,
-            ONE_TILE=-(-n // cfg.bn) <= cfg.resident * SMS,
+            **shape, X_FLOAT=True, NORM=True, ACT=1 if gated else 0, RESIDUAL=residual,
+            EARLY_RESIDUAL=residual, ROW_SCALE=name in ("qkv", "gate_up"), USE_ASM=True, NATIVE=True,
+            PDL=True, PROBE=False,
         )  # fmt: skip
         sass, res = compile_gemv(constexprs, cfg.num_warps, cfg.num_stages, out, f"step_{name}",
                                  _gemv_resident_kernel, {"x_ptr": "*bf16"})  # fmt: skip

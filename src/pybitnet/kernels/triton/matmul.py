@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 
 from ...quant.layouts import PackedWeight
+from ...quant.layouts.triton_i2 import padded_cols
 from .common import (
     ACTIVATIONS,
     absmax_scale,
@@ -549,7 +550,6 @@ def _gemv_resident_kernel(
     _stamp(stamps, 0, pid, PROBE)
     c1 = tl.arange(0, BC1)
     c2 = BC1 + tl.arange(0, BC2)
-    offs = tl.arange(0, KB)
     wt1, wu1 = _weight_tile(w_ptr, pid, N, KW, BN, c1, ACT)
     wt2, wu2 = _weight_tile(w_ptr, pid, N, KW, BN, c2, ACT)
     rn = pid * BN + tl.arange(0, BN)
@@ -584,6 +584,7 @@ def _gemv_resident_kernel(
         total_x = total1 + total2
     else:
         a = tl.load(a_ptr)
+        offs = tl.arange(0, KB)
         total_x = tl.sum(tl.load(x_ptr + offs, mask=offs < K, other=0).to(tl.int32), axis=0)
         q_words = q_ptr.to(tl.pointer_type(tl.int32))
         x10, x11, x12, x13 = _slice_words(q_words, c1, KXW)
@@ -638,30 +639,39 @@ def multiprocessors(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+def resident_shape(n: int, k: int, cfg: MMConfig, sms: int) -> tuple[int, dict]:
+    """(programs, the row's compile-time arguments) of `_gemv_resident_kernel` for n outputs over k inputs
+    with `sms` multiprocessors: a row's code words as two pieces, the largest power of two and then the rest
+    (rounded up to one); ONE_TILE when each program has one tile."""
+    tiles = triton.cdiv(n, cfg.bn)
+    programs = min(tiles, cfg.resident * sms)
+    words = padded_cols(k) // 16  # 32-bit words of 2-bit codes
+    bc1 = 1 << (words.bit_length() - 1)
+    consts = dict(BN=cfg.bn, KB=gemv_row(k)[0], BC1=bc1, BC2=triton.next_power_of_2(max(words - bc1, 1)),
+                  ONE_TILE=programs == tiles)  # fmt: skip
+    return programs, consts
+
+
 def _gemv_resident(x, w, a, gain, eps, residual, early, act_code, out, cfg, use_asm) -> torch.Tensor:
     """ternary_gemv through `_gemv_resident_kernel`: cfg.resident programs a multiprocessor (at most one a
     tile), one K block over all of K."""
     n, k = out.shape[1], w.shape[1]
-    kb, kxw = gemv_row(k)
     # in the interpreter, two "multiprocessors": a few programs, each over several tiles
     sms = multiprocessors(x.device.index or 0) if on_gpu(x) else 2
-    programs = min(triton.cdiv(n, cfg.bn), cfg.resident * sms)
-    x, q = (x, x) if a is None else _gemv_rows(x, False, kb, 1)  # a float row is quantized in registers
-    words = w.data.shape[1] // 4  # a row's code words: the largest power of two, then the rest
-    bc1 = 1 << (words.bit_length() - 1)
+    programs, shape = resident_shape(n, k, cfg, sms)
+    # a float row is quantized in registers; an int8 one is read as words from an aligned copy if need be
+    x, q = (x, x) if a is None else _gemv_rows(x, False, shape["KB"], 1)
     probe = PROBE if PROBE is not None and on_gpu(x) else None
     if probe is not None:  # this launch's row of stamps
         probe, _probe_row[0] = probe[_probe_row[0] % probe.shape[0]], _probe_row[0] + 1
     _gemv_resident_kernel[(programs,)](
         x, gain if gain is not None else x, a if a is not None else x, q, w.data, w.scale, out,
         residual if residual is not None else out, probe if probe is not None else out, n, k,
-        w.data.shape[1], kxw, eps,
-        BN=cfg.bn, KB=kb, BC1=bc1, BC2=triton.next_power_of_2(max(words - bc1, 1)), X_FLOAT=a is None,
-        NORM=gain is not None, ACT=act_code, RESIDUAL=residual is not None, EARLY_RESIDUAL=early,
-        ROW_SCALE=w.scale.numel() > 1, USE_ASM=on_gpu(x) if use_asm is None else use_asm, NATIVE=on_gpu(x),
-        ONE_TILE=programs == triton.cdiv(n, cfg.bn), PROBE=probe is not None, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
-        **launch_kwargs(pdl_launch(x)),
+        w.data.shape[1], gemv_row(k)[1], eps,
+        X_FLOAT=a is None, NORM=gain is not None, ACT=act_code, RESIDUAL=residual is not None,
+        EARLY_RESIDUAL=early, ROW_SCALE=w.scale.numel() > 1, NATIVE=on_gpu(x), PROBE=probe is not None,
+        USE_ASM=on_gpu(x) if use_asm is None else use_asm, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages, **shape, **launch_kwargs(pdl_launch(x)),
     )  # fmt: skip
     return out
 
