@@ -701,7 +701,8 @@ _H200_2B4T = {
     # the decode step's one-row projections (fused norm): resident programs, one tile each. The step at
     # context 384 (benchmarks/gpu_decode_timeline.py): 870-878 µs on tile-a-program shapes, 835-840 with the
     # resident kernel, 772 once it quantized the row in registers, then 750 with these (the previous tiles:
-    # q/k/v 64 rows x 16 warps, gate/up 64 rows one program a multiprocessor, down 16 warps)
+    # q/k/v 64 rows x 16 warps, gate/up 64 rows one program a multiprocessor, down 16 warps), 698 once no
+    # program held registers for a next tile (ONE_TILE); the tiles checked again then, none faster
     (1, 3840, 2560, False): _GEMV(bn=32, resident=1),
     (1, 2560, 2560, False): _GEMV(bn=32, resident=1),
     (1, 6912, 2560, True): _GEMV(bn=32, resident=2),  # 216 tiles: two programs on some multiprocessors
