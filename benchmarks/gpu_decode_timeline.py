@@ -4,6 +4,7 @@ the PyTorch profiler (CUPTI) over a few graph replays; then the step's tok/s wit
 for the attention, each projection and the head, to check the committed tiles in place.
 
     python benchmarks/gpu_decode_timeline.py [--context 384] [--replays 20] [--out timeline.json]
+    python benchmarks/gpu_decode_timeline.py --step-only   # the step alone, three times: for A/B of trees
 
 Kernel times here are the GPU's own (start to end of each kernel in the replay); with programmatic dependent
 launch consecutive kernels overlap, so a negative gap means the next kernel started before this one ended.
@@ -126,6 +127,12 @@ def main() -> None:
         help="try these resident-program shapes for a projection instead of its list (repeatable)",
     )
     ap.add_argument("--no-attention", action="store_true", help="skip the attention shapes in the sweep")
+    ap.add_argument(
+        "--step-only",
+        action="store_true",
+        help="only the default step, measured three times in a row (the context grows ~110 tokens each): to "
+        "compare two trees, run each in its own process with PYTHONPATH set to its src, alternated",
+    )
     args = ap.parse_args()
     for name, shapes in args.resident:
         TILES[name] = [GEMV(bn=bn, resident=res, num_warps=nw) for bn, res, nw in shapes]
@@ -136,6 +143,10 @@ def main() -> None:
     loop = _decode_loop(eng, args.context)
     results["default_step_ms"] = step_ms(loop)
     print(f"default engine: {results['default_step_ms'] * 1e3:.1f} µs a step")
+    if args.step_only:
+        later = results["later_step_ms"] = [step_ms(loop) for _ in range(2)]
+        print(f"then, ~110 and ~220 tokens further: {later[0] * 1e3:.1f}, {later[1] * 1e3:.1f} µs")
+        return _write(results, args.out)
     try:
         results["timeline"] = tl = timeline(loop, args.replays)
         print(f"{tl['events']} kernel events; kernels {tl['kernel_us_per_step']:.1f} µs of a "
@@ -170,8 +181,12 @@ def main() -> None:
     sweep["default again"] = in_step(eng, args.context)
     for key, ms in sweep.items():
         print(f"{key}: {ms * 1e3:.1f} µs, {1e3 / ms:.0f} tok/s" if isinstance(ms, float) else f"{key}: {ms}")
-    if args.out:
-        with open(args.out, "w") as f:
+    _write(results, args.out)
+
+
+def _write(results: dict, path: str | None) -> None:
+    if path:
+        with open(path, "w") as f:
             json.dump(results, f, indent=1)
 
 
