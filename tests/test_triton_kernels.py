@@ -379,6 +379,50 @@ def test_decode_attention_matches_rope_and_sdpa(dtype, splits, block):
     assert (out.float() - ref).abs().max() < tol
 
 
+@pytest.mark.skipif(DEV != "cuda", reason="the stamps are inline PTX: GPU only")
+def test_probes_stamp_every_program_in_order_and_change_nothing():
+    """With the probes' buffers set (benchmarks/gpu_gemv_probe.py), the resident GEMV and the split decode
+    attention give the same bytes and every program writes its stamps, each cycle count after the one
+    before (the attention's splits past the sequence's end: start, waited, done only)."""
+    from pybitnet.kernels.triton import attention, matmul
+
+    g = torch.Generator().manual_seed(5)
+    tw = _ternary(96, 700, g, per_row=True)
+    x = torch.randn(1, 700, generator=g).to(torch.bfloat16).to(DEV)
+    gain = _norm(700, torch.bfloat16, g).weight.to(DEV)
+    cfg = MMConfig(bn=16, gemv=True, resident=1)
+    b, h, kv, d, s = 1, 4, 2, 32, 80
+    qkv = torch.randn(b, (h + 2 * kv) * d, generator=g).to(torch.bfloat16).to(DEV)
+    cache = [torch.randn(b, kv, s, d, generator=g).to(torch.bfloat16).to(DEV) for _ in range(2)]
+    cos, sin = (torch.rand(s, d, generator=g).to(torch.bfloat16).to(DEV) for _ in range(2))
+    positions = torch.tensor([40], dtype=torch.int32, device=DEV)
+
+    def run():
+        k, v = (c.clone() for c in cache)
+        y = ternary_gemv(x, _packed(tw), gain=gain, config=cfg)
+        return y, decode_attention(qkv, cos, sin, positions, k, v, h, kv, block=16, splits=4)
+
+    want = run()
+    for probe, programs in ((matmul.PROBE, 132 * 4), (attention.PROBE, kv * 4)):
+        probe.buffer = torch.zeros(2, programs, len(probe.points), dtype=torch.int64, device=DEV)
+    try:
+        got = run()
+        stamps = matmul.PROBE.buffer.cpu(), attention.PROBE.buffer.cpu()
+    finally:
+        matmul.PROBE.buffer = attention.PROBE.buffer = None
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    gemv = stamps[0][0, :6]  # six tiles of 16 rows, a program each
+    cycles = gemv[:, : matmul.PROBE.points.index("stored") + 1]
+    assert (cycles[:, 1:] >= cycles[:, :-1]).all() and (cycles > 0).all()
+    assert (gemv[:, -1] >= gemv[:, -3]).all() and (gemv[:, -3] > 0).all()  # global: stored >= start
+    att = stamps[1][0]
+    active = att[:, attention.PROBE.points.index("roped")] > 0
+    assert active.sum() == kv * 3  # 41 positions in splits of 16: three active a head, one past the end
+    cycles = att[active][:, : attention.PROBE.points.index("done") + 1]
+    assert (cycles[:, 1:] >= cycles[:, :-1]).all()
+    assert (att[:, attention.PROBE.points.index("global done")] > 0).all()
+
+
 @pytest.mark.parametrize("v", [1, 7, 1024, 1025, 5003, 70001])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_argmax_rows_matches_torch(v, dtype):

@@ -16,7 +16,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import dependency_wait, launch_kwargs, on_gpu, pdl_launch, round_to, scratch_buffer
+from .common import (
+    Probe,
+    dependency_wait,
+    launch_kwargs,
+    on_gpu,
+    pdl_launch,
+    probe_stamp,
+    round_to,
+    scratch_buffer,
+)
 
 # launch shape by batch (rows <= 8: "small", else "large"): cache positions per loop step, warps, stages and
 # sequence splits; benchmarks/gpu_bench.py measures the alternatives on an H200 (and uses the fastest for
@@ -27,6 +36,15 @@ DECODE_CONFIGS = {
     "small": {"block": 32, "num_warps": 2, "num_stages": 2, "splits": 16},
     "large": {"block": 64, "num_warps": 4, "num_stages": 2, "splits": 1},  # 20.9 µs vs 22.0 for 128 / 8 warps
 }
+
+
+# Where a program's time goes (benchmarks/gpu_gemv_probe.py): the cycle counter at each step, the global timer
+# at three (see `Probe`). "arrived": the split's partial stored and counted; "done": the program's end (after
+# the combination, for the program that combines; splits past the sequence's end stamp only start, waited and
+# done)
+PROBE = Probe(("start", "waited", "roped", "attended", "arrived", "done", "global start", "global waited",
+               "global done"))  # fmt: skip
+_PROBE_STRIDE = tl.constexpr(len(PROBE.points))
 
 
 @triton.jit
@@ -56,6 +74,7 @@ def _combine_splits(part_ptr, ml_ptr, o_rows, n_active, G: tl.constexpr, GR: tl.
     l_sum = tl.sum(l_s * w, axis=0)
     out = tl.sum(acc_s * w[:, :, None], axis=0) / l_sum[:, None]
     tl.store(o_rows + r[:, None] * D + d[None, :], out.to(o_rows.dtype.element_ty), mask=(r < G)[:, None])
+    return out
 
 
 @triton.jit
@@ -90,15 +109,18 @@ def _attend(q, kt, vt, s_ok, m_i, l_i, acc, sm_scale, xdt: tl.constexpr, IEEE: t
 
 @triton.jit
 def _decode_attention_kernel(
-    qkv_ptr, cos_ptr, sin_ptr, pos_ptr, k_ptr, v_ptr, o_ptr, part_ptr, ml_ptr, cnt_ptr,
+    qkv_ptr, cos_ptr, sin_ptr, pos_ptr, k_ptr, v_ptr, o_ptr, part_ptr, ml_ptr, cnt_ptr, probe_ptr,
     stride_qkv, stride_cb, stride_ch, stride_cs, stride_o, sm_scale,
     H: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr, GP: tl.constexpr, GR: tl.constexpr,
     BS: tl.constexpr, SPLITS: tl.constexpr, IEEE: tl.constexpr, NATIVE: tl.constexpr, PDL: tl.constexpr,
+    PROBE: tl.constexpr,
 ):  # fmt: skip
+    b, g, sid = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     _attention_program(
-        tl.program_id(0), tl.program_id(1), tl.program_id(2), qkv_ptr, cos_ptr, sin_ptr, pos_ptr, k_ptr,
-        v_ptr, o_ptr, part_ptr, ml_ptr, cnt_ptr, stride_qkv, stride_cb, stride_ch, stride_cs, stride_o,
-        sm_scale, H, KVH, D, GP, GR, BS, SPLITS, IEEE, NATIVE, PDL, False, o_ptr, 0,
+        b, g, sid, qkv_ptr, cos_ptr, sin_ptr, pos_ptr, k_ptr, v_ptr, o_ptr, part_ptr, ml_ptr, cnt_ptr,
+        stride_qkv, stride_cb, stride_ch, stride_cs, stride_o, sm_scale, H, KVH, D, GP, GR, BS, SPLITS, IEEE,
+        NATIVE, PDL, False, o_ptr, 0, PROBE,
+        probe_ptr + ((b * tl.num_programs(1) + g) * tl.num_programs(2) + sid) * _PROBE_STRIDE,
     )  # fmt: skip
 
 
@@ -108,16 +130,18 @@ def _attention_program(
     stride_qkv, stride_cb, stride_ch, stride_cs, stride_o, sm_scale,
     H: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr, GP: tl.constexpr, GR: tl.constexpr,
     BS: tl.constexpr, SPLITS: tl.constexpr, IEEE: tl.constexpr, NATIVE: tl.constexpr, PDL: tl.constexpr,
-    BAR: tl.constexpr, bar_ptr, bar_target,
+    BAR: tl.constexpr, bar_ptr, bar_target, PROBE: tl.constexpr = False, stamps=None,
 ):  # fmt: skip
     """Sequence b, KV head g, split sid of `_decode_attention_kernel`, as a function so that a persistent
     kernel can run several in a loop (decode_layer.py). BAR: q, k and v are ready at a grid barrier (bar_ptr
-    reaching bar_target), which this program passes after its reads of older cache entries."""
+    reaching bar_target), which this program passes after its reads of older cache entries. PROBE: timestamps
+    of the program's steps into stamps (see `PROBE`)."""
     G: tl.constexpr = H // KVH
     xdt = qkv_ptr.dtype.element_ty
     # Before the wait for the previous kernel (the q/k/v projection, see pdl_gate): the positions (written
     # before that kernel started), the RoPE tables and the first block of this split's cached keys and values
     # older than the new token, so their reads overlap the projection's end.
+    probe_stamp(stamps, 0, sid, PROBE, 6)
     pos = tl.load(pos_ptr + b)
     # positions 0..pos in splits of `chunk` (a multiple of BS); splits past the end have nothing to do
     chunk = tl.cdiv(tl.cdiv(pos + 1, SPLITS), BS) * BS
@@ -131,6 +155,8 @@ def _attention_program(
     cos = tl.load(cos_ptr + pos * D + d).to(tl.float32)
     sin = tl.load(sin_ptr + pos * D + d).to(tl.float32)
     dependency_wait(PDL, BAR, bar_ptr, bar_target)
+    probe_stamp(stamps, 1, sid, PROBE, 7)
+    done = sid
     if start <= pos:
         rot = (d + D // 2) % D
         sign = tl.where(d < D // 2, -1.0, 1.0)
@@ -151,6 +177,8 @@ def _attention_program(
         q_rows = row + (g * G + hq)[:, None] * D
         q = _rope(q_rows + d[None, :], q_rows + rot[None, :], sign[None, :], cos[None, :], sin[None, :],
                   q_ok[:, None], xdt, NATIVE)  # fmt: skip
+        if PROBE:
+            probe_stamp(stamps, 2, tl.sum(tl.sum(q.to(tl.float32), axis=1), axis=0), PROBE)
         tl.debug_barrier()  # the new key and value are in the cache before the block reads them back
 
         m_i = tl.full((GP,), float("-inf"), tl.float32)
@@ -162,6 +190,8 @@ def _attention_program(
             s_ok = sp <= pos
             kt, vt = _kv_block(k_base, v_base, sp, s_ok, stride_cs, d, xdt)
             m_i, l_i, acc = _attend(q, kt, vt, s_ok, m_i, l_i, acc, sm_scale, xdt, IEEE, NATIVE)
+        if PROBE:
+            probe_stamp(stamps, 3, tl.sum(l_i, axis=0), PROBE)
         o_rows = o_ptr + b.to(tl.int64) * stride_o + g * G * D
         if SPLITS == 1:
             out = acc / l_i[:, None]
@@ -177,9 +207,14 @@ def _attention_program(
             tl.store(ml + sid * 2 * GR + GR + hq, l_i, mask=q_ok)
             tl.debug_barrier()  # every thread's partials are stored before the arrival is counted
             arrived = tl.atomic_add(cnt_ptr + pair, 1)
+            probe_stamp(stamps, 4, arrived, PROBE)
+            done = arrived
             if arrived == n_active - 1:
                 tl.atomic_xchg(cnt_ptr + pair, 0)
-                _combine_splits(part, ml, o_rows, n_active, G, GR, D, SPLITS)
+                out = _combine_splits(part, ml, o_rows, n_active, G, GR, D, SPLITS)
+                if PROBE:
+                    done = tl.sum(tl.sum(out, axis=1), axis=0).to(tl.int32, bitcast=True)
+    probe_stamp(stamps, 5, done, PROBE, 8)
 
 
 def split_workspace(device: torch.device, pairs: int, splits: int, gr: int, d: int):
@@ -216,11 +251,13 @@ def decode_attention(
     part = ml = cnt = out
     if n_split > 1:
         part, ml, cnt = split_workspace(qkv.device, b * num_kv_heads, n_split, gr, d)
+    probe = PROBE.row(qkv)
     _decode_attention_kernel[(b, num_kv_heads, n_split)](
-        qkv, cos, sin, positions, k_cache, v_cache, out, part, ml, cnt,
+        qkv, cos, sin, positions, k_cache, v_cache, out, part, ml, cnt, probe if probe is not None else out,
         qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0), d**-0.5,
         H=num_heads, KVH=num_kv_heads, D=d, GP=max(16, gr), GR=gr, BS=block or cfg["block"], SPLITS=n_split,
         IEEE=qkv.dtype == torch.float32, NATIVE=on_gpu(qkv),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **launch_kwargs(pdl_launch(qkv)),
+        PROBE=probe is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        **launch_kwargs(pdl_launch(qkv)),
     )  # fmt: skip
     return out

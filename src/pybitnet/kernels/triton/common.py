@@ -48,6 +48,42 @@ def launch_kwargs(pdl: bool) -> dict:
     return {"PDL": pdl, **LAUNCH_OPTS, "launch_pdl": True} if pdl else {"PDL": False, **LAUNCH_OPTS}
 
 
+class Probe:
+    """Where a kernel's programs spend their time (benchmarks/gpu_gemv_probe.py): with `buffer` set to an
+    int64 tensor [launches, programs, len(points)], each launch takes the next row (rows in launch order, so a
+    captured decode step's launches get consecutive ones) and each program writes a timestamp at each of
+    `points` into its line of it (see `probe_stamp`)."""
+
+    def __init__(self, points: tuple[str, ...]) -> None:
+        self.points = points
+        self.buffer: torch.Tensor | None = None
+        self._next = 0
+
+    def row(self, t: torch.Tensor) -> torch.Tensor | None:
+        """This launch's row, or None when not probing (or not on a GPU: the stamps are inline PTX)."""
+        if self.buffer is None or not on_gpu(t):
+            return None
+        row = self.buffer[self._next % self.buffer.shape[0]]
+        self._next += 1
+        return row
+
+
+@triton.jit
+def probe_stamp(stamps, point: tl.constexpr, dep, PROBE: tl.constexpr, GLOBAL_AT: tl.constexpr = -1):
+    """With PROBE: the multiprocessor's cycle counter into stamps[point] once the scalar `dep` is computed,
+    and with GLOBAL_AT >= 0 the GPU's global timer (ns) into stamps[GLOBAL_AT]."""
+    if PROBE:
+        d = tl.zeros((1,), tl.int32) + dep.to(tl.int32)
+        one = tl.arange(0, 1)
+        clk = tl.inline_asm_elementwise("mov.u64 $0, %clock64;", "=l,r", [d], dtype=tl.int64, is_pure=False,
+                                        pack=1)  # fmt: skip
+        tl.store(stamps + point + one, clk)
+        if GLOBAL_AT >= 0:
+            ns = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [d], dtype=tl.int64,
+                                           is_pure=False, pack=1)  # fmt: skip
+            tl.store(stamps + GLOBAL_AT + one, ns)
+
+
 @triton.jit
 def pdl_gate(ON: tl.constexpr):
     """Wait until the previous kernel of the stream has finished and its writes are visible, then let the

@@ -38,6 +38,7 @@ from ...quant.layouts import PackedWeight
 from ...quant.layouts.triton_i2 import padded_cols
 from .common import (
     ACTIVATIONS,
+    Probe,
     absmax_scale,
     dependency_wait,
     gated_activation,
@@ -46,6 +47,7 @@ from .common import (
     on_gpu,
     pdl_gate,
     pdl_launch,
+    probe_stamp,
     quantize_i8,
     round_to,
     scratch_buffer,
@@ -492,33 +494,13 @@ def _quantized_words(y, a, BC: tl.constexpr, NATIVE: tl.constexpr):
     return x0, x1, x2, x3, tl.sum(q, axis=0)
 
 
-# Where a resident GEMV program's time goes (benchmarks/gpu_gemv_probe.py): with PROBE set to an int64 buffer
-# [launches, programs, len(PROBE_POINTS)], each launch writes, per program, its multiprocessor's cycle counter
-# at each point (once the value computed there exists) into the next row (rows taken in launch order, so a
-# captured decode step's launches get consecutive rows), and the GPU's global timer (ns) at three of them.
-PROBE_POINTS = (
-    *("start", "waited", "sum of squares", "absmax", "quantized", "products", "stored"),
-    *("global start", "global waited", "global stored"),
-)
-_PROBE_STRIDE = tl.constexpr(len(PROBE_POINTS))
-PROBE: torch.Tensor | None = None
-_probe_row = [0]
-
-
-@triton.jit
-def _stamp(stamps, point: tl.constexpr, dep, PROBE: tl.constexpr):
-    """With PROBE: the cycle counter at `point` once the scalar `dep` is computed (the global timer as well
-    at points 0, 1 and 6)."""
-    if PROBE:
-        d = tl.zeros((1,), tl.int32) + dep.to(tl.int32)
-        one = tl.arange(0, 1)
-        clk = tl.inline_asm_elementwise("mov.u64 $0, %clock64;", "=l,r", [d], dtype=tl.int64, is_pure=False,
-                                        pack=1)  # fmt: skip
-        tl.store(stamps + point + one, clk)
-        if point == 0 or point == 1 or point == 6:
-            ns = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [d], dtype=tl.int64,
-                                           is_pure=False, pack=1)  # fmt: skip
-            tl.store(stamps + (7 + point if point < 2 else 9) + one, ns)
+# Where a resident GEMV program's time goes (benchmarks/gpu_gemv_probe.py): the cycle counter at each step,
+# the global timer at three (see `Probe`)
+PROBE = Probe(
+    ("start", "waited", "sum of squares", "absmax", "quantized", "products", "stored",
+     "global start", "global waited", "global stored")
+)  # fmt: skip
+_PROBE_STRIDE = tl.constexpr(len(PROBE.points))
 
 
 @triton.jit
@@ -543,11 +525,11 @@ def _gemv_resident_kernel(
     caller guarantees was written at least two launches before (complete when this kernel starts, see
     `ternary_gemv`). ONE_TILE: as many programs as tiles, so nothing is requested for a next tile (whose
     registers would keep two programs from sharing a multiprocessor). PROBE: timestamps of each program's
-    steps into probe_ptr (see `PROBE_POINTS`)."""
+    steps into probe_ptr (see `PROBE`)."""
     pid = tl.program_id(0)
     n_prog = tl.num_programs(0)
     stamps = probe_ptr + pid * _PROBE_STRIDE
-    _stamp(stamps, 0, pid, PROBE)
+    probe_stamp(stamps, 0, pid, PROBE, 7)
     c1 = tl.arange(0, BC1)
     c2 = BC1 + tl.arange(0, BC2)
     wt1, wu1 = _weight_tile(w_ptr, pid, N, KW, BN, c1, ACT)
@@ -564,7 +546,7 @@ def _gemv_resident_kernel(
     if RESIDUAL and EARLY_RESIDUAL:  # past L1: written by an earlier kernel while this one may have started
         res = tl.load(r_ptr + rn, mask=rn < N, other=0.0, cache_modifier=".cg").to(tl.float32)
     pdl_gate(PDL)
-    _stamp(stamps, 1, pid, PROBE)
+    probe_stamp(stamps, 1, pid, PROBE, 8)
     if RESIDUAL and not EARLY_RESIDUAL:
         res = tl.load(r_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
     if X_FLOAT:  # RMSNorm and quantization as `load_norm_quant`, on the elements in the words' order
@@ -574,11 +556,11 @@ def _gemv_resident_kernel(
         y2 = raw2.to(tl.float32)
         if NORM:
             r = rms_inverse_of_sum(tl.sum(y1 * y1, axis=0) + tl.sum(y2 * y2, axis=0), K, eps)
-            _stamp(stamps, 2, r.to(tl.int32, bitcast=True), PROBE)
+            probe_stamp(stamps, 2, r.to(tl.int32, bitcast=True), PROBE)
             y1 = rms_apply(y1, r, g1, raw1.dtype, NATIVE)
             y2 = rms_apply(y2, r, g2, raw2.dtype, NATIVE)
         a = absmax_scale(tl.maximum(tl.max(tl.abs(y1), axis=0), tl.max(tl.abs(y2), axis=0)))
-        _stamp(stamps, 3, a.to(tl.int32, bitcast=True), PROBE)
+        probe_stamp(stamps, 3, a.to(tl.int32, bitcast=True), PROBE)
         x10, x11, x12, x13, total1 = _quantized_words(y1, a, BC1, NATIVE)
         x20, x21, x22, x23, total2 = _quantized_words(y2, a, BC2, NATIVE)
         total_x = total1 + total2
@@ -589,7 +571,7 @@ def _gemv_resident_kernel(
         q_words = q_ptr.to(tl.pointer_type(tl.int32))
         x10, x11, x12, x13 = _slice_words(q_words, c1, KXW)
         x20, x21, x22, x23 = _slice_words(q_words, c2, KXW)
-    _stamp(stamps, 4, total_x, PROBE)
+    probe_stamp(stamps, 4, total_x, PROBE)
     odt = o_ptr.dtype.element_ty
     a_row = tl.zeros((1,), tl.float32) + a
     for t in range(pid, tl.cdiv(N, BN), n_prog):
@@ -609,12 +591,12 @@ def _gemv_resident_kernel(
             out_u = _tile_dot(wu1, x10, x11, x12, x13, USE_ASM) + _tile_dot(wu2, x20, x21, x22, x23, USE_ASM)
             out_u -= total_x
         if PROBE:  # (the last tile's times remain)
-            _stamp(stamps, 5, tl.max(out + out_u, axis=0), PROBE)
+            probe_stamp(stamps, 5, tl.max(out + out_u, axis=0), PROBE)
         y = _scaled_output(out[None, :], out_u[None, :], a_row, s, su, odt, ACT, NATIVE)
         if RESIDUAL:
             y = round_to(res[None, :] + y, odt, NATIVE)
         tl.store(o_ptr + rn[None, :], y.to(odt), mask=(rn < N)[None, :])
-        _stamp(stamps, 6, t, PROBE)
+        probe_stamp(stamps, 6, t, PROBE, 9)
         wt1, wu1, wt2, wu2 = wt1_next, wu1_next, wt2_next, wu2_next
         s, su, res = s_next, su_next, res_next
 
@@ -661,9 +643,7 @@ def _gemv_resident(x, w, a, gain, eps, residual, early, act_code, out, cfg, use_
     programs, shape = resident_shape(n, k, cfg, sms)
     # a float row is quantized in registers; an int8 one is read as words from an aligned copy if need be
     x, q = (x, x) if a is None else _gemv_rows(x, False, shape["KB"], 1)
-    probe = PROBE if PROBE is not None and on_gpu(x) else None
-    if probe is not None:  # this launch's row of stamps
-        probe, _probe_row[0] = probe[_probe_row[0] % probe.shape[0]], _probe_row[0] + 1
+    probe = PROBE.row(x)
     _gemv_resident_kernel[(programs,)](
         x, gain if gain is not None else x, a if a is not None else x, q, w.data, w.scale, out,
         residual if residual is not None else out, probe if probe is not None else out, n, k,
