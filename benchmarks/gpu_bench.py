@@ -745,10 +745,15 @@ OUT_PATH: str | None = None  # where main writes the JSON
 PREFILL_ONLY = False  # --prefill-only: the 2048-row products and the prefill figures alone
 
 
-def save(results: dict) -> None:
-    if OUT_PATH:
-        with open(OUT_PATH, "w") as f:
+def write_json(results: dict, path: str | None) -> None:
+    """The figures as JSON at `path` (nothing without one); the GPU scripts' --out."""
+    if path:
+        with open(path, "w") as f:
             json.dump(results, f, indent=1, default=str)
+
+
+def save(results: dict) -> None:
+    write_json(results, OUT_PATH)
 
 
 def _compile_worker(rank: int, world: int, quick: bool) -> None:

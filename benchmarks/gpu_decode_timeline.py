@@ -16,11 +16,10 @@ import argparse
 import collections
 import functools
 import itertools
-import json
 import statistics
 
 import torch
-from gpu_bench import decode_loop, replay_ms  # this script's folder is on the path when it runs
+from gpu_bench import decode_loop, replay_ms, write_json  # this script's folder is on the path when it runs
 
 from pybitnet.engine.cuda_graph import CudaGraphEngine
 from pybitnet.kernels.triton import attention as att
@@ -146,7 +145,7 @@ def main() -> None:
     if args.step_only:
         later = results["later_step_ms"] = [step_ms(loop) for _ in range(2)]
         print(f"then, ~110 and ~220 tokens further: {later[0] * 1e3:.1f}, {later[1] * 1e3:.1f} µs")
-        return _write(results, args.out)
+        return write_json(results, args.out)
     try:
         results["timeline"] = tl = timeline(loop, args.replays)
         print(f"{tl['events']} kernel events; kernels {tl['kernel_us_per_step']:.1f} µs of a "
@@ -181,13 +180,7 @@ def main() -> None:
     sweep["default again"] = in_step(eng, args.context)
     for key, ms in sweep.items():
         print(f"{key}: {ms * 1e3:.1f} µs, {1e3 / ms:.0f} tok/s" if isinstance(ms, float) else f"{key}: {ms}")
-    _write(results, args.out)
-
-
-def _write(results: dict, path: str | None) -> None:
-    if path:
-        with open(path, "w") as f:
-            json.dump(results, f, indent=1)
+    write_json(results, args.out)
 
 
 if __name__ == "__main__":

@@ -19,13 +19,12 @@ GEMVs request theirs), so a link shows how much of streaming them the overlap wi
 from __future__ import annotations
 
 import argparse
-import json
 import types
 
 import torch
 import triton
 import triton.language as tl
-from gpu_bench import replay_ms  # this script's folder is on the path when it runs
+from gpu_bench import replay_ms, write_json  # this script's folder is on the path when it runs
 
 from pybitnet.kernels.triton.common import pdl_gate
 
@@ -125,9 +124,7 @@ def main() -> None:
                 results["us_per_link"][f"{mode} {programs} {words}"] = us
                 mb = programs * words * 4 / 1e6
                 print(f"{mode:6s} {programs:4d} programs, {mb:5.2f} MB of weights: {us:.2f} us a link")
-    if args.out:
-        with open(args.out, "w") as fh:
-            json.dump(results, fh, indent=1)
+    write_json(results, args.out)
 
 
 if __name__ == "__main__":

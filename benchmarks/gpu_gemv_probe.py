@@ -21,10 +21,10 @@ with the longest such time).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 
 import torch
+from gpu_bench import write_json
 from gpu_decode_timeline import STEPS_ROOM, _decode_loop
 
 from pybitnet.engine.cuda_graph import CudaGraphEngine
@@ -155,9 +155,7 @@ def main() -> None:
         print(f"{name}:")
         for key, v in r.items():
             print(f"  {key}: {v}")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+    write_json(result, args.out)
 
 
 if __name__ == "__main__":
