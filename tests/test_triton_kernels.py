@@ -17,8 +17,10 @@ pytest.importorskip("triton")
 
 from pybitnet.kernels import get_kernel, select_kernel
 from pybitnet.kernels.reference import reference_linear, scale_output, ternary_matmul_int
+from pybitnet.kernels.triton import attention
 from pybitnet.kernels.triton.argmax import argmax_rows, greedy_advance
 from pybitnet.kernels.triton.attention import decode_attention
+from pybitnet.kernels.triton.common import ROUND, scratch_buffer
 from pybitnet.kernels.triton.expanded import expand_codes, int8_codes
 from pybitnet.kernels.triton.matmul import MMConfig, int8_weight, ternary_gemv, ternary_mm
 from pybitnet.kernels.triton.quant import norm_quant
@@ -347,8 +349,9 @@ def test_cuda_selects_the_triton_kernel():
 @pytest.mark.parametrize("splits,block", [(1, None), (4, 16)])
 def test_decode_attention_matches_rope_and_sdpa(dtype, splits, block):
     """One program per KV head, or the sequence split four ways (one split empty for the short row, three
-    active for the long one) and combined by the last program to arrive; a second launch reuses the zeroed
-    arrival counters."""
+    active for the long one) and combined by the last program to arrive (on a GPU also by every split
+    sharing the columns); a second launch counts on from the arrival counters as the first left them, and
+    a third from counters about to wrap past 2**31."""
     g = torch.Generator().manual_seed(0)
     b, h, kv, d, s = 2, 4, 2, 32, 80
     positions = torch.tensor([5, 70], dtype=torch.int32)
@@ -363,6 +366,12 @@ def test_decode_attention_matches_rope_and_sdpa(dtype, splits, block):
     args = (qkv.to(DEV), cos.to(DEV), sin.to(DEV), positions.to(DEV), kd, vd, h, kv)
     out = decode_attention(*args, block=block, splits=splits).cpu()
     assert torch.equal(decode_attention(*args, block=block, splits=splits).cpu(), out)
+    if splits > 1:
+        scratch_buffer(kd.device, b * kv, "attn_count")[: b * kv] = 2**31 - ROUND.value
+        assert torch.equal(decode_attention(*args, block=block, splits=splits).cpu(), out)
+        if DEV == "cuda":  # 16 programs: the splits share the combination unless told not to
+            assert attention.spins(args[0], (b, kv, splits), d)
+            assert torch.equal(decode_attention(*args, block=block, splits=splits, spin=False).cpu(), out)
 
     q, k, v = qkv.view(b, h + 2 * kv, 1, d).split([h, kv, kv], dim=1)
     pc, ps = cos[positions.long()][:, None], sin[positions.long()][:, None]
@@ -384,7 +393,7 @@ def test_probes_stamp_every_program_in_order_and_change_nothing():
     """With the probes' buffers set (benchmarks/gpu_gemv_probe.py), the resident GEMV and the split decode
     attention give the same bytes and every program writes its stamps, each cycle count after the one
     before (the attention's splits past the sequence's end: start, waited, done only)."""
-    from pybitnet.kernels.triton import attention, matmul
+    from pybitnet.kernels.triton import matmul
 
     g = torch.Generator().manual_seed(5)
     tw = _ternary(96, 700, g, per_row=True)

@@ -1,9 +1,10 @@
 """Decode attention for one new token per sequence: RoPE on q and k, the KV-cache write and attention over the
 sequence's cached positions, in one launch. One program per sequence, KV head (its query heads together) and
 split of the sequence: with SPLITS > 1 (flash-decoding) each program attends over its share of the positions
-and writes a partial result (running max, sum, unnormalized output); the last program of a (sequence, head) to
-arrive (an arrival counter decides) combines them, so batch 1 uses more than one program per KV head without
-a second launch. Everything that does not depend on the previous kernel (the positions, the RoPE tables, the
+and writes a partial result (running max, sum, unnormalized output), and the splits are combined without a
+second launch: where every program can be resident at once (batch 1 on a GPU, see `spins`) the splits of a
+(sequence, head) wait for each other at an arrival counter and then each combines its share of the columns;
+otherwise the last to arrive combines them all. Everything that does not depend on the previous kernel (the positions, the RoPE tables, the
 first block of cached keys and values) is read before the programmatic-dependent-launch wait.
 
 RoPE rounds as the model's `apply_rope` does in the activation dtype (x*cos and rotated*sin each rounded, then
@@ -17,14 +18,18 @@ import triton
 import triton.language as tl
 
 from .common import (
+    ROUND,
     Probe,
+    arrive,
     dependency_wait,
     launch_kwargs,
+    multiprocessors,
     on_gpu,
     pdl_launch,
     probe_stamp,
     round_to,
     scratch_buffer,
+    wait_arrivals,
 )
 
 # launch shape by batch (rows <= 8: "small", else "large"): cache positions per loop step, warps, stages and
@@ -56,13 +61,17 @@ def _rope(ptrs, rot_ptrs, sign, cos, sin, mask, XDT: tl.constexpr, NATIVE: tl.co
 
 
 @triton.jit
-def _combine_splits(part_ptr, ml_ptr, o_rows, n_active, G: tl.constexpr, GR: tl.constexpr, D: tl.constexpr,
-                    SPLITS: tl.constexpr):  # fmt: skip
+def _combine_splits(part_ptr, ml_ptr, o_rows, n_active, sid, G: tl.constexpr, GR: tl.constexpr,
+                    D: tl.constexpr, SPLITS: tl.constexpr, SHARE: tl.constexpr):  # fmt: skip
     """out = sum_s acc_s * exp(m_s - m) / sum_s l_s * exp(m_s - m) over the first n_active splits' partials
-    (part [SPLITS, GR, D], ml [SPLITS, 2, GR]); .cg loads read L2, where the other programs' stores are."""
+    (part [SPLITS, GR, D], ml [SPLITS, 2, GR]); with SHARE only split sid's share of the columns (D / SPLITS
+    of them). .cg loads read L2, where the other programs' stores are."""
     sp = tl.arange(0, SPLITS)
     r = tl.arange(0, GR)
-    d = tl.arange(0, D)
+    if SHARE:  # noqa: SIM108 (a compile-time branch)
+        d = sid * (D // SPLITS) + tl.arange(0, D // SPLITS)
+    else:
+        d = tl.arange(0, D)
     ok = (sp < n_active)[:, None] & (r < G)[None, :]
     m_s = tl.load(ml_ptr + sp[:, None] * (2 * GR) + r[None, :], mask=ok, other=float("-inf"),
                   cache_modifier=".cg")  # fmt: skip
@@ -113,13 +122,13 @@ def _decode_attention_kernel(
     stride_qkv, stride_cb, stride_ch, stride_cs, stride_o, sm_scale,
     H: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr, GP: tl.constexpr, GR: tl.constexpr,
     BS: tl.constexpr, SPLITS: tl.constexpr, IEEE: tl.constexpr, NATIVE: tl.constexpr, PDL: tl.constexpr,
-    PROBE: tl.constexpr,
+    SPIN: tl.constexpr, PROBE: tl.constexpr,
 ):  # fmt: skip
     b, g, sid = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     _attention_program(
         b, g, sid, qkv_ptr, cos_ptr, sin_ptr, pos_ptr, k_ptr, v_ptr, o_ptr, part_ptr, ml_ptr, cnt_ptr,
         stride_qkv, stride_cb, stride_ch, stride_cs, stride_o, sm_scale, H, KVH, D, GP, GR, BS, SPLITS, IEEE,
-        NATIVE, PDL, False, o_ptr, 0, PROBE,
+        NATIVE, PDL, False, o_ptr, 0, SPIN, PROBE,
         probe_ptr + ((b * tl.num_programs(1) + g) * tl.num_programs(2) + sid) * _PROBE_STRIDE,
     )  # fmt: skip
 
@@ -130,7 +139,8 @@ def _attention_program(
     stride_qkv, stride_cb, stride_ch, stride_cs, stride_o, sm_scale,
     H: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr, GP: tl.constexpr, GR: tl.constexpr,
     BS: tl.constexpr, SPLITS: tl.constexpr, IEEE: tl.constexpr, NATIVE: tl.constexpr, PDL: tl.constexpr,
-    BAR: tl.constexpr, bar_ptr, bar_target, PROBE: tl.constexpr = False, stamps=None,
+    BAR: tl.constexpr, bar_ptr, bar_target, SPIN: tl.constexpr = False, PROBE: tl.constexpr = False,
+    stamps=None,
 ):  # fmt: skip
     """Sequence b, KV head g, split sid of `_decode_attention_kernel`, as a function so that a persistent
     kernel can run several in a loop (decode_layer.py). BAR: q, k and v are ready at a grid barrier (bar_ptr
@@ -157,6 +167,10 @@ def _attention_program(
     dependency_wait(PDL, BAR, bar_ptr, bar_target)
     probe_stamp(stamps, 1, sid, PROBE, 7)
     done = sid
+    pair = b * KVH + g
+    part = part_ptr + pair.to(tl.int64) * (SPLITS * GR * D)
+    ml = ml_ptr + pair.to(tl.int64) * (SPLITS * 2 * GR)
+    o_rows = o_ptr + b.to(tl.int64) * stride_o + g * G * D
     if start <= pos:
         rot = (d + D // 2) % D
         sign = tl.where(d < D // 2, -1.0, 1.0)
@@ -192,34 +206,31 @@ def _attention_program(
             m_i, l_i, acc = _attend(q, kt, vt, s_ok, m_i, l_i, acc, sm_scale, xdt, IEEE, NATIVE)
         if PROBE:
             probe_stamp(stamps, 3, tl.sum(l_i, axis=0), PROBE)
-        o_rows = o_ptr + b.to(tl.int64) * stride_o + g * G * D
         if SPLITS == 1:
             out = acc / l_i[:, None]
             tl.store(
                 o_rows + hq[:, None] * D + d[None, :], out.to(o_ptr.dtype.element_ty), mask=q_ok[:, None]
             )
         else:
-            pair = b * KVH + g
-            part = part_ptr + pair.to(tl.int64) * (SPLITS * GR * D)
-            ml = ml_ptr + pair.to(tl.int64) * (SPLITS * 2 * GR)
             tl.store(part + (sid * GR + hq[:, None]) * D + d[None, :], acc, mask=q_ok[:, None])
             tl.store(ml + sid * 2 * GR + hq, m_i, mask=q_ok)
             tl.store(ml + sid * 2 * GR + GR + hq, l_i, mask=q_ok)
-            tl.debug_barrier()  # every thread's partials are stored before the arrival is counted
-            arrived = tl.atomic_add(cnt_ptr + pair, 1)
-            probe_stamp(stamps, 4, arrived, PROBE)
-            done = arrived
-            if arrived == n_active - 1:
-                tl.atomic_xchg(cnt_ptr + pair, 0)
-                out = _combine_splits(part, ml, o_rows, n_active, G, GR, D, SPLITS)
-                if PROBE:
-                    done = tl.sum(tl.sum(out, axis=1), axis=0).to(tl.int32, bitcast=True)
+    if SPLITS > 1:  # every split arrives, those past the end too
+        before, last = arrive(cnt_ptr + pair, ROUND // SPLITS)
+        probe_stamp(stamps, 4, before, PROBE)
+        done = before
+        if SPIN:  # the splits wait for each other, then each combines its share of the columns
+            wait_arrivals(cnt_ptr + pair, before, ROUND // SPLITS)
+        if last or SPIN:
+            out = _combine_splits(part, ml, o_rows, n_active, sid, G, GR, D, SPLITS, SPIN)
+            if PROBE:
+                done = tl.sum(tl.sum(out, axis=1), axis=0).to(tl.int32, bitcast=True)
     probe_stamp(stamps, 5, done, PROBE, 8)
 
 
 def split_workspace(device: torch.device, pairs: int, splits: int, gr: int, d: int):
     """(partial outputs, running max / sum, arrival counters) of split attention over `pairs` (sequence, KV
-    head) pairs: shared scratch, the counters back at zero after each launch."""
+    head) pairs: shared scratch; the counters count arrivals as `common.arrive` does (no reset)."""
     ws = scratch_buffer(device, pairs * splits * gr * (d + 2), "attn").view(torch.float32)
     return ws, ws[pairs * splits * gr * d :], scratch_buffer(device, pairs, "attn_count")
 
@@ -236,28 +247,51 @@ def decode_attention(
     out: torch.Tensor | None = None,
     block: int | None = None,
     splits: int | None = None,
+    spin: bool | None = None,
 ) -> torch.Tensor:
     """qkv [B, (H + 2 KVH) D] (q, k, v of one new token per row, before RoPE); cos, sin [max_len, D];
     positions [B] int32 (where each row's token goes); k_cache, v_cache [B', KVH, max_len, D] (one layer).
     Writes the roped key and the value into the caches and returns attention [B, H D] in qkv's dtype.
-    `block`, `splits` (a power of two): override DECODE_CONFIGS."""
+    `block`, `splits` (a power of two): override DECODE_CONFIGS. `spin`: how split partials are combined (see
+    `spins`; None decides)."""
     b = qkv.shape[0]
     d = cos.shape[-1]
     cfg = DECODE_CONFIGS["small" if b <= 8 else "large"]
     n_split = splits or cfg.get("splits", 1)
+    if n_split & (n_split - 1) or n_split > ROUND:
+        raise ValueError(f"splits must be a power of two up to {ROUND}, not {n_split}")
     out = torch.empty((b, num_heads * d), dtype=qkv.dtype, device=qkv.device) if out is None else out
     group = num_heads // num_kv_heads
     gr = triton.next_power_of_2(group)
     part = ml = cnt = out
     if n_split > 1:
         part, ml, cnt = split_workspace(qkv.device, b * num_kv_heads, n_split, gr, d)
+    grid = (b, num_kv_heads, n_split)
+    if spin is None:
+        spin = spins(qkv, grid, d)
+    elif spin and not spins(qkv, grid, d):
+        raise ValueError(f"grid {grid} with {d}-wide heads cannot spin (see attention.spins)")
     probe = PROBE.row(qkv)
-    _decode_attention_kernel[(b, num_kv_heads, n_split)](
+    _decode_attention_kernel[grid](
         qkv, cos, sin, positions, k_cache, v_cache, out, part, ml, cnt, probe if probe is not None else out,
         qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0), d**-0.5,
         H=num_heads, KVH=num_kv_heads, D=d, GP=max(16, gr), GR=gr, BS=block or cfg["block"], SPLITS=n_split,
-        IEEE=qkv.dtype == torch.float32, NATIVE=on_gpu(qkv),
+        IEEE=qkv.dtype == torch.float32, NATIVE=on_gpu(qkv), SPIN=spin,
         PROBE=probe is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         **launch_kwargs(pdl_launch(qkv)),
     )  # fmt: skip
     return out
+
+
+def spins(qkv: torch.Tensor, grid: tuple[int, int, int], d: int) -> bool:
+    """Whether the splits of each (sequence, KV head) wait for each other and then combine a D / SPLITS
+    share of the columns each, instead of the last to arrive combining all of them: one short read of L2
+    a program instead of one long one (~1 µs a layer less at batch 1 on an H200). Only on a GPU, with at
+    most one program a multiprocessor (a waiting program holds its multiprocessor, so all must be resident;
+    the interpreter runs programs one after another) and D a multiple of the splits."""
+    splits = grid[2]
+    programs = grid[0] * grid[1] * splits
+    return (
+        splits > 1 and d % splits == 0 and on_gpu(qkv)
+        and programs <= multiprocessors(qkv.device.index if qkv.device.index is not None else 0)
+    )  # fmt: skip

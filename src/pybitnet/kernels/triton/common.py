@@ -38,6 +38,11 @@ def _pdl_device(index: int) -> bool:
     return torch.cuda.get_device_capability(index)[0] >= 9
 
 
+@functools.cache
+def multiprocessors(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def pdl_launch(t: torch.Tensor) -> bool:
     """Whether kernels on `t`'s device launch with programmatic dependent launch."""
     return PDL and on_gpu(t) and _pdl_device(t.device.index if t.device.index is not None else 0)
@@ -104,6 +109,32 @@ def grid_barrier(bar_ptr, target):
     seen = tl.atomic_add(bar_ptr, 0, sem="acquire")
     while seen < target:
         seen = tl.atomic_add(bar_ptr, 0, sem="acquire")
+    tl.debug_barrier()
+
+
+# Arrival counters that are never reset: every launch adds exactly ROUND to a counter (each of its P programs
+# ROUND // P, P a power of two), so a launch's arrivals start at a multiple of ROUND whatever ran before, its
+# last arrival brings the low bits back to zero, and wrapping around past 2**31 changes neither (only the low
+# bits are read). Launches of different sizes can share a counter.
+ROUND = tl.constexpr(1024)
+
+
+@triton.jit
+def arrive(cnt_ptr, STEP: tl.constexpr):
+    """Count this program's arrival (STEP = ROUND // programs) after every thread's stores (released to the
+    GPU); returns (the counter before, whether this was the launch's last arrival)."""
+    tl.debug_barrier()
+    before = tl.atomic_add(cnt_ptr, STEP)
+    return before, (before & (ROUND - 1)) == ROUND - STEP
+
+
+@triton.jit
+def wait_arrivals(cnt_ptr, before, STEP: tl.constexpr):
+    """After `arrive`: wait until all the launch's programs have arrived, their stores visible (acquire). All
+    of them must be resident: a waiting program never yields its multiprocessor."""
+    seen = before + STEP
+    while (seen & (ROUND - 1)) != 0:
+        seen = tl.atomic_add(cnt_ptr, 0, sem="acquire")
     tl.debug_barrier()
 
 

@@ -42,11 +42,12 @@ from .common import (
     dependency_wait,
     grid_barrier,
     launch_kwargs,
+    multiprocessors,
     on_gpu,
     pdl_launch,
     scratch_buffer,
 )
-from .matmul import _gemv_program, default_config, gemv_row, multiprocessors
+from .matmul import _gemv_program, default_config, gemv_row
 
 PHASES = 5
 NUM_WARPS = 8  # one launch shape for every phase (the separate one-row GEMVs use 8 or 16 warps)

@@ -44,6 +44,7 @@ from .common import (
     gated_activation,
     interpreting,
     launch_kwargs,
+    multiprocessors,
     on_gpu,
     pdl_gate,
     pdl_launch,
@@ -614,11 +615,6 @@ def _gemv_rows(x: torch.Tensor, x_float: bool, kb: int, rows: int) -> tuple[torc
         q[:k].copy_(x[0])
         return q[None, :k], q
     return x, x
-
-
-@functools.cache
-def multiprocessors(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def resident_shape(n: int, k: int, cfg: MMConfig, sms: int) -> tuple[int, dict]:
