@@ -634,19 +634,22 @@ def decode_loop(eng, prompts):
 
 
 @torch.inference_mode()
-def replay_ms(loop, replays: int) -> float:
-    """ms a decode step: `replays` replays of the loop's graph timed with CUDA events."""
+def replay_ms(loop, steps: int) -> float:
+    """ms a decode step, timed with CUDA events over about `steps` steps: replays of the loop's graph of
+    `loop.steps` steps in a row, as `generate` runs them."""
+    k = getattr(loop, "steps", 1)  # a tree from before steps in a row (benchmarks/gpu_ab.sh) has one a replay
+    replays = max(1, steps // k)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(replays):
-        loop.run()
+        loop.run(*([k] if k > 1 else []))
     end.record()
     end.synchronize()
-    return start.elapsed_time(end) / replays
+    return start.elapsed_time(end) / (replays * k)
 
 
 def _decode_rate(eng, prompts, steps: int) -> tuple[float, float]:
-    """Prefill, then time `steps` - 1 graph replays of the decode step: (tok/s, ms a step)."""
+    """Prefill, then time about `steps` - 1 decode steps: (tok/s, ms a step)."""
     ms = replay_ms(decode_loop(eng, prompts), steps - 1)
     return len(prompts) * 1000 / ms, ms
 

@@ -128,6 +128,22 @@ def test_stop_tokens_and_request_errors():
         engine.prefill([list(range(25))])
 
 
+def test_steps_in_a_row_decode_the_same_tokens():
+    """Three decode steps a replay give the tokens of one a replay, for counts that are no multiple of three
+    (the rest one at a time), and a stop token still ends the output."""
+    model = _model().to(DEV)
+    one, three = (
+        CudaGraphEngine(model, max_batch_size=1, max_len=32, lm_head="float", decode_steps=k) for k in (1, 3)
+    )
+    for n in (1, 4, 6):
+        assert three.generate([PROMPT], n) == one.generate([PROMPT], n)
+    free = one.generate([PROMPT], 6)[0]
+    want = free[: free.index(free[2]) + 1]
+    assert three.generate([PROMPT], 6, stop_token_ids=(free[2],), check_every=1)[0] == want
+    with pytest.raises(InvalidRequestError, match="decode_steps"):
+        CudaGraphEngine(model, max_len=32, decode_steps=0)
+
+
 def test_prefill_into_listed_rows_equals_prefill_at_an_offset():
     """The cache rows of a prefill as a device tensor (what a captured prefill replays with) write the same
     entries and give the same logits as the row offset."""

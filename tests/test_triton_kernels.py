@@ -21,6 +21,7 @@ from pybitnet.kernels.triton import attention
 from pybitnet.kernels.triton.argmax import argmax_rows, greedy_advance
 from pybitnet.kernels.triton.attention import decode_attention
 from pybitnet.kernels.triton.common import ROUND, scratch_buffer
+from pybitnet.kernels.triton.embedding import embedding
 from pybitnet.kernels.triton.expanded import expand_codes, int8_codes
 from pybitnet.kernels.triton.matmul import MMConfig, int8_weight, ternary_gemv, ternary_mm
 from pybitnet.kernels.triton.quant import norm_quant
@@ -430,6 +431,21 @@ def test_probes_stamp_every_program_in_order_and_change_nothing():
     cycles = att[active][:, : attention.PROBE.points.index("done") + 1]
     assert (cycles[:, 1:] >= cycles[:, :-1]).all()
     assert (att[:, attention.PROBE.points.index("global done")] > 0).all()
+
+
+@pytest.mark.parametrize("h", [100, 2560])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("id_dtype", [torch.int32, torch.int64])
+def test_embedding_matches_torch(h, dtype, id_dtype):
+    """The rows F.embedding gives (widths under one block and over two); an id outside the table gives
+    zeros instead of reading past it."""
+    g = torch.Generator().manual_seed(h)
+    table = torch.randn(50, h, generator=g).to(dtype).to(DEV)
+    tokens = torch.tensor([3, 0, 49, 3], dtype=id_dtype, device=DEV)
+    assert torch.equal(embedding(tokens, table), F.embedding(tokens, table))
+    out = embedding(torch.tensor([1, 50, -1], dtype=id_dtype, device=DEV), table)
+    assert torch.equal(out[0], table[1]) and not out[1:].any()
+    assert embedding(tokens[:0], table).shape == (0, h)
 
 
 @pytest.mark.parametrize("v", [1, 7, 1024, 1025, 5003, 70001])

@@ -78,10 +78,13 @@ def _argmax_kernel(
             step = tl.load(step_ptr)
             tl.store(hist_ptr + row.to(tl.int64) * stride_h + step, token.to(hist_ptr.dtype.element_ty))
             tl.store(pos_ptr + row, tl.load(pos_ptr + row) + 1)
-            done = tl.atomic_add(cnt_ptr + n_rows, 1)  # rows finished; the last one moves the step on
-            if done == n_rows - 1:
-                tl.atomic_xchg(cnt_ptr + n_rows, 0)
+            if n_rows == 1:  # the only row: no count to wait for (one round trip to L2 less)
                 tl.store(step_ptr, step + 1)
+            else:
+                done = tl.atomic_add(cnt_ptr + n_rows, 1)  # rows finished; the last one moves the step on
+                if done == n_rows - 1:
+                    tl.atomic_xchg(cnt_ptr + n_rows, 0)
+                    tl.store(step_ptr, step + 1)
 
 
 def _launch(x: torch.Tensor, tokens: torch.Tensor, advance: tuple | None) -> torch.Tensor:

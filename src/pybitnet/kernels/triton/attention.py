@@ -4,8 +4,9 @@ split of the sequence: with SPLITS > 1 (flash-decoding) each program attends ove
 and writes a partial result (running max, sum, unnormalized output), and the splits are combined without a
 second launch: where every program can be resident at once (batch 1 on a GPU, see `spins`) the splits of a
 (sequence, head) wait for each other at an arrival counter and then each combines its share of the columns;
-otherwise the last to arrive combines them all. Everything that does not depend on the previous kernel (the positions, the RoPE tables, the
-first block of cached keys and values) is read before the programmatic-dependent-launch wait.
+otherwise the last to arrive combines them all. Everything that does not depend on the previous kernel (the
+positions, the RoPE tables, the first block of cached keys and values) is read before the
+programmatic-dependent-launch wait.
 
 RoPE rounds as the model's `apply_rope` does in the activation dtype (x*cos and rotated*sin each rounded, then
 their sum); the scores and the softmax run in float32 with an online softmax, as flash attention does.
@@ -37,8 +38,9 @@ from .common import (
 # "large"), benchmarks/gpu_decode_timeline.py the small ones inside the whole decode step
 DECODE_CONFIGS = {
     # batch 1, context 384, the whole decode step (benchmarks/gpu_decode_timeline.py): 939 µs against 967 for
-    # 64 positions / 8 splits / 4 warps, the fastest alone (6.5 µs) but not inside the step
-    "small": {"block": 32, "num_warps": 2, "num_stages": 2, "splits": 16},
+    # 64 positions / 8 splits / 4 warps, the fastest alone (6.5 µs) but not inside the step; with the splits
+    # combining together (`spins`), one stage: 660.3 µs against 669.6 for two, 674.3 for three
+    "small": {"block": 32, "num_warps": 2, "num_stages": 1, "splits": 16},
     "large": {"block": 64, "num_warps": 4, "num_stages": 2, "splits": 1},  # 20.9 µs vs 22.0 for 128 / 8 warps
 }
 
