@@ -428,8 +428,9 @@ class CudaGraphEngine:
     kernels, which Python issues slower than an H200 runs them (eager: 24-45 ms, captured: 19.5 ms). The first
     prompt of each new (batch, bucket) pays for its capture.
     `decode_steps`: decode steps a graph replay runs while at least that many tokens remain (one at a time for
-    the rest); on an H200 four in a row save ~3 µs a step of the 2B-4T shape at batch 1 against one a replay
-    (the gap between replays, and the first projection's head start under dependent launch). Stop tokens
+    the rest); on an H200 four in a row take 661.1 µs a step of the 2B-4T shape at batch 1 against 662.8 for
+    one a replay (benchmarks/gpu_decode_timeline.py --step-only [--decode-steps 1]): the gap between
+    replays. Stop tokens
     are looked for every `check_every` tokens either way.
     """
 

@@ -20,8 +20,9 @@ the first barrier); the launch is cooperative, so the driver guarantees that all
 programs one after another, so no program could wait for another: there (or with `fused=False`) each phase
 is its own launch of the same kernel.
 
-Opt-in (`GpuForward(layer_kernel=True)`), because on an H200 it is slower: 658-694 tok/s against 1,108-1,109
-for the five launches a layer (benchmarks/gpu_bench.py; benchmarks/gpu_layer_kernel.py for its variants). A
+Opt-in (`GpuForward(layer_kernel=True)`), because on an H200 it is slower: 496 tok/s against 1,520 for the
+five launches a layer (benchmarks/gpu_bench.py, 2026-12-01; 658-694 against 1,108 when first measured;
+benchmarks/gpu_layer_kernel.py for its variants). A
 grid barrier costs ~0.8 µs, so most of the loss is elsewhere: with programmatic dependent launch a kernel's
 programs start (and request their weights) while the kernel before still runs, on the same multiprocessors;
 one program per multiprocessor has no such overlap across phases. Halving the code (`overlap=False`), two
