@@ -385,13 +385,15 @@ class _DecodeLoop:
         self.temperature = torch.zeros(n, device=dev)
         self.top_k = torch.zeros(n, dtype=torch.long, device=dev)
         self.top_p = torch.ones(n, device=dev)
-        self.steps = steps
-        # both captured now, before a prefill: capturing warms up by running the steps once on these buffers
-        self.graphs = (
-            {k: engine.graphs.capture(functools.partial(self._steps, k)) for k in {1, steps}}
-            if engine.use_graph
-            else None
-        )  # fmt: skip
+        self.steps = min(steps, engine.max_len)
+        self.graphs = {k: self._capture(k) for k in {1, self.steps}} if engine.use_graph else None
+
+    def _capture(self, k: int) -> torch.cuda.CUDAGraph:
+        """A graph of k steps. Capturing warms up by running them once on these buffers (so it happens before
+        any prefill), from position and step 0: the k positions and history entries written stay in range."""
+        self.positions.zero_()
+        self.step_index.zero_()
+        return self.engine.graphs.capture(functools.partial(self._steps, k))
 
     def step(self) -> None:
         logits = self.engine.forward.decode(self.tokens, self.positions, self.engine.cache)

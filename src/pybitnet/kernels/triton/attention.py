@@ -285,6 +285,11 @@ def decode_attention(
     return out
 
 
+# Module switch for `spins`: off, the last split to arrive always combines (e.g. under CUDA MPS with a limit
+# on the multiprocessors a process may use, where the device's count overstates what can be resident).
+SPIN = True
+
+
 def spins(qkv: torch.Tensor, grid: tuple[int, int, int], d: int) -> bool:
     """Whether the splits of each (sequence, KV head) wait for each other and then combine a D / SPLITS
     share of the columns each, instead of the last to arrive combining all of them: one short read of L2
@@ -295,6 +300,6 @@ def spins(qkv: torch.Tensor, grid: tuple[int, int, int], d: int) -> bool:
     splits = grid[2]
     programs = grid[0] * grid[1] * splits
     return (
-        splits > 1 and d % splits == 0 and on_gpu(qkv)
+        SPIN and splits > 1 and d % splits == 0 and on_gpu(qkv)
         and programs <= multiprocessors(qkv.device.index if qkv.device.index is not None else 0)
     )  # fmt: skip
