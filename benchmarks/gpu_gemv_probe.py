@@ -3,7 +3,7 @@ their time, seen from inside the kernels: the resident GEMV's programs write the
 counter at each step (`matmul.PROBE.points`: start, the wait for the previous kernel passed, the row's sum
 of squares, its absmax, the words quantized, the products, the output stored), the decode attention's
 programs theirs (`attention.PROBE.points`: start, waited, q roped, its positions attended, the split's partial
-stored and counted, done — after combining the splits, for the last program of a KV head), and both the
+stored and counted, done — after its part of combining the splits, where it has one), and both the
 GPU's global timer at the start, the wait and the end, in one replay of the captured 2B-4T decode step
 (random weights, the default engine).
 
@@ -14,8 +14,8 @@ Per projection, medians over layers and programs: the time from each point to th
 (the head start dependent launch gives it), and the link: from the last program of the kernel before
 storing to the first of this kernel's programs passing its wait (for q/k/v: the down before it, or the
 embedding; for o: the attention). The attention's steps are over its programs with positions to attend;
-"combine": the time from arriving to done of the programs that combined the splits (one a KV head, the ones
-with the longest such time).
+"combine": the time from arriving to done of the programs that combined the splits (the median of the
+longest, one a KV head: at batch 1 every split waits for the others and combines a share of the columns).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from gpu_decode_timeline import STEPS_ROOM, _decode_loop
 
 from pybitnet.engine.cuda_graph import CudaGraphEngine
 from pybitnet.kernels.triton import attention, matmul
+from pybitnet.kernels.triton.common import multiprocessors
 from pybitnet.models.presets import preset
 from pybitnet.models.random_init import random_model
 
@@ -124,7 +125,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = random_model(preset("bitnet-2b-4t"), seed=0, dtype=torch.bfloat16, kernel="reference").cuda()
     layers = model.config.num_hidden_layers
-    programs = 4 * torch.cuda.get_device_properties(0).multi_processor_count
+    programs = 4 * multiprocessors(0)
     # room for every launch of the warm-up steps and the capture: rows are taken in launch order, cycling
     matmul.PROBE.buffer = torch.zeros((64 * len(NAMES) * layers, programs, len(POINTS)), dtype=torch.int64,
                                       device="cuda")  # fmt: skip

@@ -394,7 +394,7 @@ def test_decode_attention_matches_rope_and_sdpa(dtype, splits, block):
 def test_probes_stamp_every_program_in_order_and_change_nothing():
     """With the probes' buffers set (benchmarks/gpu_gemv_probe.py), the resident GEMV and the split decode
     attention give the same bytes and every program writes its stamps, each cycle count after the one
-    before (the attention's splits past the sequence's end: start, waited, done only)."""
+    before (the attention's splits past the sequence's end: start, waited, arrived, done only)."""
     from pybitnet.kernels.triton import matmul
 
     g = torch.Generator().manual_seed(5)
