@@ -261,7 +261,7 @@ def decode_attention(
     cfg = DECODE_CONFIGS["small" if b <= 8 else "large"]
     n_split = splits or cfg.get("splits", 1)
     if n_split & (n_split - 1) or n_split > ROUND:
-        raise ValueError(f"splits must be a power of two up to {ROUND}, not {n_split}")
+        raise ValueError(f"splits must be a power of two up to {ROUND.value}, not {n_split}")
     out = torch.empty((b, num_heads * d), dtype=qkv.dtype, device=qkv.device) if out is None else out
     group = num_heads // num_kv_heads
     gr = triton.next_power_of_2(group)
@@ -272,7 +272,10 @@ def decode_attention(
     if spin is None:
         spin = spins(qkv, grid, d)
     elif spin and not spins(qkv, grid, d):
-        raise ValueError(f"grid {grid} with {d}-wide heads cannot spin (see attention.spins)")
+        raise ValueError(
+            f"grid {grid} with {d}-wide heads cannot spin: that needs a GPU, heads a multiple of the splits "
+            "wide and at most one program a multiprocessor (see attention.spins)"
+        )
     probe = PROBE.row(qkv)
     _decode_attention_kernel[grid](
         qkv, cos, sin, positions, k_cache, v_cache, out, part, ml, cnt, probe if probe is not None else out,
