@@ -394,8 +394,8 @@ def test_decode_attention_rejects_splits_it_cannot_run():
     b, h, kv, d, s = 1, 4, 2, 32, 8
     cache = [torch.zeros(b, kv, s, d, device=DEV) for _ in range(2)]
     rope = [torch.zeros(s, d, device=DEV) for _ in range(2)]
-    qkv, positions = torch.zeros(b, (h + 2 * kv) * d, device=DEV), torch.zeros(b, dtype=torch.int32, device=DEV)
-    args = (qkv, *rope, positions, *cache, h, kv)
+    positions = torch.zeros(b, dtype=torch.int32, device=DEV)
+    args = (torch.zeros(b, (h + 2 * kv) * d, device=DEV), *rope, positions, *cache, h, kv)
     with pytest.raises(ValueError, match="power of two up to 1024, not 3"):
         decode_attention(*args, splits=3)
     with pytest.raises(ValueError, match="cannot spin"):  # 64 splits of 32 columns: no share to combine
